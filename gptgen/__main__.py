@@ -1,0 +1,5 @@
+import sys
+
+from gptgen.cli import main
+
+sys.exit(main())

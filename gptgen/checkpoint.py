@@ -1,0 +1,137 @@
+"""Model files and training state: safetensors only (nothing is ever unpickled), every write atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from gptgen.config import ConfigError, GPTConfig, GptgenError
+
+FORMAT = "gptgen/1"
+TIED = "lm_head.weight"  # the head shares wte's tensor; files store it once, as transformer.wte.weight
+
+
+class ModelFileError(GptgenError):
+    """A model file is missing, corrupt or not a gptgen model."""
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: a kill at any moment leaves old or new, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the user's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: GPTConfig, *,
+               quantization: str = "none", training: dict | None = None) -> None:
+    from gptgen import __version__
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != TIED}
+    metadata = {"format": FORMAT, "config": config.to_json(), "quantization": quantization,
+                "tokenizer": "gpt2", "gptgen_version": __version__,
+                "training": json.dumps(training or {}, sort_keys=True)}
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "model file"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, with a plain error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{what} {str(path)!r} is not a readable safetensors file (corrupt, truncated or "
+                             f"another format: {e})") from None
+    return tensors, metadata
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, weights, metadata) of a gptgen model file; the tied head is not in the weights."""
+    tensors, metadata = read_safetensors(path)
+    fmt = metadata.get("format")
+    if fmt is None:
+        raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model (no 'format' metadata)")
+    if fmt != FORMAT:
+        raise ModelFileError(f"{str(path)!r} has format {fmt!r}; this gptgen reads {FORMAT!r} (upgrade gptgen?)")
+    try:
+        config = GPTConfig.from_json(metadata["config"])
+    except (KeyError, json.JSONDecodeError, TypeError, ConfigError) as e:
+        raise ModelFileError(f"{str(path)!r} has a missing or invalid model config: {e}") from None
+    return config, tensors, metadata
+
+
+def training_info(metadata: dict[str, str]) -> dict:
+    try:
+        return json.loads(metadata.get("training", "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A GPT with the file's weights, built on the meta device so no memory is spent on a throwaway init."""
+    from gptgen.model import GPT
+
+    config, tensors, metadata = load_model_file(path)
+    if metadata.get("quantization", "none") != "none":
+        raise ModelFileError(f"{str(path)!r} is quantized ({metadata['quantization']}); this gptgen version "
+                             "reads float models only")
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = set(model.state_dict()) - {TIED}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        raise ModelFileError(f"{str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    for name, t in tensors.items():
+        want = model.state_dict()[name].shape
+        if t.shape != want:
+            raise ModelFileError(f"{str(path)!r}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    return model.to(device).eval(), metadata
+
+
+def save_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state as safetensors: tensors by parameter index, hyperparameters as JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
+               for i, s in sd["state"].items() for k, v in s.items()}
+    metadata = {"param_groups": json.dumps(sd["param_groups"])}
+    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer in place."""
+    tensors, metadata = read_safetensors(path, what="optimizer state")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})

@@ -1,0 +1,113 @@
+"""`gptgen train | eval`: argument parsing and printing only; the work lives in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from gptgen.config import PRESETS, GptgenError, TrainConfig
+
+_BUDGET = ("steps", "minutes", "device")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a GPT on a text file (or resume a run)",
+                       description="Train a GPT on a UTF-8 text file. Under torchrun it trains with DDP.")
+    p.add_argument("--data", help="UTF-8 text file to train on")
+    p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run; only --steps/--minutes/--device may change")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
+    p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--minutes", type=float, help="stop after this much training time")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("data", "out", "preset", "steps", "minutes"):
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]]
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"default: {field.default}")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a model on the whole val split of a text file")
+    p.add_argument("model", help="model .safetensors file")
+    p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is scored")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--block-size", type=int, help="window length (default: the block the model was trained with)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptgen", description="Train, evaluate and run GPT-2 models on your text.")
+    from gptgen import __version__
+
+    p.add_argument("--version", action="version", version=f"gptgen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gptgen.train import resume_config, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
+    if args.resume:
+        extra = sorted(set(given) - set(_BUDGET))
+        if extra:
+            raise GptgenError(f"with --resume only --steps, --minutes and --device may be given, not "
+                              f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
+        cfg = resume_config(args.resume, **given)
+    else:
+        for required in ("data", "out"):
+            if required not in given:
+                raise GptgenError(f"--{required} is required (or --resume RUN_DIR to continue a run)")
+        if "steps" not in given and "minutes" not in given:
+            given["steps"] = 2000
+        cfg = TrainConfig(**given)
+    summary = train(cfg, resume=bool(args.resume))
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptgen.checkpoint import load_model, training_info
+    from gptgen.config import ConfigError
+    from gptgen.data import load_corpus
+    from gptgen.device import pick_device
+    from gptgen.evaluate import evaluate
+
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    model, metadata = load_model(args.model, device)
+    block = args.block_size or training_info(metadata).get("recipe", {}).get("block_size") or model.config.block_size
+    if not 1 <= block <= model.config.block_size:
+        raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
+    corpus = load_corpus(args.data, args.val_fraction)
+    result = evaluate(model, corpus.val, corpus.val_chars, block_size=block, batch_size=args.batch_size,
+                      device=device)
+    report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict()}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"val loss    {result.nats_per_token:.4f} nats/token  (perplexity {result.perplexity:.2f})\n"
+              f"            {result.nats_per_char:.4f} nats/char\n"
+              f"scored      {result.tokens:,} tokens, {result.chars:,} chars (windows of {block}, each token once)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except GptgenError as e:
+        print(f"gptgen: error: {e}", file=sys.stderr)
+        return 2

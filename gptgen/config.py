@@ -1,0 +1,135 @@
+"""Typed configuration: the model's shape (travels inside every model file) and a training run's knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+
+class GptgenError(ValueError):
+    """Something the user gave (a flag, a file) cannot be used; the message says what and what to do."""
+
+
+class ConfigError(GptgenError):
+    """A configuration value is invalid."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # context length: positions the model has embeddings for
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GPTConfig:
+        fields = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - known
+        if unknown:
+            raise ConfigError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**fields)
+
+
+# The CPU presets keep GPT-2's tokenizer and shape rules; sizes were chosen with
+# benchmarks/quality.py (val nats/char reached per minute on 2 cores, see README).
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256),
+}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Budgets are upper bounds: training stops at the first one reached."""
+
+    data: str = ""
+    out: str = ""
+    preset: str = "small"
+    batch_size: int = 16
+    block_size: int | None = None  # training window; None = the model's context
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float | None = None  # end of the cosine; None = lr / 10
+    warmup_steps: int | None = None  # None = 5% of the schedule, at most 200
+    decay_steps: int | None = None  # cosine horizon; None = steps (lets a run be stopped early and resumed)
+    steps: int | None = None
+    minutes: float | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    seed: int = 1337
+    val_fraction: float = 0.1
+    eval_interval: int = 250
+    eval_batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
+    compile: str = "auto"  # auto | on | off
+
+    def validate(self, model: GPTConfig) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
+                    "eval_batch_size": self.eval_batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be between 0 and --lr, got {self.min_lr}")
+        if self.steps is None and self.minutes is None:
+            raise ConfigError("give a budget: --steps N and/or --minutes M")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"--minutes must be positive, got {self.minutes}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"--decay-steps must be at least 1, got {self.decay_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
+        if self.block_size is not None and not 1 <= self.block_size <= model.block_size:
+            raise ConfigError(f"--block-size {self.block_size} must be between 1 and the preset's context "
+                              f"({model.block_size}); pick a smaller block or a preset with a longer context")
+        for name, value, allowed in (("device", self.device, None), ("dtype", self.dtype, DTYPES),
+                                     ("compile", self.compile, ("auto", "on", "off"))):
+            if allowed is not None and value not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+DTYPES = ("auto", "float32", "bfloat16")

@@ -1,0 +1,101 @@
+"""Text file -> token ids (cached by content hash), the train/val split, and the batches drawn from them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptgen.checkpoint import atomic_write
+from gptgen.config import GptgenError
+from gptgen.tokenizer import EOT_ID, get_tokenizer
+
+
+class DataError(GptgenError):
+    """The data file cannot be used."""
+
+
+def cache_dir() -> Path:
+    if "GPTGEN_CACHE_DIR" in os.environ:
+        return Path(os.environ["GPTGEN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptgen"
+
+
+def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
+    """The file's text and raw bytes, or a DataError that a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file {str(path)!r} is empty; pass a UTF-8 text file with some text in it")
+    if b"\x00" in raw:
+        raise DataError(f"data file {str(path)!r} looks binary (it contains NUL bytes); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not valid UTF-8 (bad byte at offset {e.start}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    return text.removeprefix("\ufeff"), raw
+
+
+def encode(text: str) -> np.ndarray:
+    """Token ids as uint16, cached on disk under the sha256 of the text (a corpus is tokenized once)."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    path = cache_dir() / "tokens" / f"{digest}.gpt2.u16"
+    if path.is_file():
+        return np.fromfile(path, dtype=np.uint16)
+    ids = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    try:
+        atomic_write(path, ids.tobytes())
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return ids
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text file split by characters: the first (1 - val_fraction) for training, the rest for validation."""
+
+    train: np.ndarray
+    val: np.ndarray
+    val_chars: int
+    sha256: str
+    size_bytes: int
+
+
+def load_corpus(path: str | os.PathLike, val_fraction: float = 0.1) -> Corpus:
+    text, raw = read_text(path)
+    split = int(len(text) * (1 - val_fraction))
+    train, val = encode(text[:split]), encode(text[split:])
+    if len(val) == 0:
+        raise DataError(f"data file {str(path)!r} leaves no validation text; use a longer text or a larger "
+                        "--val-fraction")
+    return Corpus(train=train, val=val, val_chars=len(text) - split,
+                  sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw))
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: inputs (B, T) and their next-token targets (B, T)."""
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    window = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
+    window = torch.from_numpy(window)
+    return window[:, :-1], window[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive, non-overlapping windows that score every val token exactly once.
+
+    The split is prefixed with <|endoftext|> so its first token is predicted too. Window i feeds
+    tokens [i*T, (i+1)*T) of that sequence and scores the next token of each, so a token sees the
+    context of its own window only (0 to T-1 tokens; on average T/2). The last window may be shorter.
+    """
+    seq = torch.from_numpy(np.concatenate([[EOT_ID], tokens]).astype(np.int64))
+    n = len(seq) - 1  # tokens to score
+    return [(seq[i:min(i + block_size, n)], seq[i + 1:min(i + block_size, n) + 1])
+            for i in range(0, n, block_size)]

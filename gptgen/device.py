@@ -1,0 +1,45 @@
+"""Which device to run on and in which precision: one decision shared by training and inference."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from gptgen.config import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA (this process's local rank under torchrun), then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
+    return device
+
+
+def use_bf16(device: torch.device, dtype: str) -> bool:
+    """'auto' picks bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where it measured
+    1.3-1.8x faster for training (README); elsewhere fp32."""
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if use_bf16(device, dtype):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,108 @@
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+
+from gptgen.checkpoint import (
+    ModelFileError,
+    atomic_write,
+    load_model,
+    load_model_file,
+    load_optimizer,
+    save_model,
+    save_optimizer,
+)
+from gptgen.config import GPTConfig
+from tests.test_model import tiny_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "m.safetensors"
+    save_model(path, model.state_dict(), model.config, training={"steps": 3})
+    return model, path
+
+
+def test_round_trip_keeps_weights_config_and_tie(model_file):
+    model, path = model_file
+    loaded, metadata = load_model(path)
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], t, rtol=0, atol=0)
+    assert metadata["format"] == "gptgen/1" and metadata["quantization"] == "none"
+    assert metadata["tokenizer"] == "gpt2" and json.loads(metadata["training"]) == {"steps": 3}
+
+
+def test_tied_weight_is_stored_once(model_file):
+    _, path = model_file
+    _, tensors, _ = load_model_file(path)
+    assert "lm_head.weight" not in tensors and "transformer.wte.weight" in tensors
+
+
+def _corrupt(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "pickle":
+        path.write_bytes(pickle.dumps({"weight": [1.0, 2.0]}))
+    elif how == "garbage":
+        path.write_bytes(b"\x89PNG\r\n" + b"\x00" * 100)
+    elif how == "header":
+        n = struct.unpack("<Q", data[:8])[0]
+        path.write_bytes(data[:8] + b"{" * n + data[8 + n:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "pickle", "garbage", "header"])
+def test_corrupt_files_give_a_clear_error(model_file, how):
+    _, path = model_file
+    _corrupt(path, how)
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+        load_model(path)
+
+
+def test_missing_file_and_foreign_safetensors(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ModelFileError, match="not a gptgen model"):
+        load_model(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "v2.safetensors", metadata={"format": "gptgen/2"})
+    with pytest.raises(ModelFileError, match="gptgen/2"):
+        load_model(tmp_path / "v2.safetensors")
+
+
+def test_tensors_that_do_not_match_the_config(model_file, tmp_path):
+    model, _ = model_file
+    bigger = GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16)
+    save_model(tmp_path / "x.safetensors", model.state_dict(), bigger)
+    with pytest.raises(ModelFileError, match="missing"):
+        load_model(tmp_path / "x.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+
+    with pytest.raises(TypeError):
+        atomic_write(path, object())  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    opt.step()
+    save_optimizer(tmp_path / "o.safetensors", opt)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=5.0)
+    load_optimizer(tmp_path / "o.safetensors", opt2)
+    assert opt2.param_groups[0]["lr"] == 1e-3
+    for p in model.parameters():
+        torch.testing.assert_close(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"], rtol=0, atol=0)

@@ -1,0 +1,88 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def gptgen(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gptgen", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+FAST = ["--preset", "tiny", "--batch-size", "2", "--block-size", "16", "--compile", "off", "--dtype", "float32"]
+
+
+def test_train_then_eval_json(small_text, tmp_path):
+    run = tmp_path / "run"
+    r = gptgen("train", "--data", small_text, "--out", run, "--steps", "4", "--eval-interval", "2", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 4
+    r = gptgen("eval", run / "model.safetensors", "--data", small_text, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min(rows, key=lambda row: row["val_nats_per_token"])
+    assert report["block_size"] == 16  # the block it was trained with
+    assert report["val_nats_per_token"] == pytest.approx(best["val_nats_per_token"], rel=1e-6)
+    assert report["val_tokens"] == best["val_tokens"]
+    r = gptgen("eval", run / "model.safetensors", "--data", small_text)
+    assert "nats/char" in r.stdout and "perplexity" in r.stdout
+
+
+def bad_inputs(tmp_path, small_text):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "latin1.txt").write_bytes("naïve café".encode("latin-1") * 50)
+    (tmp_path / "short.txt").write_text("Just a few words.")
+    ro = tmp_path / "ro"
+    ro.write_text("a file, so nothing can be created under it")
+    ok = ["--data", small_text, "--steps", "2"]
+    return {
+        "missing data": (["--data", tmp_path / "nope.txt", "--steps", "2"], "does not exist"),
+        "empty data": (["--data", tmp_path / "empty.txt", "--steps", "2"], "empty"),
+        "binary data": (["--data", tmp_path / "bin.dat", "--steps", "2"], "binary"),
+        "not utf-8": (["--data", tmp_path / "latin1.txt", "--steps", "2"], "UTF-8"),
+        "too short": (["--data", tmp_path / "short.txt", "--steps", "2"], "fewer than one block"),
+        "unknown preset": ([*ok, "--preset", "gpt5"], "unknown preset"),
+        "block above context": ([*ok, "--block-size", "5000"], "context"),
+        "zero lr": ([*ok, "--lr", "0"], "--lr"),
+        "negative steps": (["--data", small_text, "--steps", "-3"], "--steps"),
+        "unwritable out": ([*ok], "cannot write"),
+    }
+
+
+CASES = ["missing data", "empty data", "binary data", "not utf-8", "too short", "unknown preset",
+         "block above context", "zero lr", "negative steps", "unwritable out"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_train_input_is_one_clear_line(case, small_text, tmp_path):
+    args, message = bad_inputs(tmp_path, small_text)[case]
+    out = tmp_path / "ro" / "run" if case == "unwritable out" else tmp_path / "run"
+    fast = [a for a in FAST if a != "--preset" and a != "tiny"] if "--preset" in args else FAST
+    r = gptgen("train", *fast, *args, "--out", out)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gptgen: error:") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_eval_input(tmp_path, small_text):
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(b"\x80\x04\x95" + b"pickle" * 20)
+    r = gptgen("eval", fake, "--data", small_text)
+    assert r.returncode == 2 and "not a readable safetensors file" in r.stderr and "Traceback" not in r.stderr
+    r = gptgen("eval", tmp_path / "none.safetensors", "--data", small_text)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_resume_takes_only_a_new_budget(tmp_path):
+    r = gptgen("train", "--resume", tmp_path, "--lr", "1")
+    assert r.returncode == 2 and "only --steps" in r.stderr
+    r = gptgen("train", "--resume", tmp_path / "none")
+    assert r.returncode == 2 and "no state.json" in r.stderr

@@ -1,0 +1,81 @@
+import os
+
+import numpy as np
+import pytest
+
+from gptgen.data import DataError, cache_dir, encode, eval_windows, load_corpus, sample_batch
+from tests.conftest import CORPUS
+
+
+def test_reference_split_matches_nanogpt():
+    corpus = load_corpus(CORPUS)
+    assert (len(corpus.train), len(corpus.val)) == (301_966, 36_059)
+    assert corpus.val_chars == 1_115_394 - int(1_115_394 * 0.9)
+    assert corpus.train.dtype == np.uint16
+
+
+def test_tokens_are_cached_by_content(tmp_path):
+    text = "To be, or not to be, that is the question. " * 3
+    first = encode(text)
+    cached = list((cache_dir() / "tokens").glob("*.u16"))
+    assert any(p.stat().st_size == 2 * len(first) for p in cached)
+    # the same content under another file name reuses the cache entry
+    (tmp_path / "a.txt").write_text(text * 10 + "x")
+    (tmp_path / "b.txt").write_text(text * 10 + "x")
+    before = set((cache_dir() / "tokens").glob("*.u16"))
+    load_corpus(tmp_path / "a.txt")
+    mid = set((cache_dir() / "tokens").glob("*.u16"))
+    load_corpus(tmp_path / "b.txt")
+    assert len(mid - before) == 2 and set((cache_dir() / "tokens").glob("*.u16")) == mid
+    np.testing.assert_array_equal(encode(text), first)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), (b"", "empty"), (b"  \n ", "empty"), (b"abc\x00def", "binary"),
+    (b"caf\xe9 au lait", "not valid UTF-8"),
+])
+def test_bad_data_files(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_corpus(path)
+
+
+def test_val_fraction_moves_the_split(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 100)
+    corpus = load_corpus(path, val_fraction=0.25)
+    assert corpus.val_chars == 250
+
+
+def test_batches_are_shifted_windows_of_the_tokens():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = sample_batch(tokens, 4, 32, np.random.default_rng(0))
+    assert x.shape == y.shape == (4, 32)
+    assert (y[:, :-1] == x[:, 1:]).all() and (y[:, 0] == x[:, 0] + 1).all()
+    x2, _ = sample_batch(tokens, 4, 32, np.random.default_rng(0))
+    assert (x == x2).all()
+
+
+@pytest.mark.parametrize("n, block", [(100, 32), (96, 32), (95, 32), (5, 32), (1, 8)])
+def test_eval_windows_score_every_token_exactly_once(n, block):
+    tokens = np.arange(1, n + 1, dtype=np.uint16)
+    windows = eval_windows(tokens, block)
+    targets = np.concatenate([y.numpy() for _, y in windows])
+    np.testing.assert_array_equal(targets, tokens)
+    for x, y in windows:
+        assert len(x) == len(y) <= block
+        assert (x[1:] == y[:-1]).all()
+    assert windows[0][0][0] == 50256  # the first token is predicted from <|endoftext|>
+
+
+def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    monkeypatch.setenv("GPTGEN_CACHE_DIR", str(ro / "sub"))
+    if os.access(ro, os.W_OK):  # root ignores modes; make the cache path a file instead
+        monkeypatch.setenv("GPTGEN_CACHE_DIR", str(tmp_path / "file"))
+        (tmp_path / "file").write_text("")
+    assert len(encode("some text to encode")) > 0

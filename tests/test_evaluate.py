@@ -1,0 +1,31 @@
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptgen.evaluate import evaluate
+from tests.test_model import tiny_model
+
+
+def test_sum_equals_scoring_each_token_by_hand():
+    model = tiny_model().eval()
+    tokens = np.random.default_rng(0).integers(0, 50257, size=45).astype(np.uint16)
+    result = evaluate(model, tokens, chars=200, block_size=16, batch_size=2)
+    seq = torch.tensor([50256, *tokens.tolist()])
+    expected = 0.0
+    with torch.no_grad():
+        for start in range(0, 45, 16):
+            x = seq[start:min(start + 16, 45)]
+            logits, _ = model(x[None])
+            expected += F.cross_entropy(logits[0], seq[start + 1:start + 1 + len(x)], reduction="sum").item()
+    assert math.isclose(result.nats, expected, rel_tol=1e-5)
+    assert result.tokens == 45 and result.chars == 200
+    assert math.isclose(result.nats_per_char, expected / 200, rel_tol=1e-5)
+    assert math.isclose(result.perplexity, math.exp(expected / 45), rel_tol=1e-5)
+
+
+def test_eval_leaves_training_mode_as_it_was():
+    model = tiny_model().train()
+    evaluate(model, np.arange(40, dtype=np.uint16), chars=40, block_size=16)
+    assert model.training

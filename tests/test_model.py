@@ -1,0 +1,53 @@
+import math
+
+import torch
+
+from gptgen.config import GPTConfig
+from gptgen.model import GPT
+
+
+def tiny_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, **overrides))
+    model.init_weights()
+    return model
+
+
+def test_gpt2_preset_has_exactly_124_439_808_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name("gpt2"))
+    assert model.num_params() == 124_439_808
+
+
+def test_head_is_tied_to_the_embedding():
+    model = tiny_model()
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny_model()
+    x = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(x, torch.randint(0, 50257, (2, 16)))
+    assert logits.shape == (2, 16, 50257)
+    assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_attention_is_causal():
+    model = tiny_model().eval()
+    x = torch.randint(0, 50257, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 50257
+    lx, _ = model(x)
+    ly, _ = model(y)
+    torch.testing.assert_close(lx[0, :10], ly[0, :10])
+    assert not torch.allclose(lx[0, 10:], ly[0, 10:])
+
+
+def test_longer_than_context_is_refused():
+    model = tiny_model()
+    try:
+        model(torch.zeros(1, 17, dtype=torch.long))
+    except ValueError as e:
+        assert "context" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

@@ -1,0 +1,95 @@
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptgen.checkpoint import load_model
+from gptgen.config import ConfigError, TrainConfig
+from gptgen.train import lr_at, resume_config, train
+
+
+def config(data, out, **overrides) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), preset="tiny", batch_size=4, block_size=32, lr=3e-3, steps=30,
+                eval_interval=10, compile="off", dtype="float32", device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
+    summary = train(config(small_text, tmp_path / "run"))
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"] < math.log(50257)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    model, metadata = load_model(run / "model.safetensors")
+    training = json.loads(metadata["training"])
+    assert training["steps"] == summary["best_step"] == 30
+    assert training["tokens_seen"] == 30 * 4 * 32
+    assert training["corpus_bytes"] == small_text.stat().st_size and len(training["corpus_sha256"]) == 64
+    assert math.isclose(training["val_nats_per_token"], rows[-1]["val_nats_per_token"])
+    assert {"val_nats_per_char", "wall_time_s", "date"} <= set(training)
+    assert metadata["gptgen_version"]
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path):
+    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, dropout=0.1))
+    train(resume_config(tmp_path / "a", steps=30), resume=True)
+    train(config(small_text, tmp_path / "b", dropout=0.1))
+    state_a = json.loads((tmp_path / "a" / "state.json").read_text())
+    state_b = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert state_a["progress"]["step"] == state_b["progress"]["step"] == 30
+    a = load_file(tmp_path / "a" / state_a["weights"])
+    b = load_file(tmp_path / "b" / state_b["weights"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_existing_run_is_not_overwritten(small_text, tmp_path):
+    train(config(small_text, tmp_path / "run", steps=2, eval_interval=2))
+    before = (tmp_path / "run" / "state.json").read_bytes()
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config(small_text, tmp_path / "run", steps=2))
+    assert (tmp_path / "run" / "state.json").read_bytes() == before
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, steps=1000, warmup_steps=100)
+    assert lr_at(cfg, 0, 0) == pytest.approx(0.01)
+    assert lr_at(cfg, 99, 0) == pytest.approx(1.0)
+    assert lr_at(cfg, 550, 0) == pytest.approx(0.55)
+    assert lr_at(cfg, 1000, 0) == pytest.approx(0.1)
+    timed = dataclasses.replace(cfg, steps=None, minutes=1.0)
+    assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
+
+
+def test_killed_run_resumes_from_its_last_whole_state(small_text, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptgen", "train", "--data", str(small_text), "--out", str(run), "--preset", "tiny",
+           "--batch-size", "4", "--block-size", "32", "--steps", "400", "--eval-interval", "3", "--compile", "off",
+           "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "state.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.5)  # let it get into the middle of later saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((run / "state.json").read_text())
+    assert 0 < state["progress"]["step"] < 400
+    assert (run / state["weights"]).is_file() and (run / state["optimizer"]).is_file()
+    summary = train(resume_config(run, steps=state["progress"]["step"] + 6), resume=True)
+    assert summary["steps"] == state["progress"]["step"] + 6
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
