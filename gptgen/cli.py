@@ -69,8 +69,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             given["steps"] = 2000
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))
-    if summary is not None:
-        print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['steps']}; continue with: gptgen train --resume {cfg.out}",
+              file=sys.stderr)
+        return 130
+    if summary.get("stopped_by") == "minutes":
+        print(f"the --minutes budget ran out at step {summary['steps']} of {cfg.steps}", file=sys.stderr)
     return 0
 
 

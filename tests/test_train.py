@@ -93,3 +93,24 @@ def test_killed_run_resumes_from_its_last_whole_state(small_text, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
+def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptgen",
+           "train", "--data", str(small_text), "--out", str(run), "--preset", "tiny", "--batch-size", "4",
+           "--block-size", "32", "--lr", "3e-3", "--steps", "30", "--eval-interval", "10", "--compile", "off",
+           "--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [10, 20, 30]  # one writer: no duplicated lines
+    assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"]
+    assert rows[-1]["tokens_seen"] == 30 * 4 * 32 * 2  # both ranks' batches count
+    state = json.loads((run / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["rng"][0]["data"] != state["rng"][1]["data"]  # each rank draws its own batches
+    model, _ = load_model(run / "model.safetensors")
+    assert model.num_params() > 0
+    assert (run / "loss.png").stat().st_size > 0

@@ -1,0 +1,111 @@
+"""Training tokens/s: gptgen against Hugging Face transformers' GPT2LMHeadModel, same config, batch and block.
+
+Both run the same loop (gptgen.train.optimizer_step) on random tokens with 2 threads. gptgen uses its
+defaults (bf16 autocast where the CPU has bf16, torch.compile for micro-batches >= 512 tokens, fused
+AdamW). transformers runs as a user would write it (fp32, torch AdamW defaults), and also with the same
+bf16 autocast and fused AdamW as gptgen, so the ratio to the strongest peer setting is shown too.
+
+    python benchmarks/train.py [--steps 6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+
+from gptgen.config import GPTConfig, TrainConfig
+from gptgen.device import autocast_for
+from gptgen.model import GPT
+from gptgen.train import make_optimizer, optimizer_step, use_compile
+
+CASES = [("small", 8, 256), ("gpt2", 4, 32)]  # (preset, batch, block): a 6-layer preset, and the seed's recipe
+
+
+class HFAdapter(torch.nn.Module):
+    """transformers' model behind gptgen's (logits, loss) = model(x, y) call."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                             n_positions=config.block_size, vocab_size=config.vocab_size,
+                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    def forward(self, x, y):
+        out = self.hf(input_ids=x, labels=x)  # as users call it: transformers shifts the labels itself
+        return out.logits, out.loss
+
+
+def measure(system: str, preset: str, batch: int, block: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    config = GPTConfig.from_name(preset)
+    device = torch.device("cpu")
+    cfg = TrainConfig(batch_size=batch, block_size=block)
+    if system == "gptgen":
+        model = GPT(config)
+        model.init_weights()
+        optimizer = make_optimizer(model, cfg, device)
+        step_model = torch.compile(model) if use_compile(cfg, device) else model
+        autocast = autocast_for(device, "auto")
+    else:
+        model = step_model = HFAdapter(config)
+        if system == "transformers-fp32":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            autocast = contextlib.nullcontext()
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    x = torch.randint(0, config.vocab_size, (batch, block))
+    y = torch.randint(0, config.vocab_size, (batch, block))
+
+    def step():
+        optimizer_step(step_model, optimizer, [(x, y)], device=device, autocast=autocast, grad_clip=1.0)
+
+    t = time.perf_counter()
+    step()
+    step()  # compile and allocator warm-up
+    warmup = time.perf_counter() - t
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    median = sorted(times)[len(times) // 2]
+    return {"system": system, "preset": preset, "batch": batch, "block": block, "params": sum(
+        p.numel() for p in model.parameters()), "s_per_step": median, "tokens_per_s": batch * block / median,
+        "warmup_s": warmup}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row (median reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(system, *case, args.steps) for case in CASES
+            for system in ("gptgen", "transformers-fp32", "transformers-bf16")]
+    print(f"training throughput, {args.threads} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}")
+    print(f"{'preset':8} {'batch x block':>13} {'system':20} {'s/step':>8} {'tokens/s':>9} {'vs HF fp32':>10} "
+          f"{'vs HF bf16':>10}")
+    for row in rows:
+        same = {r["system"]: r for r in rows if (r["preset"], r["block"]) == (row["preset"], row["block"])}
+        row["ratio_vs_hf_fp32"] = row["tokens_per_s"] / same["transformers-fp32"]["tokens_per_s"]
+        row["ratio_vs_hf_bf16"] = row["tokens_per_s"] / same["transformers-bf16"]["tokens_per_s"]
+        print(f"{row['preset']:8} {row['batch']:>5} x {row['block']:<5} {row['system']:20} {row['s_per_step']:8.3f} "
+              f"{row['tokens_per_s']:9.0f} {row['ratio_vs_hf_fp32']:9.2f}x {row['ratio_vs_hf_bf16']:9.2f}x")
+    print(json.dumps(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
