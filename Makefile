@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 
 .PHONY: test bench lint clean
 
-# First use creates .venv and installs the pinned requirements and the package (editable).
+# First use creates .venv and installs the pinned requirements, the peers the tests compare against
+# (transformers; llama-cpp-python, which pip compiles from source: ~10 minutes once) and the package.
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -16,10 +17,9 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# Benchmarks need the peers (transformers); installed once into .venv.
 bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality.py --minutes 1.5
 
 lint: $(VENV)/.installed

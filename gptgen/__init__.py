@@ -1,3 +1,26 @@
-"""gptgen: train a GPT-2 model on any text file, evaluate it honestly, save and resume it safely."""
+"""gptgen: train a GPT-2 model on any text file, squeeze it to int8, and generate text from it."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+
+def load(path: str, device: str = "auto", dtype: str = "float32"):
+    """A model file (float or int8) ready to generate: `gptgen.load(p).generate("prompt", max_new_tokens=50)`.
+
+    dtype "bfloat16" casts a float model's weights (faster on GPUs and on CPUs with bf16); int8 models
+    keep their int8 weights either way.
+    """
+    import torch
+
+    from gptgen.checkpoint import load_model
+    from gptgen.config import ConfigError
+    from gptgen.device import pick_device
+    from gptgen.generate import TextModel
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    model, metadata = load_model(path, pick_device(device))
+    if dtype == "bfloat16" and metadata.get("quantization") == "none":
+        model = model.to(torch.bfloat16)
+    return TextModel(model, metadata)

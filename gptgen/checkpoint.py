@@ -95,26 +95,39 @@ def training_info(metadata: dict[str, str]) -> dict:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """A GPT with the file's weights, built on the meta device so no memory is spent on a throwaway init."""
+    """(GPT, metadata) from a model file, float or int8, checked tensor by tensor against its config.
+
+    Built on the meta device, so no memory is spent on a throwaway init.
+    """
     from gptgen.model import GPT
+    from gptgen.quantize import SCALE, int8_model
 
     config, tensors, metadata = load_model_file(path)
-    if metadata.get("quantization", "none") != "none":
-        raise ModelFileError(f"{str(path)!r} is quantized ({metadata['quantization']}); this gptgen version "
-                             "reads float models only")
+    quantization = metadata.get("quantization", "none")
+    if quantization not in ("none", "int8"):
+        raise ModelFileError(f"{str(path)!r} has quantization {quantization!r}; this gptgen reads none or int8")
     with torch.device("meta"):
         model = GPT(config)
-    expected = set(model.state_dict()) - {TIED}
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items() if k != TIED}
+    if quantization == "int8":
+        for k, (shape, _) in list(expected.items()):
+            if len(shape) == 2 and k != "transformer.wpe.weight":
+                expected[k] = (shape, torch.int8)
+                expected[k + SCALE] = ((shape[0],), torch.float32)
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
         raise ModelFileError(f"{str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
     for name, t in tensors.items():
-        want = model.state_dict()[name].shape
-        if t.shape != want:
-            raise ModelFileError(f"{str(path)!r}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want)}")
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight
+        shape, dtype = expected[name]
+        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+            raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
+                                 f"{dtype or 'float'} {shape}")
+    if quantization == "int8":
+        model = int8_model(config, tensors)
+    else:
+        model.load_state_dict(tensors, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
     return model.to(device).eval(), metadata
 
 

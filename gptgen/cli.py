@@ -1,4 +1,4 @@
-"""`gptgen train | eval`: argument parsing and printing only; the work lives in the modules."""
+"""The `gptgen` command: argument parsing and printing only; the work lives in the modules."""
 
 from __future__ import annotations
 
@@ -40,6 +40,38 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="int8 weights: a smaller file and faster CPU generation")
+    p.add_argument("input", help="float model .safetensors")
+    p.add_argument("output", help="int8 model .safetensors to write")
+
+
+def _generate_parser(sub) -> None:
+    from gptgen.generate import MAX_NEW_TOKENS, Sampling
+
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    p.add_argument("model", help="model .safetensors file (float or int8)")
+    p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from <|endoftext|>)")
+    d = Sampling()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"1 to {MAX_NEW_TOKENS}")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
+    p.add_argument("--seed", type=int, help="same seed, same text")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text, token counts, timings")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the model for another runtime (GGUF for llama.cpp)")
+    p.add_argument("model", help="model .safetensors file (float or int8)")
+    p.add_argument("out", help="output file (must not exist)")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="GGUF weight type")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptgen", description="Train, evaluate and run GPT-2 models on your text.")
     from gptgen import __version__
@@ -48,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _quantize_parser(sub)
+    _generate_parser(sub)
+    _export_parser(sub)
     return p
 
 
@@ -108,11 +143,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptgen.checkpoint import ModelFileError, load_model_file, save_model, training_info
+    from gptgen.quantize import quantize_state_dict
+
+    config, tensors, metadata = load_model_file(args.input)
+    if metadata.get("quantization", "none") != "none":
+        raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise GptgenError("the output must be another file than the input")
+    save_model(args.output, quantize_state_dict(tensors), config, quantization="int8",
+               training=training_info(metadata))
+    before, after = Path(args.input).stat().st_size, Path(args.output).stat().st_size
+    print(f"wrote {args.output}: {after / 2**20:.1f} MiB ({after / before:.3f} of {before / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import gptgen
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                    seed=args.seed)
+    try:
+        from gptgen.generate import Sampling
+
+        Sampling(**sampling)
+    except ValueError as e:
+        raise GptgenError(str(e)) from None
+    model = gptgen.load(args.model, device=args.device)
+    pieces = []
+    for piece in model.stream(args.prompt, **sampling):
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    stats = model.last
+    if args.json:
+        print(json.dumps({"text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
+                          "new_tokens": stats.new_tokens, "first_token_s": stats.first_token_s,
+                          "total_s": stats.total_s, "tokens_per_s": stats.tokens_per_s}))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptgen.interop import export_gguf
+
+    export_gguf(args.model, args.out, args.type)
+    print(f"wrote {args.out} (GGUF {args.type})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
+                    "export": cmd_export}
+        return commands[args.command](args)
     except GptgenError as e:
         print(f"gptgen: error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,24 @@ import torch.nn.functional as F
 from gptgen.config import GPTConfig
 
 
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, so decoding never re-runs the prompt."""
+
+    def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys and values so far."""
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -23,13 +41,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask, causal = None, T > 1
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)
+            if pos > 0 and T > 1:  # new queries see the whole cache and each other causally
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -54,8 +79,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -87,16 +112,33 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position; with targets, also the mean cross-entropy in nats/token."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+    def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache per layer; forward(idx, pos=...) then appends to it."""
+        max_len = max_len or self.config.block_size
+        wpe = self.transformer.wpe.weight  # float in every model, int8 ones included
+        dtype, device = dtype or wpe.dtype, wpe.device
         for block in self.transformer.h:
-            x = block(x)
+            block.attn.cache = KVCache(batch, max_len, self.config.n_head, self.config.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn.cache = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int = 0,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position (or the last only); with targets, also the mean cross-entropy in nats/token.
+
+        pos is where idx starts in the sequence; with caches set up, earlier positions come from the cache.
+        """
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.block_size}")
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, pos)
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None

@@ -86,3 +86,42 @@ def test_resume_takes_only_a_new_budget(tmp_path):
     assert r.returncode == 2 and "only --steps" in r.stderr
     r = gptgen("train", "--resume", tmp_path / "none")
     assert r.returncode == 2 and "no state.json" in r.stderr
+
+
+def test_quantize_generate_and_export(tmp_path):
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
+    save_model(f32, m.state_dict(), m.config)
+    r = gptgen("quantize", f32, i8)
+    assert r.returncode == 0, r.stderr
+    assert i8.stat().st_size < 0.5 * f32.stat().st_size
+    r = gptgen("generate", i8, "The king", "--max-new-tokens", "5", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["new_tokens"] == 5 and report["prompt_tokens"] == 2 and isinstance(report["text"], str)
+    r = gptgen("generate", f32, "The king", "--max-new-tokens", "4", "--seed", "3")
+    assert r.returncode == 0 and r.stdout.endswith("\n")
+    r = gptgen("export", f32, tmp_path / "m.gguf", "--type", "q8_0")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature"), (["--temperature", "nan"], "temperature"), (["--top-k", "-2"], "top_k"),
+    (["--top-p", "0"], "top_p"), (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--max-new-tokens", "100000"], "max_new_tokens"),
+])
+def test_generate_rejects_bad_parameters(tmp_path, flags, message):
+    r = gptgen("generate", tmp_path / "unused.safetensors", "hi", *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):
+    import pickle
+
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(pickle.dumps({"a": 1}))
+    r = gptgen("generate", fake, "hi")
+    assert r.returncode == 2 and "not a readable safetensors file" in r.stderr

@@ -1,0 +1,201 @@
+"""Decoding speed at batch 1 on CPU: gptgen fp32 / bf16 / int8 against transformers and llama.cpp, same weights.
+
+The `gpt2` preset with random weights (seeded) is saved once; gptgen's int8 file and GGUF exports are
+made from it by gptgen itself, and transformers gets the same tensors. Each row runs in its own process
+(so peak RSS is that system's own), 2 threads, 16-token prompt, 256 new tokens, top-k 50, median of 3.
+
+    python benchmarks/decode.py [--runs 3] [--json out.json]
+
+llama.cpp rows need `llama-cpp-python` (pip builds it from source, ~10 minutes); without it they are
+reported as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
+SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
+
+
+def make_files(workdir: Path) -> dict[str, Path]:
+    from gptgen.checkpoint import save_model
+    from gptgen.config import GPTConfig
+    from gptgen.model import GPT
+
+    files = {"fp32": workdir / "gpt2-f32.safetensors", "int8": workdir / "gpt2-int8.safetensors",
+             "f16": workdir / "gpt2-f16.gguf", "q8_0": workdir / "gpt2-q8_0.gguf"}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("gpt2"))
+    model.init_weights()
+    save_model(files["fp32"], model.state_dict(), model.config)
+    cli = [sys.executable, "-m", "gptgen"]
+    subprocess.run([*cli, "quantize", files["fp32"], files["int8"]], check=True, stdout=subprocess.DEVNULL)
+    for kind in ("f16", "q8_0"):
+        subprocess.run([*cli, "export", files["fp32"], files[kind], "--type", kind], check=True,
+                       stdout=subprocess.DEVNULL)
+    return files
+
+
+def prompts(n: int) -> list[int]:
+    return torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+def run_gptgen(path: Path, dtype: str):
+    import gptgen
+    from gptgen.generate import Sampling, generate_tokens
+
+    tm = gptgen.load(str(path), device="cpu", dtype=dtype)
+
+    def once(prompt: list[int], n: int) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first, count = 0.0, 0
+        for _ in generate_tokens(tm.model, prompt, Sampling(max_new_tokens=n, temperature=1.0, top_k=TOP_K, seed=1)):
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - start
+        return first, time.perf_counter() - start, count
+
+    return once
+
+
+def run_transformers(path: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.generation.streamers import BaseStreamer
+
+    from gptgen.checkpoint import load_model_file
+
+    config, tensors, _ = load_model_file(path)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                    n_positions=config.block_size, vocab_size=config.vocab_size)).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in tensors.items()}, strict=False)
+    hf.tie_weights()
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:  # the first call carries the prompt
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    def once(prompt: list[int], n: int) -> tuple[float, float, int]:
+        clock = Clock()
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                              top_k=TOP_K, streamer=clock, pad_token_id=50256)
+        total = time.perf_counter() - start
+        return clock.first - start, total, out.shape[1] - len(prompt)
+
+    return once
+
+
+def run_llama(path: Path):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=2, n_batch=512, verbose=False, seed=1)
+
+    def once(prompt: list[int], n: int) -> tuple[float, float, int]:
+        llm.reset()
+        start = time.perf_counter()
+        first, count = 0.0, 0
+        for _ in llm.create_completion(prompt, max_tokens=n, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
+                                       stream=True):
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - start
+        return first, time.perf_counter() - start, count
+
+    return once
+
+
+def one(system: str, files: dict[str, str], runs: int) -> dict:
+    torch.set_num_threads(2)
+    kind = system.split("-")[1]
+    if system.startswith("gptgen"):
+        path = Path(files["int8" if kind == "int8" else "fp32"])
+        once = run_gptgen(path, "bfloat16" if kind == "bf16" else "float32")
+    elif system.startswith("transformers"):
+        path = Path(files["fp32"])
+        once = run_transformers(path)
+    else:
+        path = Path(files[kind])
+        once = run_llama(path)
+    once(prompts(PROMPT_TOKENS), 8)  # warm-up
+    decode, first, counts = [], [], []
+    for _ in range(runs):
+        f, total, n = once(prompts(PROMPT_TOKENS), NEW_TOKENS)
+        first.append(f)
+        decode.append((n - 1) / (total - f))
+        counts.append(n)
+    prefill = [PREFILL_TOKENS / once(prompts(PREFILL_TOKENS), 1)[0] for _ in range(runs)]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"system": system, "decode_tok_s": med(decode), "first_token_ms": 1000 * med(first),
+            "prefill_tok_s": med(prefill), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "file_mib": path.stat().st_size / 2**20, "new_tokens": counts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--files", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, json.loads(args.files), args.runs)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {k: str(v) for k, v in make_files(Path(tmp)).items()}
+        for system in args.systems.split(","):
+            cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files), "--runs", str(args.runs)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            if r.returncode != 0:
+                reason = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+                rows.append({"system": system, "error": reason})
+                continue
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print(f"gpt2 preset (124M), batch 1, 2 threads, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
+          f"top-k {TOP_K}, median of {args.runs}; torch {torch.__version__}")
+    print(f"{'system':18} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MB':>11} "
+          f"{'file MiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['system']:18} not run: {r['error'][:90]}")
+        else:
+            print(f"{r['system']:18} {r['decode_tok_s']:12.1f} {r['first_token_ms']:14.1f} {r['prefill_tok_s']:17.0f} "
+                  f"{r['peak_rss_mb']:11.0f} {r['file_mib']:8.1f}")
+    ok = {r["system"]: r for r in rows if "error" not in r}
+    if "gptgen-int8" in ok:
+        ours = ok["gptgen-int8"]
+        for peer in ("llama.cpp-q8_0", "transformers-fp32"):
+            if peer in ok:
+                ratios = {k: ours[k] / ok[peer][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}
+                print(f"gptgen int8 / {peer}: decode {ratios['decode_tok_s']:.2f}x, "
+                      f"prefill {ratios['prefill_tok_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
+    print(json.dumps(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Sampling and streaming: pure logits processors, a token generator over the KV cache, and text pieces
+that never split a UTF-8 character and stop before a stop string.
+
+When prompt + output reach the context, the most recent 3/4 of the context is kept and the cache is
+rebuilt from it (one prefill), so generation can run past the context window; a prompt longer than
+the context keeps its last tokens. Generation ends early when the model emits <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from gptgen.tokenizer import EOT_ID, get_tokenizer
+
+MAX_NEW_TOKENS = 4096  # a cap per request, so one call cannot hold a server for ever
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling parameters, with the same names in the CLI, the Python API and the web form."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def number(name, value, integer=False):
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+            if not integer and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        number("max_new_tokens", self.max_new_tokens, integer=True)
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        number("top_k", self.top_k, integer=True)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.seed is not None:
+            number("seed", self.seed, integer=True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of tokens already present are divided by it when positive, multiplied when not."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (always at least the top one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """One token id from the logits (vocab,) of the last position."""
+    logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = apply_top_p(apply_top_k(logits / s.temperature, s.top_k), s.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
+    """Token ids after the prompt, one at a time, decoding over a preallocated KV cache."""
+    context = model.config.block_size
+    device = model.transformer.wpe.weight.device
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(s.seed if s.seed is not None else torch.seed())
+    tokens = list(prompt[-context:]) or [EOT_ID]
+    model.setup_caches(batch=1)
+    try:
+        logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
+        pos = len(tokens)
+        for _ in range(s.max_new_tokens):
+            seen = torch.tensor(tokens, device=device) if s.repetition_penalty != 1.0 else torch.empty(0)
+            token = next_token(logits.cpu(), seen.cpu(), s, generator)
+            if token == EOT_ID:  # the model ended the text
+                return
+            yield token
+            tokens.append(token)
+            if pos == context:  # full: keep the most recent 3/4 and rebuild the cache from them
+                tokens = tokens[-(3 * context // 4):]
+                logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
+                pos = len(tokens)
+            else:
+                logits = model(torch.tensor([[token]], device=device), pos=pos, last_only=True)[0][0, -1]
+                pos += 1
+    finally:
+        model.clear_caches()
+
+
+def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+    """Text pieces from token ids: whole UTF-8 characters only, ending before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
+    """
+    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    for token in token_ids:
+        pending += decoder.decode(enc.decode_single_token_bytes(token))
+        hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
+        if hits:
+            if min(hits):
+                yield pending[:min(hits)]
+            return
+        hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
+        if len(pending) > hold:
+            yield pending[:len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
+
+
+@dataclass
+class Stats:
+    """Counts and timings of the last call, for the CLI's --json and the web page."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.first_token_s
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+
+
+class TextModel:
+    """A loaded model with its tokenizer: what gptgen.load() returns."""
+
+    def __init__(self, model, metadata: dict[str, str]) -> None:
+        self.model = model
+        self.metadata = metadata
+        self.config = model.config
+        self.tokenizer = get_tokenizer()
+        self.last = Stats()
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        s = Sampling(**sampling)
+        ids = self.tokenizer.encode_ordinary(prompt)
+        self.last = stats = Stats(prompt_tokens=len(ids))
+        start = time.perf_counter()
+
+        def counted() -> Iterator[int]:
+            for token in generate_tokens(self.model, ids, s):
+                stats.new_tokens += 1
+                if stats.new_tokens == 1:
+                    stats.first_token_s = time.perf_counter() - start
+                yield token
+                stats.total_s = time.perf_counter() - start
+
+        return stream_text(counted(), s.stop)
+
+    def generate(self, prompt: str, **sampling) -> str:
+        return "".join(self.stream(prompt, **sampling))

@@ -1,0 +1,125 @@
+"""Export to other runtimes. GGUF (llama.cpp's format, architecture `gpt2`) so a gptgen model also runs
+in llama.cpp / llama-server; the weight names and the GPT-2 vocabulary are mapped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptgen.checkpoint import ModelFileError, load_model_file
+from gptgen.config import GptgenError
+from gptgen.quantize import SCALE
+from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
+
+GGUF_TYPES = ("f16", "q8_0")
+
+
+def _gguf_names(n_layer: int) -> dict[str, str]:
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+    ours = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for i in range(n_layer):
+        for src, dst in ours.items():
+            for kind in ("weight", "bias"):
+                names[f"transformer.h.{i}.{src}.{kind}"] = f"blk.{i}.{dst}.{kind}"
+    return names
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, used by its vocab and merges files."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(extra)}
+
+
+def gpt2_vocab() -> tuple[list[str], list[str]]:
+    """(tokens, merges) in GPT-2's text form, derived from the BPE ranks: each merge is the last step of BPE
+    on a token using only the ranks below its own."""
+    enc = get_tokenizer()
+    to_text = _byte_to_unicode()
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
+    tokens, merges = [], []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        tokens.append("".join(to_text[b] for b in token))
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append(" ".join("".join(to_text[b] for b in p) for p in parts))
+    tokens.append(EOT)
+    return tokens, merges
+
+
+def _float_tensors(path: str | os.PathLike) -> tuple:
+    """The file's config and float32 tensors (an int8 model is dequantized)."""
+    config, tensors, metadata = load_model_file(path)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE):
+            continue
+        if t.dtype == torch.int8:
+            t = t.float() * tensors[name + SCALE][:, None]
+        out[name] = t.float()
+    return config, out, metadata
+
+
+def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f16") -> None:
+    import gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise GptgenError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    out = Path(out)
+    if out.exists():
+        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
+    config, tensors, metadata = _float_tensors(model_path)
+    names = _gguf_names(config.n_layer)
+    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, "gpt2")
+        w.add_name(Path(model_path).stem)
+        w.add_context_length(config.block_size)
+        w.add_embedding_length(config.n_embd)
+        w.add_feed_forward_length(4 * config.n_embd)
+        w.add_block_count(config.n_layer)
+        w.add_head_count(config.n_head)
+        w.add_layer_norm_eps(1e-5)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        tokens, merges = gpt2_vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.NORMAL] * EOT_ID + [gguf.TokenType.CONTROL])
+        w.add_token_merges(merges)
+        for special in (w.add_bos_token_id, w.add_eos_token_id):
+            special(EOT_ID)
+        for name, t in tensors.items():
+            if name not in names:
+                raise ModelFileError(f"{str(model_path)!r}: no GGUF name for tensor {name}")
+            array = t.numpy()
+            if array.ndim == 1:
+                w.add_tensor(names[name], array.astype(np.float32))
+            elif gguf_type == "q8_0" and name != "transformer.wpe.weight":
+                q8 = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(names[name], q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(names[name], array.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

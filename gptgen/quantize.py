@@ -1,0 +1,109 @@
+"""int8 weights: symmetric, per output channel, for every linear layer and the tied embedding/head.
+
+The file stores int8 tensors and float32 per-row scales; in memory they stay int8. On CPU the
+matmuls run in fbgemm's dynamic int8 linear (activations quantized per call, int8 x int8 -> int32 on
+VNNI), packed once at load; elsewhere the int8 weight is dequantized one layer at a time, per call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptgen.model import GPT
+
+SCALE = ".scale"  # the file stores `X.weight` (int8) beside `X.weight.scale` (float32, one per row)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per row) with w ≈ q * scale[:, None]."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _fbgemm_ok(device: torch.device) -> bool:
+    return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W held as int8 rows and their scales (the bias stays float)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+        self._packed = None
+
+    def _pack(self):
+        with warnings.catch_warnings():  # quantized tensors are deprecated as a user type; fbgemm's ops are not
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(),
+                                                         torch.zeros_like(self.scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(q, self.bias.float() if self.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fbgemm_ok(x.device):
+            if self._packed is None:
+                self._packed = self._pack()
+            return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed)
+        w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # moved or cast: pack again on next use
+        return super()._apply(fn, recurse)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from the same int8 rows and scales as the tied head: only the rows used are dequantized."""
+
+    def __init__(self, head: Int8Linear) -> None:
+        super().__init__()
+        self.head = [head]  # a list, so the tensors are not registered (and saved) twice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head[0].weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        return head.weight[idx].float() * head.scale[idx, None]
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A float model's weights -> the int8 file's tensors: every 2-D weight but the position embedding."""
+    out = {}
+    for name, t in state.items():
+        if t.dim() == 2 and name != "transformer.wpe.weight":
+            out[name], out[name + SCALE] = quantize_rows(t)
+        else:
+            out[name] = t
+    return out
+
+
+def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
+    """A GPT whose linear layers and tied embedding/head are int8 modules over the file's tensors.
+
+    The tied pair: lm_head is one Int8Linear over `transformer.wte.weight` and its scales, and the
+    embedding looks rows up in that same module, so the int8 tensor exists once in memory.
+    """
+    with torch.device("meta"):
+        model = GPT(config)
+    float_tensors = {k: v for k, v in tensors.items() if v.dtype != torch.int8 and not k.endswith(SCALE)}
+    model.load_state_dict(float_tensors, strict=False, assign=True)
+    head = Int8Linear(tensors["transformer.wte.weight"], tensors["transformer.wte.weight" + SCALE], None)
+    model.lm_head = head
+    model.transformer.wte = Int8Embedding(head)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child is not head:
+                key = f"{name}.{child_name}" if name else child_name
+                weight, scale = tensors[key + ".weight"], tensors[key + ".weight" + SCALE]
+                setattr(module, child_name, Int8Linear(weight, scale, tensors.get(key + ".bias")))
+    return model

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from gptgen.generate import (
+    MAX_NEW_TOKENS,
+    Sampling,
+    TextModel,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    generate_tokens,
+    stream_text,
+)
+from gptgen.tokenizer import get_tokenizer
+from tests.test_model import tiny_model
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
+    out = apply_top_k(logits, 2)
+    assert torch.isfinite(out).tolist() == [False, True, False, True, False]
+    assert torch.equal(apply_top_k(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(apply_top_p(logits, 0.7)).tolist() == [True, True, False, False]
+    assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [True, True, False, False]
+    assert torch.isfinite(apply_top_p(logits, 0.81)).tolist() == [True, True, True, False]
+    assert torch.isfinite(apply_top_p(logits, 0.1)).tolist() == [True, False, False, False]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+@pytest.mark.parametrize("bad, name", [
+    (dict(temperature=-1), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=MAX_NEW_TOKENS + 1), "max_new_tokens"),
+    (dict(max_new_tokens="10"), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
+])
+def test_bad_sampling_parameters_name_the_parameter(bad, name):
+    with pytest.raises(ValueError, match=name):
+        Sampling(**bad)
+
+
+def greedy_without_cache(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([tokens[-model.config.block_size:]]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_kv_cache_matches_full_recompute():
+    model = tiny_model().eval()  # context 16
+    prompt = [464, 3290, 318]
+    cached = list(generate_tokens(model, prompt, Sampling(max_new_tokens=10, temperature=0)))
+    assert cached == greedy_without_cache(model, prompt, 10)
+
+
+def test_generation_runs_past_the_context():
+    model = tiny_model().eval()
+    out = list(generate_tokens(model, list(range(100, 140)), Sampling(max_new_tokens=40, temperature=0)))
+    assert len(out) == 40
+
+
+def test_same_seed_same_tokens():
+    model = tiny_model().eval()
+    s = Sampling(max_new_tokens=12, temperature=1.0, top_k=0, seed=7)
+    assert list(generate_tokens(model, [1, 2], s)) == list(generate_tokens(model, [1, 2], s))
+
+
+@pytest.mark.parametrize("text", [
+    "Hello 👋🏽 world", "東京は日本の首都です", "e\u0301 a\u0300 n\u0303 Zalgo: Z\u0351\u0357\u0360",
+    "flags 🇫🇷 and 😀😃😄",
+])
+def test_stream_pieces_are_whole_characters(text):
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary(text)
+    assert any(not _valid_utf8(enc.decode_single_token_bytes(t)) for t in ids), "no character split across tokens"
+    pieces = list(stream_text(iter(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def _valid_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_stop_string_spanning_pieces_is_caught():
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary("ROMEO: hello there\nJULIET: goodbye")
+    pieces = list(stream_text(iter(ids), stop=("\nJULIET:",)))
+    assert "".join(pieces) == "ROMEO: hello there"
+    pieces = list(stream_text(iter(ids), stop=("nothing like this",)))
+    assert "".join(pieces) == "ROMEO: hello there\nJULIET: goodbye"
+
+
+def test_text_model_generate_and_stream_agree():
+    tm = TextModel(tiny_model().eval(), {})
+    text = tm.generate("The king", max_new_tokens=8, temperature=0)
+    assert "".join(tm.stream("The king", max_new_tokens=8, temperature=0)) == text
+    assert tm.last.new_tokens == 8 and tm.last.prompt_tokens == 2
+    assert tm.generate("", max_new_tokens=3, seed=1) == tm.generate("", max_new_tokens=3, seed=1)
+    with pytest.raises(ValueError, match="top_p"):
+        tm.stream("x", top_p=2)

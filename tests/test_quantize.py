@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from gptgen.checkpoint import ModelFileError, load_model, load_model_file, save_model
+from gptgen.generate import Sampling, generate_tokens
+from gptgen.quantize import Int8Linear, quantize_rows, quantize_state_dict
+from tests.test_model import tiny_model
+
+
+def test_rows_round_trip_within_half_a_step():
+    w = torch.randn(64, 32)
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert q.abs().amax(dim=1).eq(127).all()
+
+
+def test_int8_linear_is_close_to_float():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(768, 3072)
+    q, scale = quantize_rows(lin.weight)
+    int8 = Int8Linear(q, scale, lin.bias.detach())
+    x = torch.randn(3, 768)
+    ref = lin(x)
+    rel = (int8(x) - ref).norm() / ref.norm()
+    assert rel < 0.02
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = tiny_model()
+    f32 = tmp_path / "f32.safetensors"
+    save_model(f32, model.state_dict(), model.config, training={"steps": 1})
+    _, tensors, _ = load_model_file(f32)
+    i8 = tmp_path / "i8.safetensors"
+    save_model(i8, quantize_state_dict(tensors), model.config, quantization="int8")
+    return model, f32, i8
+
+
+def test_int8_file_stays_int8_in_memory(files):
+    _, _, i8 = files
+    model, metadata = load_model(i8)
+    assert metadata["quantization"] == "int8"
+    assert model.lm_head.weight.dtype == torch.int8
+    assert model.transformer.wte.weight is model.lm_head.weight  # the tied pair shares one int8 tensor
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 1 + 4 * model.config.n_layer
+    assert all(m.weight.dtype == torch.int8 for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_int8_logits_and_greedy_text_are_close_to_float(files):
+    model, _, i8 = files
+    q, _ = load_model(i8)
+    x = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        ref, _ = model.eval()(x)
+        got, _ = q(x)
+    assert ((got - ref).norm() / ref.norm()) < 0.05
+    s = Sampling(max_new_tokens=5, temperature=0)
+    assert list(generate_tokens(q, [1, 2, 3], s))  # runs over the int8 KV-cache path
+
+
+def test_int8_file_is_checked_like_any_other(files, tmp_path):
+    model, f32, _ = files
+    _, tensors, _ = load_model_file(f32)
+    save_model(tmp_path / "bad.safetensors", tensors, model.config, quantization="int8")  # float, not int8
+    with pytest.raises(ModelFileError, match="expected"):
+        load_model(tmp_path / "bad.safetensors")
