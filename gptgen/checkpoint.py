@@ -100,7 +100,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     Built on the meta device, so no memory is spent on a throwaway init.
     """
     from gptgen.model import GPT
-    from gptgen.quantize import SCALE, int8_model
+    from gptgen.quantize import SCALE, Int8Linear, int8_model
 
     config, tensors, metadata = load_model_file(path)
     quantization = metadata.get("quantization", "none")
@@ -124,10 +124,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
             raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
                                  f"{dtype or 'float'} {shape}")
     if quantization == "int8":
-        model = int8_model(config, tensors)
-    else:
-        model.load_state_dict(tensors, strict=False, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight
+        model = int8_model(config, tensors).to(device).eval()
+        del tensors  # the modules hold the weights now; packing then frees each plain copy as it goes
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.pack(keep_weight=module is model.lm_head)
+        return model, metadata
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
     return model.to(device).eval(), metadata
 
 

@@ -40,23 +40,34 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self._packed = None
 
-    def _pack(self):
+    def pack(self, keep_weight: bool = False) -> None:
+        """Lay the weight out for fbgemm once, at load. fbgemm keeps its own int8 copy, so the plain one is
+        dropped (and rebuilt on demand) unless something else reads it: the tied embedding does."""
+        if self._packed is not None or not _fbgemm_ok(self.scale.device):
+            return
         with warnings.catch_warnings():  # quantized tensors are deprecated as a user type; fbgemm's ops are not
             warnings.simplefilter("ignore", UserWarning)
             q = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(),
                                                          torch.zeros_like(self.scale, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(q, self.bias.float() if self.bias is not None else None)
+        self._packed = torch.ops.quantized.linear_prepack(q, self.bias.float() if self.bias is not None else None)
+        if not keep_weight:
+            self.weight = None
+
+    def int8_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fbgemm_ok(x.device):
-            if self._packed is None:
-                self._packed = self._pack()
+        if self._packed is not None and x.device.type == "cpu":
             return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed)
-        w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+        w = self.int8_weight().to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # moved or cast: pack again on next use
+        if self._packed is not None:  # moved or cast: back to the plain weight; pack() again if wanted
+            self.weight = self.int8_weight()
+            self._packed = None
         return super()._apply(fn, recurse)
 
 

@@ -116,6 +116,11 @@ class RunDir:
         f = self.path / METRICS
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
+    def remove_partial_writes(self) -> None:
+        """Temporary files of a write that a kill interrupted; the state they were for was never committed."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def truncate_metrics(self, step: int) -> None:
         """On resume, drop evals logged after the state we resume from (the run died before saving it)."""
         rows = [r for r in self.metrics() if r["step"] <= step]
@@ -189,6 +194,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if resume:
         progress = _restore(run, model, optimizer, data_rng, rank, world, device)
         if rank == 0:
+            run.remove_partial_writes()
             run.truncate_metrics(progress.step)
     autocast = autocast_for(device, cfg.dtype)
     step_model = model

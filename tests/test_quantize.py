@@ -46,7 +46,7 @@ def test_int8_file_stays_int8_in_memory(files):
     assert model.transformer.wte.weight is model.lm_head.weight  # the tied pair shares one int8 tensor
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(linears) == 1 + 4 * model.config.n_layer
-    assert all(m.weight.dtype == torch.int8 for m in linears)
+    assert all(m.int8_weight().dtype == torch.int8 for m in linears)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
 
 
