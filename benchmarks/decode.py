@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -126,6 +125,14 @@ def run_llama(path: Path):
     return once
 
 
+def peak_rss_mb() -> float:
+    """This process's high-water RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def one(system: str, files: dict[str, str], runs: int) -> dict:
     torch.set_num_threads(2)
     kind = system.split("-")[1]
@@ -148,7 +155,7 @@ def one(system: str, files: dict[str, str], runs: int) -> dict:
     prefill = [PREFILL_TOKENS / once(prompts(PREFILL_TOKENS), 1)[0] for _ in range(runs)]
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"system": system, "decode_tok_s": med(decode), "first_token_ms": 1000 * med(first),
-            "prefill_tok_s": med(prefill), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "prefill_tok_s": med(prefill), "peak_rss_mb": peak_rss_mb(),
             "file_mib": path.stat().st_size / 2**20, "new_tokens": counts}
 
 

@@ -40,7 +40,9 @@ def main() -> None:
         eval_interval = "100000" if recipe == "short" else "200"
         cmd = [sys.executable, "-m", "gptgen", "train", "--data", args.data, "--out", out, "--minutes",
                str(args.minutes), "--eval-interval", eval_interval, *RECIPES[recipe]]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            sys.exit(f"training failed:\n{r.stderr[-2000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     best = min(rows, key=lambda r: r["val_nats_per_char"])
     result = {"recipe": recipe, "flags": " ".join(RECIPES[recipe]), "minutes": args.minutes,

@@ -72,13 +72,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches p (always at least the top one)."""
     if p >= 1.0:
@@ -90,12 +83,21 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
-    """One token id from the logits (vocab,) of the last position."""
+    """One token id from the logits (vocab,) of the last position.
+
+    Top-k first narrows the vocabulary to k candidates, so temperature, top-p and the draw work on k
+    values instead of 50,257 (the full-vocabulary draw cost ~0.75 ms a token on 2 cores).
+    """
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.temperature == 0:
         return int(logits.argmax())
-    logits = apply_top_p(apply_top_k(logits / s.temperature, s.top_k), s.top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    if 0 < s.top_k < logits.size(-1):
+        values, candidates = torch.topk(logits, s.top_k)
+    else:
+        values, candidates = logits, None
+    values = apply_top_p(values / s.temperature, s.top_p)
+    choice = int(torch.multinomial(values.softmax(-1), 1, generator=generator))
+    return choice if candidates is None else int(candidates[choice])
 
 
 @torch.inference_mode()

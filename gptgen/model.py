@@ -16,14 +16,17 @@ from gptgen.config import GPTConfig
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, so decoding never re-runs the prompt."""
+    """Preallocated keys and values of one layer, so decoding never re-runs the prompt.
+
+    Left uninitialised: only positions already written are ever read.
+    """
 
     def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys and values so far."""

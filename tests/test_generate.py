@@ -8,20 +8,24 @@ from gptgen.generate import (
     Sampling,
     TextModel,
     apply_repetition_penalty,
-    apply_top_k,
     apply_top_p,
     generate_tokens,
+    next_token,
     stream_text,
 )
 from gptgen.tokenizer import get_tokenizer
 from tests.test_model import tiny_model
 
 
-def test_top_k_keeps_the_k_largest():
+def test_top_k_draws_only_among_the_k_largest():
     logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
-    out = apply_top_k(logits, 2)
-    assert torch.isfinite(out).tolist() == [False, True, False, True, False]
-    assert torch.equal(apply_top_k(logits, 0), logits)
+    g = torch.Generator().manual_seed(0)
+    draws = {next_token(logits, torch.empty(0), Sampling(temperature=5.0, top_k=2), g) for _ in range(200)}
+    assert draws == {1, 3}
+    draws = {next_token(logits, torch.empty(0), Sampling(temperature=5.0, top_k=0), g) for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}
+    assert next_token(logits, torch.empty(0), Sampling(temperature=0), g) == 1
+    assert next_token(logits, torch.empty(0), Sampling(temperature=1.0, top_k=1), g) == 1
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
