@@ -108,7 +108,7 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(s.seed if s.seed is not None else torch.seed())
     tokens = list(prompt[-context:]) or [EOT_ID]
-    model.setup_caches(batch=1)
+    model.setup_caches(batch=1, max_len=min(context, len(tokens) + s.max_new_tokens))
     try:
         logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
         pos = len(tokens)

@@ -106,15 +106,18 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
     """
     with torch.device("meta"):
         model = GPT(config)
-    float_tensors = {k: v for k, v in tensors.items() if v.dtype != torch.int8 and not k.endswith(SCALE)}
+    # Tensors that stay for the model's life are copied out of the file's memory map, so the map (and the
+    # int8 weights fbgemm repacks) can be released once packing is done.
+    float_tensors = {k: v.clone() for k, v in tensors.items() if v.dtype != torch.int8 and not k.endswith(SCALE)}
     model.load_state_dict(float_tensors, strict=False, assign=True)
-    head = Int8Linear(tensors["transformer.wte.weight"], tensors["transformer.wte.weight" + SCALE], None)
+    wte = "transformer.wte.weight"
+    head = Int8Linear(tensors[wte].clone(), tensors[wte + SCALE].clone(), None)
     model.lm_head = head
     model.transformer.wte = Int8Embedding(head)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child is not head:
                 key = f"{name}.{child_name}" if name else child_name
-                weight, scale = tensors[key + ".weight"], tensors[key + ".weight" + SCALE]
-                setattr(module, child_name, Int8Linear(weight, scale, tensors.get(key + ".bias")))
+                weight, scale, bias = (tensors.get(key + suffix) for suffix in (".weight", ".weight" + SCALE, ".bias"))
+                setattr(module, child_name, Int8Linear(weight, scale.clone(), None if bias is None else bias.clone()))
     return model
