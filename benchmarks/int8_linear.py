@@ -1,0 +1,80 @@
+"""One-token linear layer, 768 -> 3072 (GPT-2's MLP up-projection), on CPU: which int8 path is fastest?
+
+Rows: float baselines, the int8 kernels PyTorch offers, and the one gptgen uses (fbgemm's dynamic
+int8 linear over a weight packed once). Relative output error is against the fp32 result.
+
+    python benchmarks/int8_linear.py [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from gptgen.quantize import Int8Linear, quantize_rows
+
+
+def bench(fn, x, reps: int = 2000) -> float:
+    for _ in range(50):
+        fn(x)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps // 5):
+            fn(x)
+        times.append((time.perf_counter() - t) / (reps // 5))
+    return sorted(times)[2] * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(768, 3072)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    q, scale = quantize_rows(w)
+    x = torch.randn(1, 768)
+    w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
+    ours = Int8Linear(q, scale, b)
+    ours.pack()
+    paths = {
+        "fp32 F.linear": lambda x: F.linear(x, w, b),
+        "bf16 F.linear": lambda x: F.linear(x.to(torch.bfloat16), w_bf16, b_bf16).float(),
+        "int8 dequantize, then fp32 linear": lambda x: F.linear(x, q.float() * scale[:, None], b),
+        "int8 aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale) + b,
+        "int8 fbgemm linear_dynamic (gptgen)": ours,
+    }
+    ref = F.linear(x, w, b)
+    rows = []
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in paths.items():
+            try:
+                err = ((fn(x) - ref).norm() / ref.norm()).item()
+                rows.append({"path": name, "us": bench(fn, x), "rel_error": err})
+            except RuntimeError as e:  # a kernel this torch build lacks
+                rows.append({"path": name, "error": str(e).splitlines()[0][:80]})
+    base = rows[0]["us"]
+    print(f"768x3072 linear, one token, {args.threads} threads, torch {torch.__version__}")
+    print(f"{'path':38} {'µs':>8} {'vs fp32':>8} {'rel. error':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:38} not available: {r['error']}")
+        else:
+            print(f"{r['path']:38} {r['us']:8.1f} {base / r['us']:7.2f}x {r['rel_error']:11.2e}")
+    print(json.dumps(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
