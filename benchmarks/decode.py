@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import emit
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
 SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
@@ -199,9 +200,7 @@ def main() -> None:
                 ratios = {k: ours[k] / ok[peer][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}
                 print(f"gptgen int8 / {peer}: decode {ratios['decode_tok_s']:.2f}x, "
                       f"prefill {ratios['prefill_tok_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
-    print(json.dumps(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

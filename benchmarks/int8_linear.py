@@ -9,12 +9,12 @@ int8 linear over a weight packed once). Relative output error is against the fp3
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from report import emit
 
 from gptgen.quantize import Int8Linear, quantize_rows
 
@@ -70,10 +70,7 @@ def main() -> None:
             print(f"{r['path']:38} not available: {r['error']}")
         else:
             print(f"{r['path']:38} {r['us']:8.1f} {base / r['us']:7.2f}x {r['rel_error']:11.2e}")
-    print(json.dumps(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

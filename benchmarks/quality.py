@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import emit
+
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Chosen by measurement (README, "Choosing the CPU recipes"): the 50,257-way head dominates small models,
@@ -57,9 +59,7 @@ def main() -> None:
     if args.minutes <= goal_minutes:
         verdict = "meets" if result["best_val_nats_per_char"] < goal else "misses"
         print(f"goal for {goal_minutes:g} min: < {goal} nats/char -> {verdict}")
-    print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

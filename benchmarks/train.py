@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import time
 
 import torch
+from report import emit
 
 from gptgen.config import GPTConfig, TrainConfig
 from gptgen.device import autocast_for
@@ -101,10 +101,7 @@ def main() -> None:
         row["ratio_vs_hf_bf16"] = row["tokens_per_s"] / same["transformers-bf16"]["tokens_per_s"]
         print(f"{row['preset']:8} {row['batch']:>5} x {row['block']:<5} {row['system']:20} {row['s_per_step']:8.3f} "
               f"{row['tokens_per_s']:9.0f} {row['ratio_vs_hf_fp32']:9.2f}x {row['ratio_vs_hf_bf16']:9.2f}x")
-    print(json.dumps(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":
