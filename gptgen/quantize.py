@@ -2,7 +2,7 @@
 
 The file stores int8 tensors and float32 per-row scales; in memory they stay int8. On CPU the
 matmuls run in fbgemm's dynamic int8 linear (activations quantized per call, int8 x int8 -> int32 on
-VNNI), packed once at load; elsewhere the int8 weight is dequantized one layer at a time, per call.
+VNNI), packed once at load; elsewhere the int8 weight is converted one layer at a time, per call.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.device.type == "cpu":
             return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed)
-        w = self.int8_weight().to(x.dtype) * self.scale.to(x.dtype)[:, None]
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        # Scale the output, not the weight: N multiplies instead of N x K, and the form inductor fuses into
+        # one int8-weight matmul when the model is compiled (as gpt-fast does on GPUs).
+        y = F.linear(x, self.int8_weight().to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         if self._packed is not None:  # moved or cast: back to the plain weight; pack() again if wanted

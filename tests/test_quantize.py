@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptgen.checkpoint import ModelFileError, load_model, load_model_file, save_model
 from gptgen.generate import Sampling, generate_tokens
@@ -68,3 +69,15 @@ def test_int8_file_is_checked_like_any_other(files, tmp_path):
     save_model(tmp_path / "bad.safetensors", tensors, model.config, quantization="int8")  # float, not int8
     with pytest.raises(ModelFileError, match="expected"):
         load_model(tmp_path / "bad.safetensors")
+
+
+def test_the_non_fbgemm_path_matches_fbgemm():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    q, scale = quantize_rows(lin.weight)
+    packed, plain = Int8Linear(q, scale, lin.bias.detach()), Int8Linear(q, scale, lin.bias.detach())
+    packed.pack()
+    x = torch.randn(4, 64)
+    assert packed._packed is not None and plain._packed is None
+    torch.testing.assert_close(plain(x), packed(x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(plain(x), F.linear(x, q.float() * scale[:, None], lin.bias), atol=1e-5, rtol=1e-5)
