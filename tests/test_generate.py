@@ -119,3 +119,22 @@ def test_text_model_generate_and_stream_agree():
     assert tm.generate("", max_new_tokens=3, seed=1) == tm.generate("", max_new_tokens=3, seed=1)
     with pytest.raises(ValueError, match="top_p"):
         tm.stream("x", top_p=2)
+
+
+def test_load_float_and_int8_files_with_dtype(tmp_path):
+    import gptgen
+    from gptgen.checkpoint import load_model_file, save_model
+    from gptgen.config import ConfigError
+    from gptgen.quantize import quantize_state_dict
+
+    m = tiny_model()
+    save_model(tmp_path / "f.safetensors", m.state_dict(), m.config)
+    _, tensors, _ = load_model_file(tmp_path / "f.safetensors")
+    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), m.config, quantization="int8")
+    bf16 = gptgen.load(str(tmp_path / "f.safetensors"), device="cpu", dtype="bfloat16")
+    assert bf16.model.transformer.wpe.weight.dtype == torch.bfloat16
+    assert len(bf16.generate("Hi", max_new_tokens=4, temperature=0)) > 0
+    int8 = gptgen.load(str(tmp_path / "q.safetensors"), device="cpu", dtype="bfloat16")
+    assert int8.model.lm_head.weight.dtype == torch.int8 and int8.metadata["quantization"] == "int8"
+    with pytest.raises(ConfigError, match="dtype"):
+        gptgen.load(str(tmp_path / "f.safetensors"), dtype="fp8")
