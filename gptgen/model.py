@@ -48,9 +48,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> 3 x (B, nh, T, hs), in three ops: decoding runs this per layer per token
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         mask, causal = None, T > 1
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)
@@ -59,7 +58,7 @@ class CausalSelfAttention(nn.Module):
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C); no copy when T == 1
         return self.resid_dropout(self.c_proj(y))
 
 

@@ -138,3 +138,18 @@ def test_load_float_and_int8_files_with_dtype(tmp_path):
     assert int8.model.lm_head.weight.dtype == torch.int8 and int8.metadata["quantization"] == "int8"
     with pytest.raises(ConfigError, match="dtype"):
         gptgen.load(str(tmp_path / "f.safetensors"), dtype="fp8")
+
+
+def test_bundled_model_generates_shakespeare_offline():
+    import json
+
+    import gptgen
+    from tests.conftest import ROOT
+
+    model = gptgen.load(str(ROOT / "models" / "shakespeare-mini-int8.safetensors"), device="cpu")
+    training = json.loads(model.metadata["training"])
+    assert model.metadata["quantization"] == "int8" and training["preset"] == "mini"
+    assert training["corpus_sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    text = model.generate("ROMEO:", max_new_tokens=60, seed=1)
+    assert text == model.generate("ROMEO:", max_new_tokens=60, seed=1)
+    assert ":\n" in text  # it has learned the play's speaker format
