@@ -100,7 +100,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     Built on the meta device, so no memory is spent on a throwaway init.
     """
     from gptgen.model import GPT
-    from gptgen.quantize import SCALE, Int8Linear, int8_model
+    from gptgen.quantize import SCALE, Int8Linear, int8_model, is_quantized
 
     config, tensors, metadata = load_model_file(path)
     quantization = metadata.get("quantization", "none")
@@ -111,7 +111,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items() if k != TIED}
     if quantization == "int8":
         for k, (shape, _) in list(expected.items()):
-            if len(shape) == 2 and k != "transformer.wpe.weight":
+            if is_quantized(k, shape):
                 expected[k] = (shape, torch.int8)
                 expected[k + SCALE] = ((shape[0],), torch.float32)
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)

@@ -113,8 +113,8 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
         logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
         pos = len(tokens)
         for _ in range(s.max_new_tokens):
-            seen = torch.tensor(tokens, device=device) if s.repetition_penalty != 1.0 else torch.empty(0)
-            token = next_token(logits.cpu(), seen.cpu(), s, generator)
+            seen = torch.tensor(tokens) if s.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+            token = next_token(logits.cpu(), seen, s, generator)
             if token == EOT_ID:  # the model ended the text
                 return
             yield token

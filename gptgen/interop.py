@@ -13,7 +13,7 @@ import torch
 
 from gptgen.checkpoint import ModelFileError, load_model_file
 from gptgen.config import GptgenError
-from gptgen.quantize import SCALE
+from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -70,7 +70,7 @@ def _float_tensors(path: str | os.PathLike) -> tuple:
         if name.endswith(SCALE):
             continue
         if t.dtype == torch.int8:
-            t = t.float() * tensors[name + SCALE][:, None]
+            t = dequantize_rows(t, tensors[name + SCALE])
         out[name] = t.float()
     return config, out, metadata
 

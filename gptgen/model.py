@@ -114,11 +114,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
 
-    def setup_caches(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache per layer; forward(idx, pos=...) then appends to it."""
+    def setup_caches(self, batch: int, max_len: int | None = None) -> None:
+        """Allocate a KV cache per layer, in the activations' dtype; forward(idx, pos=...) then appends to it."""
         max_len = max_len or self.config.block_size
         wpe = self.transformer.wpe.weight  # float in every model, int8 ones included
-        dtype, device = dtype or wpe.dtype, wpe.device
+        dtype, device = wpe.dtype, wpe.device
         for block in self.transformer.h:
             block.attn.cache = KVCache(batch, max_len, self.config.n_head, self.config.head_dim, dtype, device)
 

@@ -18,12 +18,21 @@ from gptgen.model import GPT
 SCALE = ".scale"  # the file stores `X.weight` (int8) beside `X.weight.scale` (float32, one per row)
 
 
+def is_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """The one rule for which tensors an int8 file stores as int8: every matrix but the position embedding."""
+    return len(shape) == 2 and name != "transformer.wpe.weight"
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, float32 scale per row) with w ≈ q * scale[:, None]."""
     w = w.detach().float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
 
 
 def _fbgemm_ok(device: torch.device) -> bool:
@@ -93,7 +102,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """A float model's weights -> the int8 file's tensors: every 2-D weight but the position embedding."""
     out = {}
     for name, t in state.items():
-        if t.dim() == 2 and name != "transformer.wpe.weight":
+        if is_quantized(name, tuple(t.shape)):
             out[name], out[name + SCALE] = quantize_rows(t)
         else:
             out[name] = t
