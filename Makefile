@@ -2,28 +2,37 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench lint clean
+.PHONY: serve test bench lint clean
 
-# First use creates .venv and installs the pinned requirements, the peers the tests compare against
-# (transformers; llama-cpp-python, which pip compiles from source: ~10 minutes once) and the package.
-$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+# `make serve` needs only requirements.txt (what Spaces installs) and the package.
+$(VENV)/.app: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-test: $(VENV)/.installed
+# Tests add the peers they compare against (transformers; llama-cpp-python, which pip compiles from
+# source: ~10 minutes once) and Playwright, which drives the system's chromium (apt install chromium).
+$(VENV)/.test: $(VENV)/.app requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+serve: $(VENV)/.app
+	$(PY) -m gptgen serve
+
+test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.test
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality.py --minutes 1.5
+	$(PY) benchmarks/app.py
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -75,6 +75,20 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file"
 def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, str]]:
     """(config, weights, metadata) of a gptgen model file; the tied head is not in the weights."""
     tensors, metadata = read_safetensors(path)
+    return _config_of(path, metadata), tensors, metadata
+
+
+def read_config(path: str | os.PathLike) -> GPTConfig:
+    """A model file's config from its header alone (no tensors read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"model file {str(path)!r} is not a readable safetensors file: {e}") from None
+    return _config_of(path, metadata)
+
+
+def _config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     fmt = metadata.get("format")
     if fmt is None:
         raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model (no 'format' metadata)")
@@ -84,7 +98,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch
         config = GPTConfig.from_json(metadata["config"])
     except (KeyError, json.JSONDecodeError, TypeError, ConfigError) as e:
         raise ModelFileError(f"{str(path)!r} has a missing or invalid model config: {e}") from None
-    return config, tensors, metadata
+    return config
 
 
 def training_info(metadata: dict[str, str]) -> dict:

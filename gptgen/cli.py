@@ -72,6 +72,18 @@ def _export_parser(sub) -> None:
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="GGUF weight type")
 
 
+def _serve_parser(sub) -> None:
+    from gptgen.serve import BUNDLED_MODELS
+
+    p = sub.add_parser("serve", help="the web page and its API, on the bundled model or yours")
+    p.add_argument("--model", help="model to show first: a name in --models or a .safetensors file")
+    p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models the page offers "
+                   "(default: the bundled ones)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptgen", description="Train, evaluate and run GPT-2 models on your text.")
     from gptgen import __version__
@@ -83,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     _quantize_parser(sub)
     _generate_parser(sub)
     _export_parser(sub)
+    _serve_parser(sub)
     return p
 
 
@@ -198,12 +211,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gptgen.serve import serve
+
+    serve(args.models, args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
-                    "export": cmd_export}
+                    "export": cmd_export, "serve": cmd_serve}
         return commands[args.command](args)
     except GptgenError as e:
         print(f"gptgen: error: {e}", file=sys.stderr)

@@ -321,7 +321,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
         run.log_metrics(row)
         if improved:
             checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
-                                  training=_provenance(cfg, corpus, progress, result))
+                                  training=_provenance(cfg, corpus, progress, result, run.metrics()))
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
                  "world_size": world, "rng": rngs}
         run.save_state(model, optimizer, state)
@@ -331,12 +331,14 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
     return result.nats_per_token
 
 
-def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult) -> dict:
+def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult, metrics: list[dict]) -> dict:
+    """What the model file says of its making; `curve` is [step, train loss, val loss] per eval (the page plots it)."""
     return {"corpus": os.path.basename(cfg.data), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.size_bytes,
             "preset": cfg.preset, "steps": progress.step, "tokens_seen": progress.tokens_seen,
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
-            "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")}}
+            "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},
+            "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics]}
 
 
 def _restore(run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,

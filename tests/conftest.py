@@ -21,3 +21,73 @@ def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.txt"
     path.write_text(CORPUS.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     return path
+
+
+def write_random_int8_model(path: Path, preset: str) -> Path:
+    """A randomly initialised int8 model file of a preset (what a server or benchmark needs to load)."""
+    import torch
+
+    from gptgen.checkpoint import save_model
+    from gptgen.config import GPTConfig
+    from gptgen.model import GPT
+    from gptgen.quantize import quantize_state_dict
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(preset))
+    model.init_weights()
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_model(path, quantize_state_dict(state), model.config, quantization="int8",
+               training={"preset": preset, "note": "random weights, for tests"})
+    return path
+
+
+BUNDLED = ROOT / "models" / "shakespeare-mini-int8.safetensors"
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots of the page, kept after the run
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log: Path, timeout_s: float = 90.0):
+    """`gptgen serve ARGS` in a subprocess on a free port; returns (process, url) once the page answers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptgen", "serve", "--port", str(port), *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def web_server(tmp_path_factory):
+    """A real `gptgen serve` offering the bundled model (shown first) and a random `gpt2`-size int8 model,
+    slow enough on 2 cores (1,024-token context) to watch a stream grow and stop it mid-way."""
+    folder = tmp_path_factory.mktemp("models")
+    (folder / BUNDLED.name).symlink_to(BUNDLED)
+    write_random_int8_model(folder / "random-gpt2-int8.safetensors", "gpt2")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc, url = start_server(["--models", str(folder), "--model", BUNDLED.stem], log)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

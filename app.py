@@ -1,0 +1,12 @@
+"""Hugging Face Spaces entry point: the page on the bundled model(s).
+
+Spaces routes traffic to the address in GRADIO_SERVER_NAME (0.0.0.0 there); run locally, it stays on
+127.0.0.1.
+"""
+
+import os
+
+from gptgen.serve import BUNDLED_MODELS, serve
+
+serve(BUNDLED_MODELS, host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+      port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

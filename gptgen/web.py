@@ -1,0 +1,187 @@
+"""The Gradio page and its named API endpoint `/generate`: one streaming handler serves both.
+
+The page names models, never paths: a `ModelShelf` maps the names of one folder's model files to the
+files, and loads each once. Generation goes through `TextModel.stream`, like the CLI and the Python API.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from gptgen.checkpoint import ModelFileError, read_config, training_info
+from gptgen.generate import Sampling, Stats, TextModel
+
+UPDATE_INTERVAL_S = 0.1  # at most ~10 page updates a second, however fast decoding runs
+QUEUE_SIZE = 64  # waiting requests beyond this are told the queue is full
+EXAMPLES = [
+    "ROMEO:\nBut soft, what light",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "KING RICHARD III:\nNow is the winter",
+    "JULIET:\nO, swear not by the moon,",
+    "MENENIUS:\nI tell you, friends,",
+]
+DEFAULTS = Sampling()
+RANDOM_SEED = -1  # a number box cannot be left blank, so the form says "random" with -1 (the API takes None too)
+
+
+class ModelShelf:
+    """Model files by name (the file name without .safetensors), each loaded on first use and kept."""
+
+    def __init__(self, files: list[Path], device: str = "auto") -> None:
+        if not files:
+            raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
+        self.paths = {Path(f).stem: Path(f) for f in files}
+        self.longest_context = max(read_config(p).block_size for p in self.paths.values())
+        self.device = device
+        self._loaded: dict[str, TextModel] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def get(self, name: str) -> TextModel:
+        import gptgen
+
+        if name not in self.paths:
+            raise gr.Error(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
+        with self._lock:
+            if name not in self._loaded:
+                model = gptgen.load(str(self.paths[name]), device=self.device)
+                model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
+                self._loaded[name] = model
+        return self._loaded[name]
+
+
+def _whole(name: str, value) -> int | None:
+    """Gradio sends numbers as floats; a sampling parameter that counts things must still be whole."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # Sampling reports the wrong type in its own words
+    if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+        raise gr.Error(f"{name} must be a whole number, got {value}")
+    return int(value)
+
+
+def _seed(value) -> int | None:
+    value = _whole("seed", value)
+    return None if value is None or (isinstance(value, int) and value == RANDOM_SEED) else value
+
+
+def stats_line(s: Stats, stopped: bool = False) -> str:
+    head = "Stopped after" if stopped else "Generated"
+    return (f"{head} **{s.new_tokens} tokens** in {s.total_s:.2f} s · **{s.tokens_per_s:.1f} tokens/s** · "
+            f"first token after {s.first_token_s * 1000:.0f} ms · prompt {s.prompt_tokens} tokens")
+
+
+def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
+    """(markdown, loss-curve rows) for the model panel, from the file's own metadata."""
+    import torch
+
+    from gptgen.model import GPT
+
+    c, info = model.config, training_info(model.metadata)
+    with torch.device("meta"):
+        params = GPT(c).num_params()
+    rows = [("Preset", info.get("preset", "custom")),
+            ("Size", f"{params / 1e6:.1f}M parameters · {c.n_layer} layers · {c.n_head} heads · {c.n_embd} dims · "
+                     f"context {c.block_size}"),
+            ("Weights", "int8 (per-row scales)" if model.metadata.get("quantization") == "int8" else "float"),
+            ("Trained on", f"{info['corpus']} ({info['corpus_bytes']:,} bytes, sha256 "
+                           f"{info['corpus_sha256'][:8]}…)" if "corpus" in info else "unknown")]
+    if "steps" in info:
+        rows.append(("Training", f"{info['steps']:,} steps · {info['tokens_seen']:,} tokens · "
+                                 f"{info['wall_time_s'] / 60:.1f} min"))
+    if "val_nats_per_token" in info:
+        rows.append(("Val loss", f"{info['val_nats_per_token']:.4f} nats/token · "
+                                 f"{info['val_nats_per_char']:.4f} nats/char (before quantization)"))
+    facts = "\n".join(f"- **{k}**: {v}" for k, v in rows)
+    curve = pd.DataFrame([(step, loss, split) for step, train, val in info.get("curve", [])
+                          for loss, split in ((train, "train"), (val, "val"))], columns=["step", "loss", "split"])
+    return f"### {name}\n{facts}", curve
+
+
+def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
+    default = default or shelf.names[0]
+
+    stop_requests: set[str] = set()  # sessions whose Stop was pressed; their stream ends at the next piece
+
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
+                 request: gr.Request) -> Iterator[tuple[str, str]]:
+        model = shelf.get(model_name)
+        try:
+            pieces = model.stream(prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
+                                  temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=_seed(seed))
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        session = request.session_hash or ""
+        stop_requests.discard(session)
+        text, shown = "", 0.0
+        for piece in pieces:
+            text += piece
+            if session in stop_requests:
+                pieces.close()
+                break
+            if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
+                shown = time.perf_counter()
+                yield text, "Generating…"
+        yield text, stats_line(model.last, stopped=session in stop_requests)
+        stop_requests.discard(session)
+
+    def stop(request: gr.Request) -> None:
+        """A request to end this session's stream cleanly, keeping its text and stats (Gradio's `cancels`
+        would drop them and mark the output as an error)."""
+        stop_requests.add(request.session_hash or "")
+
+    def show_model(model_name):
+        model = shelf.get(model_name)
+        card, curve = model_card(model_name, model)
+        context = model.config.block_size
+        slider = gr.Slider(maximum=context, value=min(DEFAULTS.max_new_tokens, context))
+        return card, gr.LinePlot(curve, visible=not curve.empty), slider
+
+    card, curve = model_card(default, shelf.get(default))
+    with gr.Blocks(title="gptgen") as app:
+        gr.Markdown("# gptgen\nA small GPT-2 trained by gptgen. Type the start of a text and it continues it.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type a beginning, or pick an example",
+                                    elem_id="prompt")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                output = gr.Textbox(label="Continuation", lines=12, interactive=False, elem_id="output")
+                stats = gr.Markdown(elem_id="stats")
+                gr.Examples(EXAMPLES, inputs=prompt, label="Examples (click one)")
+            with gr.Column(scale=2):
+                model_name = gr.Dropdown(shelf.names, value=default, label="Model", elem_id="model")
+                # Up to the longest context served, which bounds the API too; the page narrows it to the
+                # picked model's context (generation can run past a context, keeping its latest tokens).
+                max_new_tokens = gr.Slider(1, shelf.longest_context, value=DEFAULTS.max_new_tokens, step=1,
+                                           label="max_new_tokens", elem_id="max_new_tokens")
+                temperature = gr.Number(DEFAULTS.temperature, label="temperature (0 = greedy)", elem_id="temperature")
+                top_k = gr.Number(DEFAULTS.top_k, label="top_k (0 = off)", elem_id="top_k")
+                top_p = gr.Number(DEFAULTS.top_p, label="top_p (1 = off)", elem_id="top_p")
+                repetition_penalty = gr.Number(DEFAULTS.repetition_penalty, label="repetition_penalty (1 = off)",
+                                               elem_id="repetition_penalty")
+                seed = gr.Number(RANDOM_SEED, label="seed (same seed, same text; -1 = random)",
+                                 elem_id="seed")
+                with gr.Accordion("About this model", open=True):
+                    card_md = gr.Markdown(card, elem_id="model-card")
+                    plot = gr.LinePlot(curve, visible=not curve.empty, x="step", y="loss", color="split",
+                                       label="Loss (nats/token)", elem_id="loss-curve")
+        inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name]
+        # One stream at a time: a model's KV cache serves one sequence.
+        gr.on([go.click, prompt.submit], generate, inputs, [output, stats], api_name="generate",
+                    concurrency_limit=1)
+        stop_button.click(stop, None, None, queue=False, api_visibility="private")
+        for event in (app.load, model_name.change):
+            event(show_model, model_name, [card_md, plot, max_new_tokens], api_visibility="private")
+    app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return app

@@ -1,0 +1,127 @@
+"""The page and its /generate endpoint, against a real server: a real browser (Debian's chromium through
+Playwright) and gradio_client."""
+
+import re
+import shutil
+import time
+
+import pytest
+
+import gptgen
+from gptgen.web import EXAMPLES
+from tests.conftest import ARTIFACTS, BUNDLED
+
+SAMPLING = dict(max_new_tokens=40, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=7)
+
+
+def _args(prompt, s=SAMPLING, model=BUNDLED.stem):
+    return (prompt, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["repetition_penalty"],
+            s["seed"], model)
+
+
+@pytest.fixture(scope="module")
+def client(web_server):
+    from gradio_client import Client
+
+    return Client(web_server, verbose=False)
+
+
+def test_api_generate_equals_the_python_api(client):
+    text, stats = client.predict(*_args("ROMEO:"), api_name="/generate")
+    assert text == gptgen.load(str(BUNDLED), device="cpu").generate("ROMEO:", **SAMPLING)
+    assert "tokens/s" in stats and "Generated" in stats
+
+
+def test_api_streams_growing_text_that_ends_as_the_plain_call(client):
+    s = {**SAMPLING, "max_new_tokens": 200, "seed": 3}
+    job = client.submit(*_args("JULIET:", s), api_name="/generate")
+    texts = [out[0] for out in job]
+    finished = job.outputs()[-1][0]
+    assert len(texts) >= 2 and finished
+    assert all(finished.startswith(t) for t in texts)  # each update is a prefix of the final text
+    assert finished == client.predict(*_args("JULIET:", s), api_name="/generate")[0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (2, -1.0, "temperature must be 0 (greedy) or positive"),
+    (3, 0.5, "top_k must be a whole number"),
+    (4, 0.0, "top_p must be in (0, 1]"),
+    (1, 10**6, "greater than maximum value 1024"),  # the longest context served bounds the API
+    (7, "../../etc/passwd", "is not in the list of choices"),  # names only, never paths
+])
+def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, field, value, message):
+    from gradio_client.exceptions import AppError
+
+    args = list(_args("Hi"))
+    args[field] = value
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(*args, api_name="/generate")
+    assert client.predict(*_args("Hi"), api_name="/generate")[0]
+
+
+@pytest.fixture(scope="module")
+def page(web_server):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser tests need Debian's chromium: apt-get install chromium"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(web_server)
+        page.wait_for_selector("#prompt textarea")
+        yield page
+        browser.close()
+
+
+def _output(page) -> str:
+    return page.input_value("#output textarea")
+
+
+def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
+    page.get_by_text(EXAMPLES[1].split("\n")[0]).first.click()
+    assert page.input_value("#prompt textarea") == EXAMPLES[1]
+    page.fill("#seed input", "5")
+    page.click("#generate")
+    lengths = []
+    deadline = time.monotonic() + 60
+    while "Generated" not in page.inner_text("#stats") and time.monotonic() < deadline:
+        lengths.append(len(_output(page)))
+        time.sleep(0.02)
+    stats = page.inner_text("#stats")
+    assert "Generated" in stats and "tokens/s" in stats
+    growing = sorted({n for n in lengths if 0 < n < len(_output(page))})
+    assert growing, f"the text never showed part-way (lengths seen: {lengths[:50]})"
+    page.screenshot(path=ARTIFACTS / "page-generated.png", full_page=True)
+
+
+def test_page_picks_a_model_by_name_and_stop_ends_the_stream(page):
+    page.locator("#model input").click()
+    page.locator("[role=option]", has_text="random-gpt2-int8").click()
+    page.wait_for_selector("#model-card:has-text('124.4M parameters')")
+    page.fill("#prompt textarea", "Hello")
+    page.fill("#max_new_tokens input[type=number]", "1000")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#output textarea').value.length > 20", timeout=30_000)
+    page.click("#stop")
+    page.wait_for_selector("#stats:has-text('Stopped after')", timeout=10_000)
+    stopped = _output(page)
+    time.sleep(1.0)
+    assert _output(page) == stopped  # nothing more arrives
+    tokens = int(page.inner_text("#stats").split("Stopped after")[1].split("tokens")[0])
+    assert 0 < tokens < 1000
+    page.screenshot(path=ARTIFACTS / "page-stopped.png", full_page=True)
+    page.locator("#model input").click()
+    page.locator("[role=option]", has_text=BUNDLED.stem).click()
+    page.wait_for_selector("#model-card:has-text('16.1M parameters')")
+
+
+def test_page_shows_a_bad_value_as_an_error(page):
+    page.fill("#prompt textarea", "ROMEO:")
+    page.fill("#temperature input", "-1")
+    page.click("#generate")
+    page.wait_for_selector("text=temperature must be 0 (greedy) or positive", timeout=10_000)
+    page.screenshot(path=ARTIFACTS / "page-error.png", full_page=True)
+    page.fill("#temperature input", "0.8")
