@@ -42,7 +42,7 @@ class HFAdapter(torch.nn.Module):
         return out.logits, out.loss
 
 
-def measure(system: str, preset: str, batch: int, block: int, steps: int) -> dict:
+def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_checkpoint: bool = False) -> dict:
     torch.manual_seed(0)
     config = GPTConfig.from_name(preset)
     device = torch.device("cpu")
@@ -50,6 +50,7 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int) -> dic
     if system == "gptgen":
         model = GPT(config)
         model.init_weights()
+        model.grad_checkpoint = grad_checkpoint
         optimizer = make_optimizer(model, cfg, device)
         step_model = torch.compile(model) if use_compile(cfg, device) else model
         autocast = autocast_for(device, "auto")

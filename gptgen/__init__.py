@@ -5,9 +5,10 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 
-def load(path: str, device: str = "auto", dtype: str = "float32"):
+def load(path: str, device: str = "auto", dtype: str = "float32", revision: str | None = None):
     """A model file (float or int8) ready to generate: `gptgen.load(p).generate("prompt", max_new_tokens=50)`.
 
+    `path` is a local file or a Hub id ("owner/name", fetched through the Hugging Face cache at `revision`).
     dtype "bfloat16" casts a float model's weights (faster on GPUs and on CPUs with bf16); int8 models
     keep their int8 weights either way.
     """
@@ -20,7 +21,9 @@ def load(path: str, device: str = "auto", dtype: str = "float32"):
 
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    model, metadata = load_model(path, pick_device(device))
+    from gptgen.hub import resolve
+
+    model, metadata = load_model(resolve(path, revision), pick_device(device))
     if dtype == "bfloat16" and metadata.get("quantization") == "none":
         model = model.to(torch.bfloat16)
     return TextModel(model, metadata)

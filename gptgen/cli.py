@@ -10,7 +10,7 @@ import sys
 
 from gptgen.config import PRESETS, GptgenError, TrainConfig
 
-_BUDGET = ("steps", "minutes", "device")
+_BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
 
 
 def _train_parser(sub) -> None:
@@ -25,8 +25,11 @@ def _train_parser(sub) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("data", "out", "preset", "steps", "minutes"):
             continue
-        kind = {"int": int, "float": float, "str": str}[str(field.type).split(" ")[0]]
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"default: {field.default}")
+        flag, kind = f"--{field.name.replace('_', '-')}", str(field.type).split(" ")[0]
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default: {field.default}")
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=f"default: {field.default}")
 
 
 def _eval_parser(sub) -> None:
@@ -65,11 +68,36 @@ def _generate_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write the model for another runtime (GGUF for llama.cpp)")
+    p = sub.add_parser("export", help="write the model for another runtime (llama.cpp's GGUF, transformers)")
     p.add_argument("model", help="model .safetensors file (float or int8)")
-    p.add_argument("out", help="output file (must not exist)")
-    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("out", help="output: a new .gguf file, or a new (or empty) directory for --format hf")
+    p.add_argument("--format", choices=["gguf", "hf"], default="gguf")
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="GGUF weight type")
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="a transformers GPT-2 directory as a gptgen model file")
+    p.add_argument("source", help="directory with config.json and .safetensors weights")
+    p.add_argument("out", help="gptgen model .safetensors to write (must not exist)")
+
+
+def _hub_parsers(sub) -> None:
+    p = sub.add_parser("push", help="upload a model (with a generated card) to the Hub, or the app as a Space")
+    p.add_argument("model", nargs="?", help="model .safetensors file (for --space default: the bundled model)")
+    p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
+    p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
+    p.add_argument("--private", action="store_true")
+    p = sub.add_parser("pull", help="download a model from the Hub into the Hugging Face cache; prints its path")
+    p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+
+
+def _data_parser(sub) -> None:
+    from gptgen.data import DATASETS
+
+    p = sub.add_parser("data", help="download a known text corpus (checked by sha256)")
+    p.add_argument("name", choices=sorted(DATASETS))
+    p.add_argument("--out", default="data", help="folder to write it to (default: data)")
 
 
 def _serve_parser(sub) -> None:
@@ -95,25 +123,29 @@ def parser() -> argparse.ArgumentParser:
     _quantize_parser(sub)
     _generate_parser(sub)
     _export_parser(sub)
+    _import_parser(sub)
     _serve_parser(sub)
+    _data_parser(sub)
+    _hub_parsers(sub)
     return p
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptgen.train import resume_config, train
+    from gptgen.train import LOSS_WINDOW, resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
     if args.resume:
         extra = sorted(set(given) - set(_BUDGET))
         if extra:
-            raise GptgenError(f"with --resume only --steps, --minutes and --device may be given, not "
+            raise GptgenError(f"with --resume only --steps, --minutes, --epochs, --target-loss and --device may be "
+                              f"given, not "
                               f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         cfg = resume_config(args.resume, **given)
     else:
         for required in ("data", "out"):
             if required not in given:
                 raise GptgenError(f"--{required} is required (or --resume RUN_DIR to continue a run)")
-        if "steps" not in given and "minutes" not in given:
+        if not {"steps", "minutes", "epochs"} & set(given):
             given["steps"] = 2000
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))
@@ -122,7 +154,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"interrupted at step {summary['steps']}; continue with: gptgen train --resume {cfg.out}",
               file=sys.stderr)
         return 130
-    if summary.get("stopped_by") == "minutes":
+    stopped_by = summary.get("stopped_by")
+    if cfg.target_loss is not None and stopped_by != "target_loss":
+        last = summary["last_window_loss"] or float("nan")
+        print(f"the --{stopped_by} budget ran out at step {summary['steps']} before the train loss reached "
+              f"{cfg.target_loss}; the last {LOSS_WINDOW}-step mean was {last:.4f}. "
+              f"Continue with: gptgen train --resume {cfg.out} --steps N", file=sys.stderr)
+    elif stopped_by == "minutes" and cfg.steps is not None:
         print(f"the --minutes budget ran out at step {summary['steps']} of {cfg.steps}", file=sys.stderr)
     return 0
 
@@ -204,10 +242,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gptgen.interop import export_gguf
+    from gptgen.interop import export_gguf, export_hf
 
-    export_gguf(args.model, args.out, args.type)
-    print(f"wrote {args.out} (GGUF {args.type})")
+    if args.format == "hf":
+        export_hf(args.model, args.out)
+        print(f"wrote {args.out} (transformers GPT-2 directory)")
+    else:
+        export_gguf(args.model, args.out, args.type)
+        print(f"wrote {args.out} (GGUF {args.type})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gptgen.interop import import_hf
+
+    import_hf(args.source, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from gptgen.data import download
+
+    print(download(args.name, args.out))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from gptgen import hub
+    from gptgen.serve import BUNDLED_MODELS
+
+    if args.space:
+        model = args.model or str(BUNDLED_MODELS / "shakespeare-mini-int8.safetensors")
+        print(hub.push_space(model, args.repo_id, private=args.private))
+    elif args.model is None:
+        raise GptgenError("give the model file to push: gptgen push MODEL REPO_ID")
+    else:
+        print(hub.push(args.model, args.repo_id, private=args.private))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from gptgen.hub import pull
+
+    print(pull(args.repo_id, args.revision))
     return 0
 
 
@@ -223,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
-                    "export": cmd_export, "serve": cmd_serve}
+                    "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
+                    "push": cmd_push, "pull": cmd_pull,
+                    "data": cmd_data}
         return commands[args.command](args)
     except GptgenError as e:
         print(f"gptgen: error: {e}", file=sys.stderr)

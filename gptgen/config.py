@@ -84,6 +84,8 @@ class TrainConfig:
     decay_steps: int | None = None  # cosine horizon; None = steps (lets a run be stopped early and resumed)
     steps: int | None = None
     minutes: float | None = None
+    epochs: float | None = None  # passes over the train split (in tokens seen)
+    target_loss: float | None = None  # stop once the mean train loss of the last LOSS_WINDOW steps is below it
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -96,6 +98,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
     compile: str = "auto"  # auto | on | off
+    grad_checkpoint: bool = False  # recompute activations in backward: long blocks in little memory
 
     def validate(self, model: GPTConfig) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
@@ -107,12 +110,16 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be between 0 and --lr, got {self.min_lr}")
-        if self.steps is None and self.minutes is None:
-            raise ConfigError("give a budget: --steps N and/or --minutes M")
+        if self.steps is None and self.minutes is None and self.epochs is None:
+            raise ConfigError("give a budget: --steps N, --epochs E and/or --minutes M")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.minutes is not None and not self.minutes > 0:
             raise ConfigError(f"--minutes must be positive, got {self.minutes}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.target_loss is not None and not self.target_loss > 0:
+            raise ConfigError(f"--target-loss must be positive, got {self.target_loss}")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ConfigError(f"--decay-steps must be at least 1, got {self.decay_steps}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

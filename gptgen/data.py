@@ -99,3 +99,41 @@ def eval_windows(tokens: np.ndarray, block_size: int) -> list[tuple[torch.Tensor
     n = len(seq) - 1  # tokens to score
     return [(seq[i:min(i + block_size, n)], seq[i + 1:min(i + block_size, n) + 1])
             for i in range(0, n, block_size)]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    url: str
+    sha256: str
+    filename: str
+
+
+# Known corpora that `gptgen data NAME` fetches; the hash guards against a changed or truncated download.
+DATASETS = {
+    "shakespeare": Dataset("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                           "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "tinyshakespeare.txt"),
+}
+
+
+def download(name: str, out_dir: str | os.PathLike = "data") -> Path:
+    """Fetch a known corpus into out_dir, checked against its sha256; an existing good copy is kept."""
+    import urllib.request
+
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    ds = DATASETS[name]
+    path = Path(out_dir) / ds.filename
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == ds.sha256:
+        return path
+    try:
+        with urllib.request.urlopen(ds.url, timeout=60) as r:
+            raw = r.read()
+    except OSError as e:
+        raise DataError(f"could not download {name} from {ds.url}: {e}; if you have a copy, pass it to "
+                        f"`gptgen train --data FILE`") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != ds.sha256:
+        raise DataError(f"the download of {name} from {ds.url} has sha256 {digest}, expected {ds.sha256}; "
+                        f"nothing was written")
+    atomic_write(path, raw)
+    return path

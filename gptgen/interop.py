@@ -123,3 +123,114 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+# transformers' GPT-2 keeps these four weights in Conv1D layout (in, out); gptgen uses nn.Linear's (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's MLP uses
+
+
+def _fresh_dir(out: Path) -> Path:
+    """A temporary directory beside out (renamed onto it when complete); out must not hold anything yet."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
+                          "overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+
+
+def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """A directory that transformers loads (GPT2LMHeadModel, AutoTokenizer); int8 weights are dequantized."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = _fresh_dir(out)
+    try:
+        config, tensors, metadata = _float_tensors(model_path)
+        hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
+        save_file(hf, tmp / "model.safetensors", metadata={"format": "pt"})
+        files = {
+            "config.json": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                            "vocab_size": config.vocab_size, "n_positions": config.block_size,
+                            "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+                            "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+                            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5,
+                            "initializer_range": 0.02, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
+                            "tie_word_embeddings": True, "torch_dtype": "float32"},
+            "generation_config.json": {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "do_sample": True,
+                                       "temperature": 0.8, "top_k": 50},
+            "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
+                                      "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                                      "add_prefix_space": False},
+            "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
+            "gptgen.json": {"source": Path(model_path).name, "quantization": metadata.get("quantization", "none"),
+                            "training": json.loads(metadata.get("training", "{}"))},
+        }
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
+        tokens, merges = gpt2_vocab()
+        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_hf(source: str | os.PathLike):
+    """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory (safetensors only)."""
+    import json
+
+    from safetensors import safe_open
+
+    from gptgen.config import GPTConfig
+    from gptgen.model import GPT
+
+    folder = Path(source)
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(f"{str(folder)!r} has no config.json: not a transformers model directory")
+    hf = json.loads((folder / "config.json").read_text())
+    if hf.get("model_type") != "gpt2":
+        raise ModelFileError(f"{str(folder)!r} holds a {hf.get('model_type')!r} model; gptgen imports GPT-2 only")
+    if hf.get("activation_function", "gelu_new") not in HF_GELU or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ModelFileError(f"{str(folder)!r}: only GPT-2's own MLP (tanh GELU, 4x width) can be imported")
+    config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                       block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        found = ", ".join(p.name for p in folder.iterdir())
+        raise ModelFileError(f"{str(folder)!r} has no .safetensors weights (found: {found}); gptgen never "
+                             "unpickles .bin files")
+    tensors = {}
+    for path in weights:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+                if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                    continue  # causal-mask buffers; the head is tied to wte
+                t = f.get_tensor(key).float()
+                tensors[name] = t.t().contiguous() if name.endswith(HF_CONV1D) else t
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(f"{str(folder)!r} does not match its config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelFileError(f"{str(folder)!r}: tensor {name} is {tuple(tensors[name].shape)}, expected {shape}")
+    return config, tensors
+
+
+def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> None:
+    from gptgen.checkpoint import save_model
+
+    out = Path(out)
+    if out.exists():
+        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
+    config, tensors = read_hf(source)
+    save_model(out, tensors, config, training={"imported_from": str(source)})

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptgen.config import GPTConfig
 
@@ -99,6 +100,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor serves both
+        self.grad_checkpoint = False  # recompute each block in backward: activation memory of one block
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2's init: N(0, 0.02), residual projections scaled down by depth, zero biases."""
@@ -138,7 +140,10 @@ class GPT(nn.Module):
         positions = torch.arange(pos, pos + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, pos)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, pos, use_reentrant=False)
+            else:
+                x = block(x, pos)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)

@@ -1,39 +1,199 @@
-"""The server: the Gradio page and its API for a shelf of models, bound to 127.0.0.1 unless told otherwise."""
+"""The server: one FastAPI app with the Gradio page (and its `/generate` API) at `/` and the
+OpenAI-compatible `/v1/completions` and `/v1/models`, all generating through one `ModelShelf`.
+
+Binds 127.0.0.1 unless told otherwise. Each model decodes one stream at a time (its KV cache holds one
+sequence), so streams of the same model wait their turn.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from gptgen.checkpoint import ModelFileError
+from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
+
+from gptgen.checkpoint import ModelFileError, read_config
+from gptgen.config import GptgenError
+from gptgen.generate import Stats, TextModel
 
 log = logging.getLogger(__name__)
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"  # the repo's models/ (a Space's too)
 
 
-def pick_models(models_dir: str | Path, model: str | None) -> tuple[list[Path], str | None]:
-    """The files to serve and the one shown first: `model` is a name in the folder or a path to a file."""
+class UnknownModel(GptgenError):
+    """A request named a model this server does not have."""
+
+
+class ModelShelf:
+    """Model files by name (a file's name without .safetensors, or a Hub id), each loaded on first use and kept."""
+
+    def __init__(self, files: dict[str, Path], device: str = "auto") -> None:
+        if not files:
+            raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
+        self.paths = dict(files)
+        self.longest_context = max(read_config(p).block_size for p in self.paths.values())
+        self.device = device
+        self._loaded: dict[str, TextModel] = {}
+        self._busy = {name: threading.Lock() for name in self.paths}  # one stream per model at a time
+        self._loading = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def get(self, name: str) -> TextModel:
+        import gptgen
+
+        if name not in self.paths:
+            raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
+        with self._loading:
+            if name not in self._loaded:
+                model = gptgen.load(str(self.paths[name]), device=self.device)
+                model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
+                self._loaded[name] = model
+        return self._loaded[name]
+
+    def stream(self, name: str, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
+        """(text pieces, the Stats they fill in); bad parameters raise ValueError here, before any wait."""
+        model = self.get(name)
+        pieces = model.stream(prompt, **sampling)
+        stats = model.last
+
+        def in_turn() -> Iterator[str]:
+            with self._busy[name]:
+                yield from pieces
+
+        return in_turn(), stats
+
+
+def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Path], str | None]:
+    """The files to serve by name, and the name shown first: `model` is a name in the folder, a path to a
+    file, or a Hub id (owner/name, fetched through the Hugging Face cache)."""
+    from gptgen.hub import is_hub_id, pull
+
     folder = Path(models_dir)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if model is None:
-        return files, None
-    if model in {f.stem for f in files}:
+    files = {f.stem: f for f in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+    if model is None or model in files:
         return files, model
+    if is_hub_id(model):
+        return {**files, model: pull(model)}, model
     path = Path(model)
     if not path.is_file():
-        names = ", ".join(f.stem for f in files) or "none"
-        raise ModelFileError(f"--model {model!r} is neither a file nor a model in {str(folder)!r} (it has: {names})")
-    return [f for f in files if f.stem != path.stem] + [path], path.stem
+        names = ", ".join(files) or "none"
+        raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
+                             f"(it has: {names})")
+    return {**files, path.stem: path}, path.stem
+
+
+def _openai_error(message: str, param: str | None = None, status: int = 400):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": None}}, status_code=status)
+
+
+def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str, dict, bool]:
+    """(model, prompt, sampling, stream) from an OpenAI completions body; ValueError says what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unsupported = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
+                   "frequency_penalty": 0, "presence_penalty": 0}
+    for key, only in unsupported.items():
+        if key in body and body[key] != only:
+            raise ValueError(f"{key}={body[key]!r} is not supported (only {only!r})")
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be a string (one prompt per request)")
+    stop = body.get("stop")
+    sampling = {"max_new_tokens": body.get("max_tokens", 16), "temperature": body.get("temperature", 1.0),
+                "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0),
+                "repetition_penalty": body.get("repetition_penalty", 1.0), "seed": body.get("seed"),
+                "stop": () if stop is None else stop}
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValueError("stream must be true or false")
+    return body.get("model") or default, prompt, sampling, stream
+
+
+def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
+    from fastapi.responses import StreamingResponse
+
+    started = int(time.time())
+
+    @api.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": started, "owned_by": "gptgen"}
+                                           for n in shelf.names]}
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return _openai_error("the body is not valid JSON")
+        try:
+            name, prompt, sampling, stream = _completion_request(body, shelf, default)
+            pieces, stats = shelf.stream(name, prompt, **sampling)
+        except UnknownModel as e:
+            return _openai_error(str(e), "model", 404)
+        except ValueError as e:
+            return _openai_error(str(e))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        def finish() -> str:
+            return "length" if stats.new_tokens >= sampling["max_new_tokens"] else "stop"
+
+        if stream:
+            def events() -> Iterator[str]:
+                for piece in pieces:
+                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
+                yield f"data: {json.dumps(chunk('', finish()))}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        from starlette.concurrency import run_in_threadpool
+
+        text = await run_in_threadpool(lambda: "".join(pieces))
+        usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+                 "total_tokens": stats.prompt_tokens + stats.new_tokens}
+        return {**chunk(text, finish()), "usage": usage}
+
+
+def build_server(shelf: ModelShelf, default: str | None = None):
+    """The FastAPI app: OpenAI routes, and the Gradio page mounted at /."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from gptgen.web import build_app
+
+    default = default or shelf.names[0]
+    api = FastAPI(title="gptgen")
+    add_openai_routes(api, shelf, default)
+    return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"])
 
 
 def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-          device: str = "auto", block: bool = True):
-    """Load the first model (so the page is ready when the URL is printed) and serve the page."""
-    from gptgen.web import ModelShelf, build_app
+          device: str = "auto") -> None:
+    """Load the first model (so the page is ready when the address is printed), then serve until stopped."""
+    import uvicorn
 
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline-first tool
     files, default = pick_models(models_dir, model)
-    app = build_app(ModelShelf(files, device), default)
+    app = build_server(ModelShelf(files, device), default)
     if host in ("0.0.0.0", "::"):
         log.warning("serving on %s: anyone who can reach this machine can use the page", host)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, footer_links=["api"])
-    return app
+    log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", host, port,
+             host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
+LOSS_WINDOW = 50  # --target-loss compares the mean train loss of this many latest steps
 
 
 @dataclass
@@ -47,11 +48,22 @@ class Progress:
     elapsed_s: float = 0.0
     best_val: float = math.inf
     best_step: int = 0
+    recent_losses: list[float] = dataclasses.field(default_factory=list)  # the last LOSS_WINDOW steps' losses
+    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] this epoch
+    target_reached: dict | None = None
 
 
-def lr_at(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
+    """The step budget: --steps or --epochs, whichever is fewer (None: only time bounds the run)."""
+    limits = [cfg.steps] if cfg.steps is not None else []
+    if cfg.epochs is not None:
+        limits.append(max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    return min(limits) if limits else None
+
+
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None = None) -> float:
     """Linear warmup, then cosine to min_lr over the step horizon or the time budget, whichever is nearer."""
-    horizon = cfg.decay_steps or cfg.steps
+    horizon = cfg.decay_steps or total_steps or cfg.steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, (horizon or 2000) // 20)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -188,6 +200,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
     model.init_weights()
+    model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = make_optimizer(model, cfg, device)
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()
@@ -205,18 +218,21 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    bar = tqdm(total=cfg.steps, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
+    steps_per_epoch = len(corpus.train) / tokens_per_step
+    total = max_steps(cfg, steps_per_epoch)
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0)
-    log.info("training %s (%s params) on %s, %d train / %d val tokens, %d tokens per step",
-             cfg.preset, f"{model.num_params():,}", device, len(corpus.train), len(corpus.val), tokens_per_step)
+    log.info("training %s (%s params) on %s, %d train / %d val tokens, %d tokens per step, %.1f steps per epoch",
+             cfg.preset, f"{model.num_params():,}", device, len(corpus.train), len(corpus.val), tokens_per_step,
+             steps_per_epoch)
     start = time.perf_counter() - progress.elapsed_s
     loss_sum, loss_count, last_val = torch.zeros((), device=device), 0, None  # train loss since the last eval
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
     session_tokens, session_start = 0, time.perf_counter()
     interrupted = False
     try:
-        while not _out_of_budget(cfg, progress):
-            lr = lr_at(cfg, progress.step, progress.elapsed_s)
+        while not _out_of_budget(cfg, progress, total):
+            lr = lr_at(cfg, progress.step, progress.elapsed_s, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
@@ -231,13 +247,14 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             progress.tokens_seen += tokens_per_step
             session_tokens += tokens_per_step
             progress.elapsed_s = time.perf_counter() - start
+            _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, steps_per_epoch, total, bar, world)
             bar.update(1)
             if progress.step % 10 == 0 or progress.step == 1:
                 rate = session_tokens / (time.perf_counter() - session_start)
                 bar.set_postfix_str(_postfix(recent_sum.item() / recent_count, last_val, rate, cfg, progress))
                 recent_sum.zero_()
                 recent_count = 0
-            if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress):
+            if (progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total)):
                 last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
                                           lr, data_rng, device, autocast, rank, world)
                 loss_sum.zero_()
@@ -246,14 +263,63 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         interrupted = True
         if loss_count:  # keep what the run learned since the last eval
             _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
-                           lr_at(cfg, progress.step, progress.elapsed_s), data_rng, device, autocast, rank, world)
+                           lr_at(cfg, progress.step, progress.elapsed_s, total), data_rng, device, autocast, rank,
+                           world)
     bar.close()
-    summary = {"run_dir": str(run.path), "steps": progress.step, "tokens_seen": progress.tokens_seen,
-               "wall_time_s": round(progress.elapsed_s, 1), "best_val_nats_per_token": progress.best_val,
-               "best_step": progress.best_step, "model": str(run.path / MODEL), "interrupted": interrupted}
-    if cfg.steps is not None and progress.step < cfg.steps and not interrupted:
-        summary["stopped_by"] = "minutes"
+    summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
+               "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
+               "best_val_nats_per_token": progress.best_val, "best_step": progress.best_step,
+               "model": str(run.path / MODEL), "interrupted": interrupted}
+    if cfg.target_loss is not None:
+        summary["target_loss"] = cfg.target_loss
+        summary["target_reached"] = progress.target_reached
+        summary["last_window_loss"] = _window_mean(progress) if progress.recent_losses else None
+    if not interrupted:
+        summary["stopped_by"] = _stopped_by(cfg, progress, total)
     return summary
+
+
+def _window_mean(progress: Progress) -> float:
+    return sum(progress.recent_losses) / len(progress.recent_losses)
+
+
+def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, steps_per_epoch: float,
+                             total: int | None, bar: tqdm, world: int) -> None:
+    """Epoch bookkeeping for the bar and the log, and the --target-loss check.
+
+    Reads the loss every step (one host sync; under DDP the mean over ranks, so all ranks agree)."""
+    epoch = int((progress.step - 1) // steps_per_epoch)  # 0-based epoch this step belonged to
+    epochs = math.ceil(total / steps_per_epoch) if total else None
+    bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({steps_per_epoch:,.0f} steps each)", refresh=False)
+    if world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    value = loss.item()
+    progress.epoch_loss = [progress.epoch_loss[0] + value, progress.epoch_loss[1] + 1]
+    if int(progress.step // steps_per_epoch) > epoch:  # this step finished an epoch
+        mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
+        bar.write(f"epoch {epoch + 1} done at step {progress.step:,}: mean train loss {mean:.4f}")
+        progress.epoch_loss = [0.0, 0]
+    if cfg.target_loss is None:
+        return
+    progress.recent_losses = (progress.recent_losses + [value])[-LOSS_WINDOW:]
+    window = _window_mean(progress)
+    if len(progress.recent_losses) == LOSS_WINDOW and window < cfg.target_loss and progress.target_reached is None:
+        progress.target_reached = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 3),
+                                   "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
+                                   "window_loss": window}
+        bar.write(f"target train loss {cfg.target_loss} reached at step {progress.step:,} (epoch "
+                  f"{progress.target_reached['epoch']}, {progress.tokens_seen:,} tokens, "
+                  f"{progress.elapsed_s:.1f} s): mean of the last {LOSS_WINDOW} steps {window:.4f}")
+
+
+def _stopped_by(cfg: TrainConfig, progress: Progress, total: int | None) -> str:
+    if progress.target_reached is not None:
+        return "target_loss"
+    if total is not None and progress.step >= total:
+        return "epochs" if cfg.steps is None or total < cfg.steps else "steps"
+    return "minutes"
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -287,8 +353,8 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cfg.batch_size * cfg.block_size >= 512)
 
 
-def _out_of_budget(cfg: TrainConfig, progress: Progress) -> bool:
-    done = cfg.steps is not None and progress.step >= cfg.steps
+def _out_of_budget(cfg: TrainConfig, progress: Progress, total: int | None) -> bool:
+    done = progress.target_reached is not None or (total is not None and progress.step >= total)
     done = done or (cfg.minutes is not None and progress.elapsed_s >= cfg.minutes * 60)
     if dist.is_initialized():  # the ranks' clocks differ: rank 0 decides for all
         flag = torch.tensor([float(done)])
@@ -311,15 +377,21 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
     result = evaluate(model, corpus.val, corpus.val_chars, block_size=cfg.block_size,
                       batch_size=cfg.eval_batch_size, device=device, autocast=autocast)
     improved = result.nats_per_token < progress.best_val
+    keep = improved or cfg.target_loss is not None  # fitting the train text: the latest weights are the model
     if improved:
         progress.best_val, progress.best_step = result.nats_per_token, progress.step
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
     if rank == 0:
         row = {"step": progress.step, "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 2),
-               "lr": lr, "train_loss": train_loss, **result.as_dict()}
+               "epoch": round(progress.tokens_seen / len(corpus.train), 3), "lr": lr, "train_loss": train_loss,
+               **result.as_dict()}
+        if progress.recent_losses:
+            row["window_loss"] = _window_mean(progress)
+        if progress.target_reached is not None:
+            row["target_reached"] = progress.target_reached
         run.log_metrics(row)
-        if improved:
+        if keep:
             checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
                                   training=_provenance(cfg, corpus, progress, result, run.metrics()))
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
@@ -338,6 +410,7 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
             "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},
+            "target_loss": cfg.target_loss, "target_reached": progress.target_reached,
             "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics]}
 
 

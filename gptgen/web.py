@@ -1,21 +1,20 @@
 """The Gradio page and its named API endpoint `/generate`: one streaming handler serves both.
 
-The page names models, never paths: a `ModelShelf` maps the names of one folder's model files to the
-files, and loads each once. Generation goes through `TextModel.stream`, like the CLI and the Python API.
+The page names models, never paths (the server's `ModelShelf` maps names to files). Generation goes
+through `TextModel.stream`, like the CLI, the Python API and the OpenAI-compatible routes.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from gptgen.checkpoint import ModelFileError, read_config, training_info
+from gptgen.checkpoint import training_info
 from gptgen.generate import Sampling, Stats, TextModel
+from gptgen.serve import ModelShelf, UnknownModel
 
 UPDATE_INTERVAL_S = 0.1  # at most ~10 page updates a second, however fast decoding runs
 QUEUE_SIZE = 64  # waiting requests beyond this are told the queue is full
@@ -28,35 +27,6 @@ EXAMPLES = [
 ]
 DEFAULTS = Sampling()
 RANDOM_SEED = -1  # a number box cannot be left blank, so the form says "random" with -1 (the API takes None too)
-
-
-class ModelShelf:
-    """Model files by name (the file name without .safetensors), each loaded on first use and kept."""
-
-    def __init__(self, files: list[Path], device: str = "auto") -> None:
-        if not files:
-            raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
-        self.paths = {Path(f).stem: Path(f) for f in files}
-        self.longest_context = max(read_config(p).block_size for p in self.paths.values())
-        self.device = device
-        self._loaded: dict[str, TextModel] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.paths)
-
-    def get(self, name: str) -> TextModel:
-        import gptgen
-
-        if name not in self.paths:
-            raise gr.Error(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
-        with self._lock:
-            if name not in self._loaded:
-                model = gptgen.load(str(self.paths[name]), device=self.device)
-                model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
-                self._loaded[name] = model
-        return self._loaded[name]
 
 
 def _whole(name: str, value) -> int | None:
@@ -113,12 +83,11 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
-        model = shelf.get(model_name)
         try:
-            pieces = model.stream(prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
-                                  temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=_seed(seed))
-        except ValueError as e:
+            pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
+                                         temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
+                                         repetition_penalty=repetition_penalty, seed=_seed(seed))
+        except (ValueError, UnknownModel) as e:
             raise gr.Error(str(e)) from None
         session = request.session_hash or ""
         stop_requests.discard(session)
@@ -131,7 +100,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
                 shown = time.perf_counter()
                 yield text, "Generating…"
-        yield text, stats_line(model.last, stopped=session in stop_requests)
+        yield text, stats_line(stats, stopped=session in stop_requests)
         stop_requests.discard(session)
 
     def stop(request: gr.Request) -> None:

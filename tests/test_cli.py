@@ -125,3 +125,10 @@ def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):
     fake.write_bytes(pickle.dumps({"a": 1}))
     r = gptgen("generate", fake, "hi")
     assert r.returncode == 2 and "not a readable safetensors file" in r.stderr
+
+
+def test_target_not_reached_says_so_plainly(small_text, tmp_path):
+    r = gptgen("train", "--data", small_text, "--out", tmp_path / "run", "--steps", 3, "--target-loss", 0.1, *FAST)
+    err = r.stderr
+    assert r.returncode == 0 and "--steps budget ran out at step 3 before the train loss reached 0.1" in err
+    assert "epoch 1/" in err  # the bar counts epochs

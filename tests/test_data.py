@@ -79,3 +79,21 @@ def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):
         monkeypatch.setenv("GPTGEN_CACHE_DIR", str(tmp_path / "file"))
         (tmp_path / "file").write_text("")
     assert len(encode("some text to encode")) > 0
+
+
+def test_download_checks_the_hash_and_keeps_a_good_copy(tmp_path, monkeypatch):
+    import gptgen.data as data
+
+    good = data.DATASETS["shakespeare"]
+    monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset(CORPUS.as_uri(), good.sha256, good.filename))
+    path = data.download("shakespeare", tmp_path)
+    assert path.read_bytes() == CORPUS.read_bytes()
+    monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset("file:///nonexistent", good.sha256, good.filename))
+    assert data.download("shakespeare", tmp_path) == path  # a good copy is not fetched again
+    other = tmp_path / "other"
+    with pytest.raises(DataError, match="could not download"):
+        data.download("shakespeare", other)
+    monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset(CORPUS.as_uri(), "0" * 64, good.filename))
+    with pytest.raises(DataError, match="nothing was written"):
+        data.download("shakespeare", other)
+    assert not other.exists() or not any(other.iterdir())

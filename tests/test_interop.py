@@ -80,3 +80,92 @@ def test_int8_model_exports_dequantized(tmp_path):
     exported = {t.name: t for t in reader.tensors}["blk.0.ffn_up.weight"]
     got = torch.from_numpy(exported.data.astype("float32")).reshape(tensors["transformer.h.0.mlp.c_fc.weight"].shape)
     torch.testing.assert_close(got, tensors["transformer.h.0.mlp.c_fc.weight"], atol=2e-3, rtol=0)
+
+
+# transformers as the oracle for its own format: a small random GPT2LMHeadModel saved locally.
+
+def _hf_random(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+def _float_gptgen(path):
+    """gptgen's float model of a file (an int8 file's weights dequantized), for logit comparisons."""
+    from gptgen.interop import _float_tensors
+    from gptgen.model import GPT
+
+    config, tensors, _ = _float_tensors(path)
+    model = GPT(config)
+    model.load_state_dict({**tensors, "lm_head.weight": tensors["transformer.wte.weight"]})
+    return model.eval()
+
+
+IDS = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256, 15496, 11, 995]])
+
+
+@torch.no_grad()
+def test_import_from_transformers_gives_the_same_logits_and_round_trips(tmp_path):
+    from gptgen.interop import export_hf, import_hf
+
+    hf, folder = _hf_random(tmp_path)
+    import_hf(folder, tmp_path / "imported.safetensors")
+    ours = _float_gptgen(tmp_path / "imported.safetensors")
+    assert torch.allclose(ours(IDS)[0], hf(IDS).logits, atol=1e-4)
+    export_hf(tmp_path / "imported.safetensors", tmp_path / "back")
+    import_hf(tmp_path / "back", tmp_path / "again.safetensors")
+    assert torch.equal(_float_gptgen(tmp_path / "again.safetensors")(IDS)[0], ours(IDS)[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["random", "bundled"])
+def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, which):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from gptgen.interop import export_hf
+    from tests.conftest import BUNDLED
+    from tests.test_model import tiny_model
+
+    if which == "random":
+        m = tiny_model()
+        source = tmp_path / "m.safetensors"
+        save_model(source, m.state_dict(), m.config)
+    else:
+        source = BUNDLED  # int8: dequantized on export
+    export_hf(source, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = IDS[:, :8]
+    assert torch.allclose(hf(ids).logits, _float_gptgen(source)(ids)[0], atol=1e-4)
+    text = "Wherefore art thou, Romeo? 🎭 naïve — 東京\n\n  indented"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == get_tokenizer().encode_ordinary(text)
+
+
+def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
+    import json
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import export_hf, import_hf
+    from tests.conftest import BUNDLED
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(GptgenError, match="not an empty directory"):
+        export_hf(BUNDLED, busy)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    _, folder = _hf_random(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ModelFileError, match="'llama' model; gptgen imports GPT-2 only"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    with pytest.raises(ModelFileError, match="missing"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ModelFileError, match="never unpickles"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

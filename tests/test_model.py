@@ -51,3 +51,17 @@ def test_longer_than_context_is_refused():
         assert "context" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    model = tiny_model()
+    idx = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.grad_checkpoint = ckpt
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from gptgen.checkpoint import ModelFileError
@@ -8,21 +10,64 @@ from tests.conftest import BUNDLED
 
 def test_pick_models_by_name_or_file(tmp_path):
     files, default = pick_models(BUNDLED.parent, None)
-    assert BUNDLED in files and default is None
+    assert files[BUNDLED.stem] == BUNDLED and default is None
     assert pick_models(BUNDLED.parent, BUNDLED.stem) == (files, BUNDLED.stem)
     other = tmp_path / "mine.safetensors"
     other.write_bytes(BUNDLED.read_bytes())
     files, default = pick_models(BUNDLED.parent, str(other))
-    assert files[-1] == other and default == "mine"
+    assert files["mine"] == other and default == "mine"
 
 
 def test_unknown_model_names_what_is_there(capsys):
     with pytest.raises(ModelFileError, match="shakespeare-mini-int8"):
         pick_models(BUNDLED.parent, "nope")
     assert main(["serve", "--model", "nope"]) == 2
-    assert "neither a file nor a model" in capsys.readouterr().err
+    assert "neither a file, a Hub id, nor a model" in capsys.readouterr().err
 
 
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["serve", "--models", str(tmp_path)]) == 2
     assert "no models to serve" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def openai_client(web_server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{web_server}v1", api_key="not-needed")
+
+
+def test_openai_models_lists_the_shelf(openai_client):
+    assert sorted(m.id for m in openai_client.models.list()) == ["random-gpt2-int8", BUNDLED.stem]
+
+
+def test_openai_completion_equals_the_python_api(openai_client):
+    import gptgen
+
+    out = openai_client.completions.create(model=BUNDLED.stem, prompt="ROMEO:", max_tokens=30, temperature=0.7,
+                                           top_p=0.9, seed=11, stop=["\n\n"])
+    expected = gptgen.load(str(BUNDLED), device="cpu").generate("ROMEO:", max_new_tokens=30, temperature=0.7,
+                                                                  top_p=0.9, top_k=0, seed=11, stop=["\n\n"])
+    assert out.choices[0].text == expected
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.prompt_tokens == 3
+    assert out.usage.completion_tokens >= 1
+
+
+def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
+    kwargs = dict(model=BUNDLED.stem, prompt="JULIET:", max_tokens=40, temperature=0.8, seed=5)
+    pieces = [c.choices[0].text for c in openai_client.completions.create(stream=True, **kwargs)]
+    assert len(pieces) > 2 and "".join(pieces) == openai_client.completions.create(**kwargs).choices[0].text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature must be 0 (greedy) or positive"),
+    (dict(max_tokens=0), "max_new_tokens must be between 1"),
+    (dict(n=2), "n=2 is not supported"),
+    (dict(model="../etc/passwd"), "unknown model"),
+])
+def test_openai_errors_are_openai_shaped(openai_client, kwargs, message):
+    import openai
+
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError), match=re.escape(message)) as e:
+        openai_client.completions.create(**{"model": BUNDLED.stem, "prompt": "Hi", **kwargs})
+    assert e.value.body["type"] == "invalid_request_error"

@@ -114,3 +114,43 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     model, _ = load_model(run / "model.safetensors")
     assert model.num_params() > 0
     assert (run / "loss.png").stat().st_size > 0
+
+
+def _window_target(small_text, tmp_path) -> float:
+    """A target a little below where a 120-step run's 50-step mean ends, so the run reaches it near its end."""
+    summary = train(config(small_text, tmp_path / "probe", steps=120, decay_steps=300, target_loss=0.001))
+    assert summary["stopped_by"] == "steps" and summary["target_reached"] is None
+    return summary["last_window_loss"] + 0.05
+
+
+def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small_text, tmp_path):
+    from gptgen.train import LOSS_WINDOW
+
+    target = _window_target(small_text, tmp_path)
+    common = dict(decay_steps=300, target_loss=target, dropout=0.1)
+    one = train(config(small_text, tmp_path / "one", steps=300, **common))
+    reached = one["target_reached"]
+    assert one["stopped_by"] == "target_loss" and LOSS_WINDOW <= reached["step"] < 300
+    assert reached["window_loss"] < target and one["steps"] == reached["step"]
+    assert reached["tokens_seen"] == reached["step"] * 4 * 32 and reached["epoch"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["target_reached"] == reached and rows[-1]["step"] == reached["step"]
+    _, metadata = load_model(tmp_path / "one" / "model.safetensors")
+    assert json.loads(metadata["training"])["target_reached"] == reached  # the model at the target is saved
+
+    # Stopped (as if killed) before the target, then resumed: the same step, the same weights.
+    early = train(config(small_text, tmp_path / "two", steps=reached["step"] - 20, **common))
+    assert early["stopped_by"] == "steps" and early["target_reached"] is None
+    two = train(resume_config(tmp_path / "two", steps=300), resume=True)
+    assert two["target_reached"]["step"] == reached["step"]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
+    from gptgen.data import load_corpus
+
+    train_tokens = len(load_corpus(str(small_text), 0.1).train)
+    summary = train(config(small_text, tmp_path / "run", steps=None, epochs=0.5, eval_interval=1000))
+    assert summary["steps"] == math.ceil(0.5 * train_tokens / (4 * 32)) and summary["stopped_by"] == "epochs"
+    assert summary["epochs"] == pytest.approx(0.5, abs=0.01)

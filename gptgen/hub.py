@@ -1,0 +1,133 @@
+"""The Hugging Face Hub: pull a model file through huggingface_hub's cache, push a model with its card,
+push the app as a Gradio Space. Network errors and offline misses become one plain sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from gptgen.checkpoint import ModelFileError, load_model_file, training_info
+
+MODEL_FILE = "model.safetensors"  # the name a gptgen model has in a Hub repository
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def is_hub_id(text: str) -> bool:
+    return bool(REPO_ID.match(text)) and ".." not in text and not Path(text).exists()
+
+
+def check_hub_id(repo_id: str) -> str:
+    if not is_hub_id(repo_id):
+        raise ModelFileError(f"{repo_id!r} is not a Hub repository id (owner/name: letters, digits, '-', '_', '.')")
+    return repo_id
+
+
+def pull(repo_id: str, revision: str | None = None) -> Path:
+    """The model file of a Hub repository, from the local cache or downloaded into it (HF_HUB_OFFLINE honoured)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    check_hub_id(repo_id)
+    try:
+        return Path(hf_hub_download(repo_id, MODEL_FILE, revision=revision, library_name="gptgen"))
+    except LocalEntryNotFoundError:
+        raise ModelFileError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache and "
+                             "cannot be downloaded (offline, or HF_HUB_OFFLINE=1)") from None
+    except EntryNotFoundError:
+        raise ModelFileError(f"{repo_id} has no {MODEL_FILE}; is it a gptgen model repository?") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
+
+
+def resolve(path_or_id: str, revision: str | None = None) -> Path:
+    """A local model file as it is; `owner/name` through the Hub cache."""
+    return pull(path_or_id, revision) if is_hub_id(path_or_id) else Path(path_or_id)
+
+
+def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
+    """README.md for a model repository: YAML metadata the Hub indexes, then how it was made and how to run it."""
+    config, _, metadata = load_model_file(model_path)
+    info = training_info(metadata)
+    corpus = info.get("corpus", "unknown")
+    yaml = ["---", "license: mit", "library_name: gptgen", "pipeline_tag: text-generation",
+            "tags:", "- gptgen", "- gpt2", "- text-generation", f"- {metadata.get('quantization', 'none')}"]
+    if "val_nats_per_token" in info:
+        yaml += ["model-index:", f"- name: {repo_id.split('/')[-1]}", "  results:",
+                 "  - task: {type: text-generation}", f"    dataset: {{name: {json.dumps(corpus)}, type: text}}",
+                 "    metrics:",
+                 f"    - {{type: loss, name: val nats/token, value: {info['val_nats_per_token']:.4f}}}",
+                 f"    - {{type: loss, name: val nats/char, value: {info['val_nats_per_char']:.4f}}}"]
+    yaml.append("---")
+    recipe = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in info.get("recipe", {}).items() if v is not None)
+    body = f"""
+# {repo_id.split('/')[-1]}
+
+A GPT-2 model ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, context
+{config.block_size}, GPT-2 BPE) trained with gptgen on `{corpus}`
+({info.get('corpus_bytes', '?')} bytes, sha256 `{info.get('corpus_sha256', '?')}`); weights:
+{metadata.get('quantization', 'none')}.
+
+- Steps: {info.get('steps', '?')}, tokens seen: {info.get('tokens_seen', '?')}
+- Val loss: {info.get('val_nats_per_token', '?')} nats/token, {info.get('val_nats_per_char', '?')} nats/char
+- Recipe: `gptgen train {recipe}`
+
+```python
+import gptgen
+model = gptgen.load("{repo_id}")
+print(model.generate("ROMEO:", max_new_tokens=100))
+```
+"""
+    return "\n".join(yaml) + "\n" + body
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(library_name="gptgen")
+
+
+def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload the model file and a generated card in one commit; returns the repository URL."""
+    from huggingface_hub import CommitOperationAdd
+
+    check_hub_id(repo_id)
+    card = model_card(model_path, repo_id)  # also checks the file is a gptgen model before any upload
+    api = _api()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.create_commit(repo_id, [CommitOperationAdd(MODEL_FILE, str(model_path)),
+                                CommitOperationAdd("README.md", card.encode())],
+                      commit_message=f"gptgen: upload {Path(model_path).name}")
+    return str(url)
+
+
+def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
+    """What a Space needs, by path in the Space: the app, the package, requirements, README header, model."""
+    files: dict[str, Path | bytes] = {"app.py": ROOT / "app.py", "requirements.txt": ROOT / "requirements.txt",
+                                      "pyproject.toml": ROOT / "pyproject.toml"}
+    package = ROOT / "gptgen"
+    for f in sorted(package.rglob("*")):
+        if f.is_file() and "__pycache__" not in f.parts:
+            files[f"gptgen/{f.relative_to(package).as_posix()}"] = f
+    readme = (ROOT / "README.md").read_text()
+    header = readme[:readme.index("\n---\n", 4) + 5] if readme.startswith("---\n") else ""
+    files["README.md"] = (header + "\nThe gptgen page on this model; see the gptgen README for more.\n").encode()
+    files[f"models/{Path(model_path).name}"] = Path(model_path)
+    return files
+
+
+def push_space(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Create or update a Gradio Space that serves the model with gptgen's page."""
+    from huggingface_hub import CommitOperationAdd
+
+    check_hub_id(repo_id)
+    load_model_file(model_path)
+    api = _api()
+    url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
+                  for path, data in space_files(model_path).items()]
+    api.create_commit(repo_id, operations, repo_type="space", commit_message="gptgen: update the Space")
+    return str(url)

@@ -1,0 +1,112 @@
+"""Hub pull through a Hugging Face cache laid out as huggingface_hub lays it (offline), and push checked at
+the HfApi call boundary (the exact repositories, files and commits it would send)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptgen import hub
+from gptgen.checkpoint import ModelFileError
+from tests.conftest import BUNDLED, ROOT
+
+COMMITS = {"main": "a" * 40, "v1": "b" * 40}
+
+
+@pytest.fixture
+def hf_cache(tmp_path):
+    """owner/tiny-shakespeare in a cache: `main` holds the bundled model, tag `v1` a file of another size."""
+    repo = tmp_path / "hub" / "models--owner--tiny-shakespeare"
+    for ref, commit in COMMITS.items():
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        blob = repo / "blobs" / commit
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(BUNDLED.read_bytes() if ref == "main" else b"not a model")
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / hub.MODEL_FILE).symlink_to(os.path.relpath(blob, snapshot))
+    return tmp_path / "hub"
+
+
+def gptgen_offline(cache, *args):
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env)
+
+
+def test_pull_and_generate_by_hub_id_offline_with_revision_pinning(hf_cache):
+    r = gptgen_offline(hf_cache, "pull", "owner/tiny-shakespeare")
+    assert r.returncode == 0, r.stderr
+    path = r.stdout.strip()
+    assert COMMITS["main"] in path and open(path, "rb").read() == BUNDLED.read_bytes()
+    r = gptgen_offline(hf_cache, "pull", "owner/tiny-shakespeare", "--revision", "v1")
+    assert COMMITS["v1"] in r.stdout and open(r.stdout.strip(), "rb").read() == b"not a model"
+    r = gptgen_offline(hf_cache, "generate", "owner/tiny-shakespeare", "ROMEO:", "--max-new-tokens", "8",
+                       "--seed", "1")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.parametrize("repo_id, message", [
+    ("owner/not-cached", "not in the Hugging Face cache"),
+    ("owner/a/b", "not a Hub repository id"),
+    ("../etc", "not a Hub repository id"),
+])
+def test_pull_errors_are_one_clear_line(hf_cache, repo_id, message):
+    r = gptgen_offline(hf_cache, "pull", repo_id)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+class FakeApi:
+    """Records what gptgen asks the Hub to do."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations},
+                           kwargs))
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeApi()
+    monkeypatch.setattr(hub, "_api", lambda: fake)
+    return fake
+
+
+def test_push_sends_the_model_and_a_card_in_one_commit(api):
+    url = hub.push(BUNDLED, "owner/tiny-shakespeare")
+    assert url == "https://huggingface.co/owner/tiny-shakespeare"
+    (_, _, repo_kwargs), (_, repo_id, files, commit_kwargs) = api.calls
+    assert repo_kwargs == {"private": False, "exist_ok": True} and repo_id == "owner/tiny-shakespeare"
+    assert files[hub.MODEL_FILE] == str(BUNDLED)
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlicense: mit\nlibrary_name: gptgen\n")
+    assert "name: val nats/token, value: 4." in card and "tinyshakespeare.txt" in card
+    assert 'gptgen.load("owner/tiny-shakespeare")' in card
+
+
+def test_push_space_sends_app_package_requirements_header_and_model(api):
+    hub.push_space(BUNDLED, "owner/gptgen-demo")
+    (_, _, repo_kwargs), (_, _, files, commit_kwargs) = api.calls
+    assert repo_kwargs["repo_type"] == "space" and repo_kwargs["space_sdk"] == "gradio"
+    assert commit_kwargs["repo_type"] == "space"
+    assert {"app.py", "requirements.txt", "gptgen/web.py", "gptgen/serve.py", "gptgen/assets/gpt2.tiktoken",
+            f"models/{BUNDLED.name}"} <= set(files)
+    readme = files["README.md"].decode()
+    assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+
+
+def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
+    with pytest.raises(ModelFileError, match="not a Hub repository id"):
+        hub.push(BUNDLED, "no-owner")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ModelFileError):
+        hub.push(junk, "owner/x")
+    assert api.calls == []
