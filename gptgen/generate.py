@@ -180,11 +180,16 @@ class TextModel:
         self.last = Stats()
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        pieces, self.last = self.stream_with_stats(prompt, **sampling)
+        return pieces
+
+    def stream_with_stats(self, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
+        """stream() and the Stats it fills in, for callers that share the model across threads."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         s = Sampling(**sampling)
         ids = self.tokenizer.encode_ordinary(prompt)
-        self.last = stats = Stats(prompt_tokens=len(ids))
+        stats = Stats(prompt_tokens=len(ids))
         start = time.perf_counter()
 
         def counted() -> Iterator[int]:
@@ -195,7 +200,7 @@ class TextModel:
                 yield token
                 stats.total_s = time.perf_counter() - start
 
-        return stream_text(counted(), s.stop)
+        return stream_text(counted(), s.stop), stats
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

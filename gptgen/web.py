@@ -148,7 +148,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name]
         # One stream at a time: a model's KV cache serves one sequence.
         gr.on([go.click, prompt.submit], generate, inputs, [output, stats], api_name="generate",
-                    concurrency_limit=1)
+              concurrency_limit=1, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
             event(show_model, model_name, [card_md, plot, max_new_tokens], api_visibility="private")

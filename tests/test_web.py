@@ -71,6 +71,7 @@ def page(web_server):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(web_server)
         page.wait_for_selector("#prompt textarea")
+        page.wait_for_load_state("networkidle")  # the page's own load event (the model panel) has run
         yield page
         browser.close()
 
@@ -79,20 +80,36 @@ def _output(page) -> str:
     return page.input_value("#output textarea")
 
 
+# Clicks Generate, then records the output's length at every frame until the run is reported finished.
+WATCH_RUN = """() => new Promise(resolve => {
+  const out = document.querySelector('#output textarea');
+  const stats = document.querySelector('#stats');
+  const before = stats.textContent;
+  const lengths = [];
+  const frame = () => {
+    lengths.push(out.value.length);
+    const now = stats.textContent;
+    if (now !== before && now.includes('Generated')) resolve({lengths, stats: now.trim()});
+    else requestAnimationFrame(frame);
+  };
+  document.querySelector('#generate').click();
+  requestAnimationFrame(frame);
+})"""
+
+
 def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
+    from playwright.sync_api import expect
+
     page.get_by_text(EXAMPLES[1].split("\n")[0]).first.click()
-    assert page.input_value("#prompt textarea") == EXAMPLES[1]
+    expect(page.locator("#prompt textarea")).to_have_value(EXAMPLES[1])
     page.fill("#seed input", "5")
-    page.click("#generate")
-    lengths = []
-    deadline = time.monotonic() + 60
-    while "Generated" not in page.inner_text("#stats") and time.monotonic() < deadline:
-        lengths.append(len(_output(page)))
-        time.sleep(0.02)
-    stats = page.inner_text("#stats")
-    assert "Generated" in stats and "tokens/s" in stats
-    growing = sorted({n for n in lengths if 0 < n < len(_output(page))})
-    assert growing, f"the text never showed part-way (lengths seen: {lengths[:50]})"
+    page.fill("#max_new_tokens input[type=number]", "256")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    run = page.evaluate(WATCH_RUN)
+    final = len(_output(page))
+    assert "Generated" in run["stats"] and "tokens/s" in run["stats"] and final > 0
+    partial = sorted({n for n in run["lengths"] if 0 < n < final})
+    assert partial, f"the text never showed part-way (lengths seen: {run['lengths'][:50]})"
     page.screenshot(path=ARTIFACTS / "page-generated.png", full_page=True)
 
 
