@@ -75,6 +75,7 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     preset: str = "small"
+    init: str | None = None  # start from a transformers GPT-2 (directory or Hub id) instead of a preset
     batch_size: int = 16
     block_size: int | None = None  # training window; None = the model's context
     grad_accum: int = 1

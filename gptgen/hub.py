@@ -43,6 +43,22 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
         raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
 
 
+def snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """A transformers model repository's config and safetensors weights, through the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    check_hub_id(repo_id)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, library_name="gptgen",
+                                      allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+    except LocalEntryNotFoundError:
+        raise ModelFileError(f"{repo_id} is not in the Hugging Face cache and cannot be downloaded (offline, or "
+                             "HF_HUB_OFFLINE=1)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
+
+
 def resolve(path_or_id: str, revision: str | None = None) -> Path:
     """A local model file as it is; `owner/name` through the Hub cache."""
     return pull(path_or_id, revision) if is_hub_id(path_or_id) else Path(path_or_id)

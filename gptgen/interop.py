@@ -182,15 +182,17 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
 
 
 def read_hf(source: str | os.PathLike):
-    """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory (safetensors only)."""
+    """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory or Hub id (safetensors
+    only)."""
     import json
 
     from safetensors import safe_open
 
     from gptgen.config import GPTConfig
+    from gptgen.hub import is_hub_id, snapshot
     from gptgen.model import GPT
 
-    folder = Path(source)
+    folder = snapshot(str(source)) if is_hub_id(str(source)) else Path(source)
     if not (folder / "config.json").is_file():
         raise ModelFileError(f"{str(folder)!r} has no config.json: not a transformers model directory")
     hf = json.loads((folder / "config.json").read_text())

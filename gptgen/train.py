@@ -182,7 +182,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
-    model_config = GPTConfig.from_name(cfg.preset, dropout=cfg.dropout)
+    pretrained = None
+    if cfg.init:
+        from gptgen.interop import read_hf
+
+        base, pretrained = read_hf(cfg.init)
+        model_config = dataclasses.replace(base, dropout=cfg.dropout)
+    else:
+        model_config = GPTConfig.from_name(cfg.preset, dropout=cfg.dropout)
     cfg.validate(model_config)
     cfg.block_size = cfg.block_size or model_config.block_size
     device = pick_device(cfg.device)
@@ -200,6 +207,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
     model.init_weights()
+    if pretrained is not None:
+        model.load_state_dict({**pretrained, checkpoint.TIED: pretrained["transformer.wte.weight"]})
     model.grad_checkpoint = cfg.grad_checkpoint
     optimizer = make_optimizer(model, cfg, device)
     data_rng = np.random.default_rng([cfg.seed, rank])
@@ -223,8 +232,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0)
     log.info("training %s (%s params) on %s, %d train / %d val tokens, %d tokens per step, %.1f steps per epoch",
-             cfg.preset, f"{model.num_params():,}", device, len(corpus.train), len(corpus.val), tokens_per_step,
-             steps_per_epoch)
+             f"from {cfg.init}" if cfg.init else cfg.preset, f"{model.num_params():,}", device, len(corpus.train),
+             len(corpus.val), tokens_per_step, steps_per_epoch)
     start = time.perf_counter() - progress.elapsed_s
     loss_sum, loss_count, last_val = torch.zeros((), device=device), 0, None  # train loss since the last eval
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
@@ -406,7 +415,8 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
 def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult, metrics: list[dict]) -> dict:
     """What the model file says of its making; `curve` is [step, train loss, val loss] per eval (the page plots it)."""
     return {"corpus": os.path.basename(cfg.data), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.size_bytes,
-            "preset": cfg.preset, "steps": progress.step, "tokens_seen": progress.tokens_seen,
+            "preset": f"from {cfg.init}" if cfg.init else cfg.preset, "steps": progress.step,
+            "tokens_seen": progress.tokens_seen,
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
             "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},

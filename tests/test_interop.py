@@ -169,3 +169,14 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(ModelFileError, match="never unpickles"):
         import_hf(folder, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_init_fine_tunes_a_transformers_gpt2(small_text, tmp_path):
+    from gptgen.checkpoint import training_info
+
+    hf, folder = _hf_random(tmp_path)
+    summary = train(config(small_text, tmp_path / "run", init=str(folder), steps=2, lr=1e-9, block_size=32))
+    model, metadata = load_model(summary["model"])
+    assert training_info(metadata)["preset"] == f"from {folder}"
+    with torch.no_grad():
+        assert torch.allclose(model(IDS)[0], hf(IDS).logits, atol=1e-3)  # started from the pretrained weights
