@@ -19,6 +19,7 @@ import torch
 from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 MAX_NEW_TOKENS = 4096  # a cap per request, so one call cannot hold a server for ever
+MAX_PROMPT_CHARS = 100_000  # checked before tokenizing; the model sees only its context's worth anyway
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ class TextModel:
         """stream() and the Stats it fills in, for callers that share the model across threads."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (only the "
+                             f"last {self.config.block_size} tokens are used anyway)")
         s = Sampling(**sampling)
         ids = self.tokenizer.encode_ordinary(prompt)
         stats = Stats(prompt_tokens=len(ids))

@@ -179,7 +179,10 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError("stream must be true or false")
-    return body.get("model") or default, prompt, sampling, stream
+    model = body.get("model") or default
+    if not isinstance(model, str):
+        raise ValueError("model must be a string (GET /v1/models lists them)")
+    return model, prompt, sampling, stream
 
 
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:

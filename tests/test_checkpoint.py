@@ -106,3 +106,60 @@ def test_optimizer_state_round_trip(tmp_path):
     assert opt2.param_groups[0]["lr"] == 1e-3
     for p in model.parameters():
         torch.testing.assert_close(opt2.state[p]["exp_avg"], opt.state[p]["exp_avg"], rtol=0, atol=0)
+
+
+# Hostile files, as property tests: a cut anywhere, a header length that lies, a header that is any JSON.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    model = tiny_model(vocab_size=256)
+    path = tmp_path_factory.mktemp("fuzz") / "m.safetensors"
+    save_model(path, model.state_dict(), model.config, training={"steps": 1})
+    return path.read_bytes()
+
+
+def _load_bytes(tmp_path, data: bytes) -> None:
+    path = tmp_path / "fuzzed.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(ModelFileError):
+        load_model(path)
+
+
+@FUZZ
+@given(st.data())
+def test_a_file_cut_anywhere_is_a_clear_error(small_file, tmp_path, data):
+    _load_bytes(tmp_path, small_file[:data.draw(st.integers(0, len(small_file) - 1))])
+
+
+@FUZZ
+@given(st.integers(0, 2**64 - 1))
+def test_a_header_length_that_lies_is_a_clear_error(small_file, tmp_path, length):
+    true_length = struct.unpack("<Q", small_file[:8])[0]
+    if length != true_length:
+        _load_bytes(tmp_path, struct.pack("<Q", length) + small_file[8:])
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=10)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["format", "config", "quantization", "tokenizer", "training"]),
+                       st.one_of(st.text(max_size=30), JSON.map(json.dumps)), min_size=1))
+def test_any_metadata_is_loaded_or_a_clear_error(small_file, tmp_path, changes):
+    n = struct.unpack("<Q", small_file[:8])[0]
+    header = json.loads(small_file[8:8 + n])
+    header["__metadata__"] = {**header["__metadata__"], **changes}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "meta.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + small_file[8 + n:])
+    try:
+        load_model(path)
+    except ModelFileError:
+        pass

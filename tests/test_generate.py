@@ -153,3 +153,41 @@ def test_bundled_model_generates_shakespeare_offline():
     text = model.generate("ROMEO:", max_new_tokens=60, seed=1)
     assert text == model.generate("ROMEO:", max_new_tokens=60, seed=1)
     assert ":\n" in text  # it has learned the play's speaker format
+
+
+# Hostile input, as property tests: every case either works or raises ValueError with a message.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                      st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={k: ANY_VALUE for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                                   "repetition_penalty", "stop", "seed")}))
+def test_any_sampling_values_are_accepted_or_rejected_by_name(params):
+    try:
+        Sampling(**params)
+    except ValueError as e:
+        assert any(name in str(e) for name in params)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from gptgen.generate import TextModel
+
+    return TextModel(tiny_model().eval(), {})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+def test_any_unicode_prompt_generates_whole_text(small_model, prompt):
+    text = small_model.generate(prompt, max_new_tokens=3, seed=0)
+    assert isinstance(text, str)
+    assert small_model.last.prompt_tokens == len(small_model.tokenizer.encode_ordinary(prompt))
+
+
+def test_a_megabyte_prompt_is_refused_before_tokenizing(small_model):
+    with pytest.raises(ValueError, match="the limit is 100,000"):
+        small_model.generate("x" * 2**20, max_new_tokens=1)

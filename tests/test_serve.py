@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -71,3 +72,30 @@ def test_openai_errors_are_openai_shaped(openai_client, kwargs, message):
     with pytest.raises((openai.BadRequestError, openai.NotFoundError), match=re.escape(message)) as e:
         openai_client.completions.create(**{"model": BUNDLED.stem, "prompt": "Hi", **kwargs})
     assert e.value.body["type"] == "invalid_request_error"
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats()
+                          | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3), max_leaves=5)
+FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "model",
+          "repetition_penalty", "echo"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUE, max_size=6) | JSON_VALUE)
+def test_any_json_body_gets_an_answer_or_a_clear_400_and_the_server_goes_on(web_server, body):
+    import httpx
+
+    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int):
+        body["max_tokens"] = min(abs(body["max_tokens"]) or 1, 8)  # keep the valid cases short
+    raw = json.dumps(body)  # NaN and Infinity included, as Python clients send them
+    r = httpx.post(f"{web_server}v1/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code in (200, 400, 404), (body, r.status_code, r.text[:300])
+    if r.status_code != 200:
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+    health = httpx.post(f"{web_server}v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert health.status_code == 200

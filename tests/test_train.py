@@ -73,26 +73,59 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
 
 
-def test_killed_run_resumes_from_its_last_whole_state(small_text, tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "gptgen", "train", "--data", str(small_text), "--out", str(run), "--preset", "tiny",
-           "--batch-size", "4", "--block-size", "32", "--steps", "400", "--eval-interval", "3", "--compile", "off",
-           "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "state.json").exists():
-        time.sleep(0.2)
-    time.sleep(1.5)  # let it get into the middle of later saves
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _state_is_whole(run) -> int:
+    """The state on disk loads completely (state.json, the weights and optimizer it names); returns its step."""
+    from gptgen.checkpoint import load_model_file, read_safetensors
+
     state = json.loads((run / "state.json").read_text())
-    assert 0 < state["progress"]["step"] < 400
-    assert (run / state["weights"]).is_file() and (run / state["optimizer"]).is_file()
-    summary = train(resume_config(run, steps=state["progress"]["step"] + 6), resume=True)
-    assert summary["steps"] == state["progress"]["step"] + 6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps))
-    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    load_model_file(run / state["weights"])
+    read_safetensors(run / state["optimizer"], "optimizer state")
+    if (run / "model.safetensors").exists():
+        load_model(run / "model.safetensors")
+    return state["progress"]["step"]
+
+
+def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text, tmp_path):
+    """SIGKILL 20 times, resuming after each: half at random moments, half while a checkpoint write is under
+    way (the run saves every step; a temporary file left behind shows the kill landed inside a write)."""
+    import random
+
+    steps, flags = 40, dict(steps=40, decay_steps=40, eval_interval=1, dropout=0.1)
+    train(config(small_text, tmp_path / "one", **flags))
+    run = tmp_path / "killed"
+    cli = [sys.executable, "-m", "gptgen", "train"]
+    first = [*cli, "--data", str(small_text), "--out", str(run), "--preset", "tiny", "--batch-size", "4",
+             "--block-size", "32", "--lr", "3e-3", "--steps", str(steps), "--decay-steps", str(steps),
+             "--eval-interval", "1", "--dropout", "0.1", "--compile", "off", "--dtype", "float32", "--device", "cpu"]
+    rng, kills, inside_writes, step = random.Random(0), 0, 0, 0
+    while kills < 20:
+        proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kills % 2:  # at a random moment
+            time.sleep(rng.uniform(2.0, 4.0))  # ~2 s of start-up, then a few steps
+        else:  # the moment a checkpoint write is under way (its temporary file exists)
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline and not (
+                    run.exists() and any(p.endswith(".tmp") for p in os.listdir(run))):
+                time.sleep(0.001)
+        if proc.poll() is not None:
+            break  # finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        inside_writes += any(p.endswith(".tmp") for p in os.listdir(run)) if run.exists() else 0
+        if (run / "state.json").exists():
+            new_step = _state_is_whole(run)
+            assert new_step >= step  # never goes back
+            step = new_step
+    print(f"{kills} kills, {inside_writes} of them inside a checkpoint write")
+    assert kills == 20 and inside_writes >= 8, (kills, inside_writes)
+    assert step < steps, "the run finished before all kills landed; give it more steps"
+    train(resume_config(run), resume=True)
+    assert _state_is_whole(run) == steps and not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    a, b = (json.loads((tmp_path / d / "state.json").read_text())["weights"] for d in ("one", "killed"))
+    one, killed = load_file(tmp_path / "one" / a), load_file(run / b)
+    assert all(torch.equal(one[k], killed[k]) for k in one)
 
 
 def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
