@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gptgen import checkpoint
-from gptgen.config import ConfigError, GPTConfig, TrainConfig
+from gptgen.config import ConfigError, GPTConfig, GptgenError, TrainConfig
 from gptgen.data import Corpus, DataError, load_corpus, sample_batch
 from gptgen.device import autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
@@ -176,6 +176,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     rank, world = _setup_distributed(cfg.device)
     try:
         return _train(cfg, resume=resume, rank=rank, world=world)
+    except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
+        raise GptgenError(f"training stopped: could not write to {cfg.out!r} ({e.strerror or e}); the last "
+                          f"complete state there is kept. Free space, then: gptgen train --resume {cfg.out}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -187,3 +187,26 @@ def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
     summary = train(config(small_text, tmp_path / "run", steps=None, epochs=0.5, eval_interval=1000))
     assert summary["steps"] == math.ceil(0.5 * train_tokens / (4 * 32)) and summary["stopped_by"] == "epochs"
     assert summary["epochs"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_state(small_text, tmp_path):
+    """The disk fills (simulated as root can't be refused by permissions: a 1 MB file-size limit makes the
+    next checkpoint write fail with EFBIG), then space comes back and the run resumes."""
+    import resource
+
+    run = tmp_path / "run"
+    train(config(small_text, run, steps=4, eval_interval=2))
+    before = (run / "state.json").read_bytes()
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    r = subprocess.run([sys.executable, "-m", "gptgen", "train", "--resume", str(run), "--steps", "8"],
+                       capture_output=True, text=True, preexec_fn=small_disk)
+    assert r.returncode == 2 and "could not write" in r.stderr and "--resume" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert (run / "state.json").read_bytes() == before and _state_is_whole(run) == 4
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    train(resume_config(run, steps=8), resume=True)
+    assert _state_is_whole(run) == 8
