@@ -1,8 +1,8 @@
 """The server: one FastAPI app with the Gradio page (and its `/generate` API) at `/` and the
 OpenAI-compatible `/v1/completions` and `/v1/models`, all generating through one `ModelShelf`.
 
-Binds 127.0.0.1 unless told otherwise. Each model decodes one stream at a time (its KV cache holds one
-sequence), so streams of the same model wait their turn.
+Binds 127.0.0.1 unless told otherwise. One engine thread runs every model, one stream at a time (a
+model's KV cache holds one sequence); other streams wait their turn in its queue.
 """
 
 from __future__ import annotations
