@@ -56,16 +56,17 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], con
     atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "model file"
+def read_safetensors(path: str | os.PathLike, what: str = "model file", with_tensors: bool = True
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, with a plain error for anything else."""
+    """All tensors (or, with with_tensors=False, none: the header only) and the metadata of a safetensors file,
+    with a plain error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{what} {str(path)!r} is not a readable safetensors file (corrupt, truncated or "
                              f"another format: {e})") from None
@@ -80,12 +81,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch
 
 def read_config(path: str | os.PathLike) -> GPTConfig:
     """A model file's config from its header alone (no tensors read)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"model file {str(path)!r} is not a readable safetensors file: {e}") from None
-    return _config_of(path, metadata)
+    return _config_of(path, read_safetensors(path, with_tensors=False)[1])
 
 
 def _config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:

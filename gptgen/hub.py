@@ -26,37 +26,35 @@ def check_hub_id(repo_id: str) -> str:
     return repo_id
 
 
-def pull(repo_id: str, revision: str | None = None) -> Path:
-    """The model file of a Hub repository, from the local cache or downloaded into it (HF_HUB_OFFLINE honoured)."""
-    from huggingface_hub import hf_hub_download
+def _fetch(download, repo_id: str, revision: str | None, **kwargs) -> Path:
+    """A huggingface_hub download (its cache, HF_HUB_OFFLINE honoured) with its failures in one plain sentence."""
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     check_hub_id(repo_id)
     try:
-        return Path(hf_hub_download(repo_id, MODEL_FILE, revision=revision, library_name="gptgen"))
+        return Path(download(repo_id, revision=revision, library_name="gptgen", **kwargs))
     except LocalEntryNotFoundError:
         raise ModelFileError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache and "
                              "cannot be downloaded (offline, or HF_HUB_OFFLINE=1)") from None
     except EntryNotFoundError:
-        raise ModelFileError(f"{repo_id} has no {MODEL_FILE}; is it a gptgen model repository?") from None
+        raise ModelFileError(f"{repo_id} has no {kwargs.get('filename')}; is it a gptgen model repository?") from None
     except (HfHubHTTPError, OSError) as e:
         raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
+
+
+def pull(repo_id: str, revision: str | None = None) -> Path:
+    """The model file of a Hub repository, from the local cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download
+
+    return _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
 
 
 def snapshot(repo_id: str, revision: str | None = None) -> Path:
     """A transformers model repository's config and safetensors weights, through the Hugging Face cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    check_hub_id(repo_id)
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, library_name="gptgen",
-                                      allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
-    except LocalEntryNotFoundError:
-        raise ModelFileError(f"{repo_id} is not in the Hugging Face cache and cannot be downloaded (offline, or "
-                             "HF_HUB_OFFLINE=1)") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
+    return _fetch(snapshot_download, repo_id, revision,
+                  allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
 
 
 def resolve(path_or_id: str, revision: str | None = None) -> Path:

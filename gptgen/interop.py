@@ -80,9 +80,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
 
     if gguf_type not in GGUF_TYPES:
         raise GptgenError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    out = Path(out)
-    if out.exists():
-        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
+    out = _new_file(out)
     config, tensors, metadata = _float_tensors(model_path)
     names = _gguf_names(config.n_layer)
     fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".tmp")
@@ -128,6 +126,13 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
 # transformers' GPT-2 keeps these four weights in Conv1D layout (in, out); gptgen uses nn.Linear's (out, in).
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's MLP uses
+
+
+def _new_file(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
+    return out
 
 
 def _fresh_dir(out: Path) -> Path:
@@ -231,8 +236,6 @@ def read_hf(source: str | os.PathLike):
 def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> None:
     from gptgen.checkpoint import save_model
 
-    out = Path(out)
-    if out.exists():
-        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
+    out = _new_file(out)
     config, tensors = read_hf(source)
     save_model(out, tensors, config, training={"imported_from": str(source)})

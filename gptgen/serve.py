@@ -32,6 +32,9 @@ class UnknownModel(GptgenError):
     """A request named a model this server does not have."""
 
 
+PIECE, DONE, FAILED = "piece", "done", "failed"  # what the engine sends back for a job
+
+
 class Engine:
     """The one thread that runs the models, one job at a time.
 
@@ -49,34 +52,27 @@ class Engine:
         while True:
             job, out, cancelled = self._jobs.get()
             try:
-                result = job()
-                if isinstance(result, Iterator):
-                    with contextlib.closing(result):
-                        for piece in result:
-                            if cancelled.is_set():
-                                break
-                            out.put((PIECE, piece))
-                    out.put((DONE, None))
-                else:
-                    out.put((DONE, result))
+                with contextlib.closing(job()) as pieces:
+                    for piece in pieces:
+                        if cancelled.is_set():
+                            break
+                        out.put((PIECE, piece))
+                out.put((DONE, None))
             except BaseException as e:  # the caller re-raises it
                 out.put((FAILED, e))
 
-    def _submit(self, job) -> tuple[queue.Queue, threading.Event]:
-        out, cancelled = queue.Queue(), threading.Event()
-        self._jobs.put((job, out, cancelled))
-        return out, cancelled
-
     def call(self, fn, *args):
         """fn(*args) on the engine thread; waits for the result."""
-        kind, value = self._submit(lambda: fn(*args))[0].get()
-        if kind == FAILED:
-            raise value
-        return value
+        def once():
+            yield fn(*args)
 
-    def stream(self, make_pieces) -> Iterator[str]:
-        """The pieces of make_pieces() as the engine produces them; closing the iterator cancels the job."""
-        out, cancelled = self._submit(make_pieces)
+        return next(self.stream(once))
+
+    def stream(self, make_pieces) -> Iterator:
+        """The pieces of the generator make_pieces() as the engine produces them; closing this iterator cancels
+        the job."""
+        out, cancelled = queue.Queue(), threading.Event()
+        self._jobs.put((make_pieces, out, cancelled))
         try:
             while True:
                 kind, value = out.get()
@@ -88,9 +84,6 @@ class Engine:
                     return
         finally:
             cancelled.set()
-
-
-PIECE, DONE, FAILED = "piece", "done", "failed"
 
 
 class ModelShelf:

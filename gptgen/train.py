@@ -176,9 +176,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     rank, world = _setup_distributed(cfg.device)
     try:
         return _train(cfg, resume=resume, rank=rank, world=world)
-    except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
-        raise GptgenError(f"training stopped: could not write to {cfg.out!r} ({e.strerror or e}); the last "
-                          f"complete state there is kept. Free space, then: gptgen train --resume {cfg.out}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -235,12 +232,13 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0)
     log.info("training %s (%s params) on %s, %d train / %d val tokens, %d tokens per step, %.1f steps per epoch",
-             f"from {cfg.init}" if cfg.init else cfg.preset, f"{model.num_params():,}", device, len(corpus.train),
+             _model_name(cfg), f"{model.num_params():,}", device, len(corpus.train),
              len(corpus.val), tokens_per_step, steps_per_epoch)
     start = time.perf_counter() - progress.elapsed_s
     loss_sum, loss_count, last_val = torch.zeros((), device=device), 0, None  # train loss since the last eval
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
     session_tokens, session_start = 0, time.perf_counter()
+    epoch_loss = EpochLoss(device)
     interrupted = False
     try:
         while not _out_of_budget(cfg, progress, total):
@@ -259,14 +257,16 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             progress.tokens_seen += tokens_per_step
             session_tokens += tokens_per_step
             progress.elapsed_s = time.perf_counter() - start
-            _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, steps_per_epoch, total, bar, world)
+            _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
+                                     world)
             bar.update(1)
             if progress.step % 10 == 0 or progress.step == 1:
                 rate = session_tokens / (time.perf_counter() - session_start)
                 bar.set_postfix_str(_postfix(recent_sum.item() / recent_count, last_val, rate, cfg, progress))
                 recent_sum.zero_()
                 recent_count = 0
-            if (progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total)):
+            if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
+                epoch_loss.fold(progress, world)
                 last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
                                           lr, data_rng, device, autocast, rank, world)
                 loss_sum.zero_()
@@ -274,6 +274,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         if loss_count:  # keep what the run learned since the last eval
+            epoch_loss.fold(progress, world)
             _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
                            lr_at(cfg, progress.step, progress.elapsed_s, total), data_rng, device, autocast, rank,
                            world)
@@ -295,27 +296,49 @@ def _window_mean(progress: Progress) -> float:
     return sum(progress.recent_losses) / len(progress.recent_losses)
 
 
-def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, steps_per_epoch: float,
-                             total: int | None, bar: tqdm, world: int) -> None:
+class EpochLoss:
+    """The train loss summed on the device between host reads (an epoch's end, a save), so a run without
+    --target-loss syncs no more often than the bar already does."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sum, self.steps = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+    def fold(self, progress: Progress, world: int) -> None:
+        """Into progress.epoch_loss, which state.json keeps for resume; under DDP the mean over ranks."""
+        if world > 1:
+            dist.all_reduce(self.sum)
+            self.sum /= world
+        progress.epoch_loss = [progress.epoch_loss[0] + self.sum.item(), progress.epoch_loss[1] + self.steps]
+        self.sum.zero_()
+        self.steps = 0
+
+
+def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, epoch_loss: EpochLoss,
+                             steps_per_epoch: float, total: int | None, bar: tqdm, world: int) -> None:
     """Epoch bookkeeping for the bar and the log, and the --target-loss check.
 
-    Reads the loss every step (one host sync; under DDP the mean over ranks, so all ranks agree)."""
+    With a target the loss is read every step (one host sync; under DDP the mean over ranks, so all ranks
+    agree); without one, only at an epoch's end."""
     epoch = int((progress.step - 1) // steps_per_epoch)  # 0-based epoch this step belonged to
     epochs = math.ceil(total / steps_per_epoch) if total else None
     bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({steps_per_epoch:,.0f} steps each)", refresh=False)
-    if world > 1:
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= world
-    value = loss.item()
-    progress.epoch_loss = [progress.epoch_loss[0] + value, progress.epoch_loss[1] + 1]
+    epoch_loss.add(loss)
     if int(progress.step // steps_per_epoch) > epoch:  # this step finished an epoch
+        epoch_loss.fold(progress, world)
         mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
         bar.write(f"epoch {epoch + 1} done at step {progress.step:,}: mean train loss {mean:.4f}")
         progress.epoch_loss = [0.0, 0]
     if cfg.target_loss is None:
         return
-    progress.recent_losses = (progress.recent_losses + [value])[-LOSS_WINDOW:]
+    if world > 1:
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    progress.recent_losses = (progress.recent_losses + [loss.item()])[-LOSS_WINDOW:]
     window = _window_mean(progress)
     if len(progress.recent_losses) == LOSS_WINDOW and window < cfg.target_loss and progress.target_reached is None:
         progress.target_reached = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 3),
@@ -402,24 +425,33 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
             row["window_loss"] = _window_mean(progress)
         if progress.target_reached is not None:
             row["target_reached"] = progress.target_reached
-        run.log_metrics(row)
-        if keep:
-            checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
-                                  training=_provenance(cfg, corpus, progress, result, run.metrics()))
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
                  "world_size": world, "rng": rngs}
-        run.save_state(model, optimizer, state)
-        plot_losses(run.metrics(), run.path / "loss.png")
+        try:
+            run.log_metrics(row)
+            metrics = run.metrics()
+            if keep:
+                checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
+                                      training=_provenance(cfg, corpus, progress, result, metrics))
+            run.save_state(model, optimizer, state)
+            plot_losses(metrics, run.path / "loss.png")
+        except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
+            raise GptgenError(f"training stopped: could not write to {cfg.out!r} ({e.strerror or e}); the last "
+                              f"complete state there is kept. Free space, then: gptgen train --resume {cfg.out}"
+                              ) from None
     if dist.is_initialized():
         dist.barrier()
     return result.nats_per_token
 
 
+def _model_name(cfg: TrainConfig) -> str:
+    return f"from {cfg.init}" if cfg.init else cfg.preset
+
+
 def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult, metrics: list[dict]) -> dict:
     """What the model file says of its making; `curve` is [step, train loss, val loss] per eval (the page plots it)."""
     return {"corpus": os.path.basename(cfg.data), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.size_bytes,
-            "preset": f"from {cfg.init}" if cfg.init else cfg.preset, "steps": progress.step,
-            "tokens_seen": progress.tokens_seen,
+            "preset": _model_name(cfg), "steps": progress.step, "tokens_seen": progress.tokens_seen,
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
             "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},
