@@ -101,32 +101,104 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator:
     return choice if candidates is None else int(candidates[choice])
 
 
-@torch.inference_mode()
-def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
-    """Token ids after the prompt, one at a time, decoding over a preallocated KV cache."""
-    context = model.config.block_size
-    device = model.transformer.wpe.weight.device
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(s.seed if s.seed is not None else torch.seed())
-    tokens = list(prompt[-context:]) or [EOT_ID]
-    model.setup_caches(batch=1, max_len=min(context, len(tokens) + s.max_new_tokens))
-    try:
-        logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
-        pos = len(tokens)
-        for _ in range(s.max_new_tokens):
-            seen = torch.tensor(tokens) if s.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-            token = next_token(logits.cpu(), seen, s, generator)
+@dataclass(eq=False)
+class Sequence:
+    """One text being generated in a Batch: its tokens as the cache holds them, and how to sample the next."""
+
+    tokens: list[int]
+    sampling: Sampling
+    generator: torch.Generator
+    row: int
+    cached: int = 0  # tokens[:cached] are in the cache
+    new_tokens: int = 0
+    done: bool = False  # ended (end of text, max_new_tokens) or cancelled; its row is freed at the next step
+    logits: torch.Tensor | None = None  # for the next token
+
+
+class Batch:
+    """Sequences decoded together, one KV cache row each; they join (add) and leave (done) between steps.
+
+    Decoding at batch 1 is memory-bound, so one step for n sequences costs little more than for one.
+    A sequence gets the same numbers batched as alone: int8 linears quantize each sequence on its own,
+    attention masks each row to its own keys, and prefill runs one sequence at a time.
+    """
+
+    def __init__(self, model, rows: int, max_len: int | None = None) -> None:
+        self.model = model
+        self.rows = rows
+        self.context = model.config.block_size
+        self.device = model.transformer.wpe.weight.device
+        self.active: list[Sequence] = []
+        model.setup_caches(batch=rows, max_len=max_len)
+
+    def add(self, prompt: list[int], s: Sampling) -> Sequence:
+        """Start a sequence in the next free row (one prefill of its prompt); the next step samples its first token."""
+        if len(self.active) == self.rows:
+            raise RuntimeError("no free row in the batch")
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(s.seed if s.seed is not None else torch.seed())
+        seq = Sequence(list(prompt[-self.context:]) or [EOT_ID], s, generator, row=len(self.active))
+        self.active.append(seq)
+        seq.logits = self._prefill(seq, seq.tokens)
+        return seq
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence, tokens: list[int]) -> torch.Tensor:
+        """Write tokens to seq's row from position 0; the logits after the last of them."""
+        seq.cached = len(tokens)
+        return self.model(torch.tensor([tokens], device=self.device), row=seq.row, last_only=True)[0][0, -1]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        """A token for every active sequence: (sequence, token), token None where the text ended."""
+        self._free_rows()
+        out = []
+        for seq in self.active:
+            s = seq.sampling
+            seen = torch.tensor(seq.tokens) if s.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+            token = next_token(seq.logits.cpu(), seen, s, seq.generator)
             if token == EOT_ID:  # the model ended the text
-                return
-            yield token
-            tokens.append(token)
-            if pos == context:  # full: keep the most recent 3/4 and rebuild the cache from them
-                tokens = tokens[-(3 * context // 4):]
-                logits = model(torch.tensor([tokens], device=device), last_only=True)[0][0, -1]
-                pos = len(tokens)
-            else:
-                logits = model(torch.tensor([[token]], device=device), pos=pos, last_only=True)[0][0, -1]
-                pos += 1
+                seq.done = True
+                out.append((seq, None))
+                continue
+            seq.tokens.append(token)
+            seq.new_tokens += 1
+            seq.done = seq.new_tokens == s.max_new_tokens
+            out.append((seq, token))
+        self._free_rows()
+        for seq in self.active:
+            if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
+                seq.tokens = seq.tokens[-(3 * self.context // 4):]
+                self._prefill(seq, seq.tokens[:-1])
+        if self.active:
+            idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
+            pos = torch.tensor([seq.cached for seq in self.active], device=self.device)
+            logits = self.model(idx, pos=pos, last_only=True)[0]
+            for i, seq in enumerate(self.active):
+                seq.logits = logits[i, -1]
+                seq.cached += 1
+        return out
+
+    def _free_rows(self) -> None:
+        """Drop finished sequences; the last active row moves into each freed one, so rows stay 0..n-1."""
+        while (seq := next((s for s in self.active if s.done), None)) is not None:
+            last = self.active.pop()
+            if last is not seq:
+                for block in self.model.transformer.h:
+                    block.attn.cache.move(last.row, seq.row, last.cached)
+                last.row = seq.row
+                self.active[seq.row] = last
+
+
+def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
+    """Token ids after the prompt, one at a time: a batch of one sequence."""
+    batch = Batch(model, rows=1, max_len=min(model.config.block_size, len(prompt) + s.max_new_tokens))
+    try:
+        seq = batch.add(prompt, s)
+        while not seq.done:
+            for _, token in batch.step():
+                if token is not None:
+                    yield token
     finally:
         model.clear_caches()
 

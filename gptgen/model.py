@@ -17,7 +17,7 @@ from gptgen.config import GPTConfig
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, so decoding never re-runs the prompt.
+    """Preallocated keys and values of one layer, a row per sequence, so decoding never re-runs the prompt.
 
     Left uninitialised: only positions already written are ever read.
     """
@@ -29,12 +29,36 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return all keys and values so far."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, pos: int | torch.Tensor, row: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, nh, T, hs) in rows row..row+B-1 and return those rows' keys and values (all positions).
+
+        pos is an int (all rows write positions pos..pos+T-1) or a tensor of one position per row (T = 1).
+        """
+        rows = slice(row, row + k.size(0))
+        if isinstance(pos, int):
+            self.k[rows, :, pos:pos + k.size(2)] = k
+            self.v[rows, :, pos:pos + k.size(2)] = v
+        else:
+            index = torch.arange(row, row + k.size(0), device=k.device)
+            self.k[index, :, pos] = k[:, :, 0]
+            self.v[index, :, pos] = v[:, :, 0]
+        return self.k[rows], self.v[rows]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` positions to row dst."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Attention of each row over its own first lengths[i] keys, one call per row.
+
+    One masked call over the longest row would be fewer calls, but its sums run over a different length,
+    so a row's numbers would depend on the others, by ~1e-7: enough to flip an int8 rounding and change
+    a greedy text. Per row, a sequence's numbers are the same batched as alone.
+    """
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n])
+                      for i, n in enumerate(lengths)])
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,13 +71,18 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int | torch.Tensor = 0, row: int = 0,
+                lengths: list[int] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> 3 x (B, nh, T, hs), in three ops: decoding runs this per layer per token
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         mask, causal = None, T > 1
         if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)
+            k, v = self.cache.update(pos, row, k, v)
+            if lengths is not None:  # rows of different lengths
+                y = _attend_each(q, k, v, lengths)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+            k, v = k[:, :, :pos + T], v[:, :, :pos + T]
             if pos > 0 and T > 1:  # new queries see the whole cache and each other causally
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 causal = False
@@ -82,8 +111,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), pos)
+    def forward(self, x: torch.Tensor, pos: int | torch.Tensor = 0, row: int = 0,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), pos, row, lengths)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -128,22 +158,26 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.cache = None
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int = 0,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int | torch.Tensor = 0,
+                row: int = 0, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position (or the last only); with targets, also the mean cross-entropy in nats/token.
 
-        pos is where idx starts in the sequence; with caches set up, earlier positions come from the cache.
+        pos is where idx starts in the sequence; with caches set up, earlier positions come from the cache,
+        and idx's sequences use cache rows row, row+1, ... For batched decoding, pos is a tensor with each
+        row's own position and idx holds one token per row.
         """
         B, T = idx.shape
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.block_size}")
-        positions = torch.arange(pos, pos + T, device=idx.device)
+        lengths = None if isinstance(pos, int) else (pos + 1).tolist()
+        end = pos + T if lengths is None else max(lengths)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.block_size}")
+        positions = torch.arange(pos, pos + T, device=idx.device) if lengths is None else pos.view(B, 1)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, pos, use_reentrant=False)
+                x = checkpoint(block, x, pos, row, lengths, use_reentrant=False)
             else:
-                x = block(x, pos)
+                x = block(x, pos, row, lengths)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)

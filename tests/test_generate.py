@@ -5,6 +5,7 @@ import torch
 
 from gptgen.generate import (
     MAX_NEW_TOKENS,
+    Batch,
     Sampling,
     TextModel,
     apply_repetition_penalty,
@@ -81,6 +82,60 @@ def test_same_seed_same_tokens():
     assert list(generate_tokens(model, [1, 2], s)) == list(generate_tokens(model, [1, 2], s))
 
 
+def run_batch(model, requests, rows, join_every=3, cancel=None):
+    """Tokens per request, decoded in one Batch: request i joins at step join_every * i (when a row is free);
+    cancel=(i, step) marks request i done at that step."""
+    batch, waiting, out, step = Batch(model, rows), list(enumerate(requests)), {}, 0
+    try:
+        while waiting or batch.active:
+            if waiting and len(batch.active) < rows and step >= join_every * waiting[0][0]:
+                i, (prompt, s) = waiting.pop(0)
+                out[batch.add(prompt, s)] = (i, [])
+            if cancel and step == cancel[1]:
+                next(seq for seq in batch.active if out[seq][0] == cancel[0]).done = True
+            for seq, token in batch.step():
+                if token is not None:
+                    out[seq][1].append(token)
+            step += 1
+    finally:
+        model.clear_caches()
+    return dict(out.values())
+
+
+def test_batched_sequences_get_their_batch_of_one_tokens(bundled):
+    """Greedy and seeded sampling, sequences joining and leaving at different steps, rows moving when
+    others finish: every sequence's tokens equal its own run alone (the issue's test is greedy)."""
+    enc = get_tokenizer()
+    prompts = ["ROMEO:", "First Citizen:\nWe are accounted poor citizens", "", "KING HENRY VI:\nO God!",
+               "To be", "MENENIUS:\nI tell you, friends, most charitable care"]
+    samplings = [Sampling(max_new_tokens=n, temperature=0) for n in (50, 70, 30, 90, 120, 25)]
+    samplings += [Sampling(max_new_tokens=40, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=i)
+                  for i in range(3)]
+    requests = [(enc.encode_ordinary(p), s) for p, s in zip(prompts + prompts[:3], samplings, strict=True)]
+    alone = [list(generate_tokens(bundled, prompt, s)) for prompt, s in requests]
+    batched = run_batch(bundled, requests, rows=4)
+    assert [batched[i] for i in range(len(requests))] == alone
+    assert all(len(t) > 10 for t in alone)
+
+
+def test_a_cancelled_sequence_frees_its_row_and_the_others_go_on_unchanged():
+    model = tiny_model().eval()
+    requests = [([1, 2, 3], Sampling(max_new_tokens=30, temperature=0)),
+                ([4, 5], Sampling(max_new_tokens=30, temperature=0)),
+                ([6], Sampling(max_new_tokens=30, temperature=0))]
+    got = run_batch(model, requests, rows=2, join_every=0, cancel=(0, 5))
+    assert len(got[0]) == 5
+    assert got[1] == list(generate_tokens(model, *requests[1]))
+    assert got[2] == list(generate_tokens(model, *requests[2]))  # joined in the cancelled one's row
+
+
+def test_batched_sequences_run_past_the_context_as_alone():
+    model = tiny_model().eval()  # context 16: every sequence rebuilds its cache several times
+    requests = [(list(range(100, 100 + n)), Sampling(max_new_tokens=40, temperature=0)) for n in (3, 10, 20)]
+    got = run_batch(model, requests, rows=3, join_every=2)
+    assert [got[i] for i in range(3)] == [list(generate_tokens(model, *r)) for r in requests]
+
+
 @pytest.mark.parametrize("text", [
     "Hello 👋🏽 world", "東京は日本の首都です", "e\u0301 a\u0300 n\u0303 Zalgo: Z\u0351\u0357\u0360",
     "flags 🇫🇷 and 😀😃😄",
@@ -140,13 +195,21 @@ def test_load_float_and_int8_files_with_dtype(tmp_path):
         gptgen.load(str(tmp_path / "f.safetensors"), dtype="fp8")
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    import gptgen
+    from tests.conftest import BUNDLED
+
+    return gptgen.load(str(BUNDLED), device="cpu").model
+
+
 def test_bundled_model_generates_shakespeare_offline():
     import json
 
     import gptgen
-    from tests.conftest import ROOT
+    from tests.conftest import BUNDLED
 
-    model = gptgen.load(str(ROOT / "models" / "shakespeare-mini-int8.safetensors"), device="cpu")
+    model = gptgen.load(str(BUNDLED), device="cpu")
     training = json.loads(model.metadata["training"])
     assert model.metadata["quantization"] == "int8" and training["preset"] == "mini"
     assert training["corpus_sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

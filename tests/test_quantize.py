@@ -81,3 +81,46 @@ def test_the_non_fbgemm_path_matches_fbgemm():
     assert packed._packed is not None and plain._packed is None
     torch.testing.assert_close(plain(x), packed(x), atol=0.05, rtol=0.05)
     torch.testing.assert_close(plain(x), F.linear(x, q.float() * scale[:, None], lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def _packed_linear(k: int, n: int, bias: bool) -> Int8Linear:
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(n, k) * 0.02)
+    layer = Int8Linear(q, scale, torch.randn(n) if bias else None)
+    layer.pack()
+    return layer
+
+
+@pytest.mark.parametrize("k, n, bias", [(768, 2304, True), (3072, 768, True), (768, 50257, False)])
+def test_a_batch_gives_each_sequence_exactly_its_own_output(k, n, bias):
+    """fbgemm quantizes a call's activations with one scale; batched, each sequence still gets bit for bit
+    the output it gets alone, whatever its range (wide, narrow, all positive, all negative, all zero)."""
+    layer = _packed_linear(k, n, bias)
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, k) * torch.tensor([1, 30, 1e-3, 1, 1, 0, 5, 1]).view(8, 1, 1)
+    x[3], x[4] = x[3].abs() + 0.5, -x[4].abs() - 0.5  # all positive, all negative
+    x[6] += 40  # far from zero
+    with torch.inference_mode():
+        batched = layer(x)
+        for b in range(8):
+            assert torch.equal(batched[b], layer(x[b:b + 1])[0]), f"sequence {b}"
+        ref = F.linear(x, layer.int8_weight().float() * layer.scale[:, None], layer.bias)
+    assert ((batched - ref).norm() / ref.norm()) < 0.02
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ROW = st.tuples(st.floats(-8, 4), st.floats(-50, 50), st.integers(0, 2**31 - 1))  # log10 of spread, offset, seed
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ROW, min_size=2, max_size=5))
+def test_any_activation_ranges_batched_equal_alone(rows):
+    layer = _packed_linear(64, 96, bias=True)
+    x = torch.stack([torch.randn(2, 64, generator=torch.Generator().manual_seed(seed)) * 10**spread + offset
+                     for spread, offset, seed in rows])
+    with torch.inference_mode():
+        batched = layer(x)
+        for b in range(len(rows)):
+            assert torch.equal(batched[b], layer(x[b:b + 1])[0])
