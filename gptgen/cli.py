@@ -100,8 +100,14 @@ def _data_parser(sub) -> None:
     p.add_argument("--out", default="data", help="folder to write it to (default: data)")
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _serve_parser(sub) -> None:
-    from gptgen.serve import BUNDLED_MODELS
+    from gptgen.serve import BATCH_ROWS, BUNDLED_MODELS
 
     p = sub.add_parser("serve", help="the web page and its API, on the bundled model or yours")
     p.add_argument("--model", help="model to show first: a name in --models or a .safetensors file")
@@ -110,6 +116,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
+                   help=f"requests decoded together per model (default {BATCH_ROWS}); each holds a KV cache "
+                   "of the model's context")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -292,7 +301,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptgen.serve import serve
 
-    serve(args.models, args.model, host=args.host, port=args.port, device=args.device)
+    serve(args.models, args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch)
     return 0
 
 

@@ -9,6 +9,7 @@ the context keeps its last tokens. Generation ends early when the model emits <|
 from __future__ import annotations
 
 import codecs
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -258,25 +259,41 @@ class TextModel:
 
     def stream_with_stats(self, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
         """stream() and the Stats it fills in, for callers that share the model across threads."""
+        ids, s = self.prepare(prompt, **sampling)
+        return self.text(generate_tokens(self.model, ids, s), s, len(ids))
+
+    def prepare(self, prompt: str, **sampling) -> tuple[list[int], Sampling]:
+        """(prompt token ids, Sampling); ValueError names a bad parameter. The prompt's length is capped
+        before tokenizing, so work cannot grow without bound."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (only the "
                              f"last {self.config.block_size} tokens are used anyway)")
         s = Sampling(**sampling)
-        ids = self.tokenizer.encode_ordinary(prompt)
-        stats = Stats(prompt_tokens=len(ids))
+        return self.tokenizer.encode_ordinary(prompt), s
+
+    @staticmethod
+    def text(tokens: Iterator[int], s: Sampling, prompt_tokens: int) -> tuple[Iterator[str], Stats]:
+        """(text pieces of the token ids, the Stats they fill in as they are read); closing the pieces closes
+        the tokens (which cancels a server request)."""
+        stats = Stats(prompt_tokens=prompt_tokens)
         start = time.perf_counter()
 
         def counted() -> Iterator[int]:
-            for token in generate_tokens(self.model, ids, s):
-                stats.new_tokens += 1
-                if stats.new_tokens == 1:
-                    stats.first_token_s = time.perf_counter() - start
-                yield token
-                stats.total_s = time.perf_counter() - start
+            with contextlib.closing(tokens):
+                for token in tokens:
+                    stats.new_tokens += 1
+                    if stats.new_tokens == 1:
+                        stats.first_token_s = time.perf_counter() - start
+                    yield token
+                    stats.total_s = time.perf_counter() - start
 
-        return stream_text(counted(), s.stop), stats
+        def pieces() -> Iterator[str]:
+            with contextlib.closing(counted()) as ids:
+                yield from stream_text(ids, s.stop)
+
+        return pieces(), stats
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

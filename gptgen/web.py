@@ -14,7 +14,7 @@ import pandas as pd
 
 from gptgen.checkpoint import training_info
 from gptgen.generate import Sampling, Stats, TextModel
-from gptgen.serve import ModelShelf, UnknownModel
+from gptgen.serve import MAX_WAITING, ModelShelf, ServerBusy, UnknownModel
 
 UPDATE_INTERVAL_S = 0.1  # at most ~10 page updates a second, however fast decoding runs
 QUEUE_SIZE = 64  # waiting requests beyond this are told the queue is full
@@ -87,7 +87,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
-        except (ValueError, UnknownModel) as e:
+        except (ValueError, UnknownModel, ServerBusy) as e:
             raise gr.Error(str(e)) from None
         session = request.session_hash or ""
         stop_requests.discard(session)
@@ -146,9 +146,10 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                     plot = gr.LinePlot(curve, visible=not curve.empty, x="step", y="loss", color="split",
                                        label="Loss (nats/token)", elem_id="loss-curve")
         inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name]
-        # One stream at a time: a model's KV cache serves one sequence.
+        # Gradio runs up to this many streams at once; the engine decodes them together (a batch row each)
+        # or keeps them waiting for a row. Beyond that, Gradio's queue holds QUEUE_SIZE more.
         gr.on([go.click, prompt.submit], generate, inputs, [output, stats], api_name="generate",
-              concurrency_limit=1, show_progress="hidden")
+              concurrency_limit=shelf.engine.rows + MAX_WAITING, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
             event(show_model, model_name, [card_md, plot, max_new_tokens], api_visibility="private")

@@ -54,6 +54,24 @@ def test_openai_completion_equals_the_python_api(openai_client):
     assert out.usage.completion_tokens >= 1
 
 
+def test_concurrent_openai_clients_each_get_their_text_alone(openai_client):
+    """Eight clients at once, decoded in one batch by the server: each text equals the Python API's batch of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gptgen
+
+    model = gptgen.load(str(BUNDLED), device="cpu")
+    prompts = ["ROMEO:", "JULIET:", "First Citizen:", "KING RICHARD III:", "MENENIUS:", "", "O", "What"]
+    jobs = [dict(prompt=p, max_tokens=30 + 4 * i, temperature=0 if i % 2 else 0.8, seed=i)
+            for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda job: openai_client.completions.create(model=BUNDLED.stem, **job).choices[0].text,
+                              jobs))
+    for job, text in zip(jobs, texts, strict=True):
+        assert text == model.generate(job["prompt"], max_new_tokens=job["max_tokens"], temperature=job["temperature"],
+                                      top_k=0, seed=job["seed"])
+
+
 def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
     kwargs = dict(model=BUNDLED.stem, prompt="JULIET:", max_tokens=40, temperature=0.8, seed=5)
     pieces = [c.choices[0].text for c in openai_client.completions.create(stream=True, **kwargs)]
@@ -99,3 +117,74 @@ def test_any_json_body_gets_an_answer_or_a_clear_400_and_the_server_goes_on(web_
         assert error["type"] == "invalid_request_error" and error["message"]
     health = httpx.post(f"{web_server}v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert health.status_code == 200
+
+
+# The engine: continuous batching, in process, on a tiny model.
+import threading  # noqa: E402
+
+from gptgen.generate import Sampling, generate_tokens  # noqa: E402
+from gptgen.serve import Engine, ServerBusy  # noqa: E402
+from tests.test_model import tiny_model  # noqa: E402
+
+
+def _requests(n):
+    return [(list(range(10 + i, 13 + 2 * i)), Sampling(max_new_tokens=25 + 5 * i, temperature=0.9 * (i % 2),
+                                                         seed=i)) for i in range(n)]
+
+
+def test_concurrent_requests_decode_together_and_each_gets_its_text_alone():
+    model = tiny_model().eval()
+    requests = _requests(6)
+    alone = [list(generate_tokens(model, *r)) for r in requests]
+    engine, got, start = Engine(rows=4), {}, threading.Barrier(6)
+
+    def client(i):
+        start.wait()
+        got[i] = list(engine.tokens(model, *requests[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [got[i] for i in range(6)] == alone
+    assert engine.peak_batch == 4  # six clients, four rows: they did decode together
+
+
+def test_a_closed_stream_frees_its_row():
+    model = tiny_model().eval()
+    engine = Engine(rows=1)
+    endless = engine.tokens(model, [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    assert len([next(endless) for _ in range(3)]) == 3
+    endless.close()
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens(model, prompt, s)) == list(generate_tokens(model, prompt, s))
+
+
+def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on():
+    model = tiny_model().eval()
+    engine = Engine(rows=1, max_waiting=2)
+    long = Sampling(max_new_tokens=300, temperature=0)
+    accepted, refused = [], []
+    for _ in range(8):
+        try:
+            accepted.append(engine.tokens(model, [5, 6], long))
+        except ServerBusy as e:
+            refused.append(str(e))
+    assert 2 <= len(accepted) <= 3 and refused and "retry" in refused[0]
+    assert all(len(list(stream)) == 300 for stream in accepted)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens(model, prompt, s)) == list(generate_tokens(model, prompt, s))
+
+
+def test_busy_is_a_429_with_retry_after_for_openai_clients():
+    from fastapi.testclient import TestClient
+
+    from gptgen.serve import ModelShelf, build_server
+
+    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu")
+    shelf.engine.max_waiting = 0  # every request finds the queue full
+    with TestClient(build_server(shelf)) as client:
+        r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 429 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "server_busy" and "retry" in r.json()["error"]["message"]
