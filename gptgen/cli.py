@@ -119,6 +119,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
                    help=f"requests decoded together per model (default {BATCH_ROWS}); each holds a KV cache "
                    "of the model's context")
+    p.add_argument("--threads", type=_positive_int, help="torch threads of the engine process (default: all "
+                   "cores but one, which the web server keeps)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -301,7 +303,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptgen.serve import serve
 
-    serve(args.models, args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch)
+    serve(args.models, args.model, host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
+          threads=args.threads)
     return 0
 
 

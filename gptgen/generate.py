@@ -244,12 +244,16 @@ class Stats:
 
 
 class TextModel:
-    """A loaded model with its tokenizer: what gptgen.load() returns."""
+    """A loaded model with its tokenizer: what gptgen.load() returns.
 
-    def __init__(self, model, metadata: dict[str, str]) -> None:
+    The server's side holds one without weights (model None: the engine process has them) for its
+    metadata, tokenizer and text streaming.
+    """
+
+    def __init__(self, model, metadata: dict[str, str], config=None) -> None:
         self.model = model
         self.metadata = metadata
-        self.config = model.config
+        self.config = config or model.config
         self.tokenizer = get_tokenizer()
         self.last = Stats()
 

@@ -57,8 +57,8 @@ def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: lis
     so a row's numbers would depend on the others, by ~1e-7: enough to flip an int8 rounding and change
     a greedy text. Per row, a sequence's numbers are the same batched as alone.
     """
-    return torch.cat([F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n])
-                      for i, n in enumerate(lengths)])
+    return torch.cat([F.scaled_dot_product_attention(qi, ki[:, :, :n], vi[:, :, :n])
+                      for qi, ki, vi, n in zip(q.split(1), k.split(1), v.split(1), lengths, strict=True)])
 
 
 class CausalSelfAttention(nn.Module):

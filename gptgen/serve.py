@@ -1,30 +1,27 @@
 """The server: one FastAPI app with the Gradio page (and its `/generate` API) at `/` and the
 OpenAI-compatible `/v1/completions` and `/v1/models`, all generating through one `ModelShelf`.
 
-Binds 127.0.0.1 unless told otherwise. One engine thread runs every model and decodes concurrent
-requests together, up to BATCH_ROWS per model; more wait for a row, up to MAX_WAITING.
+Binds 127.0.0.1 unless told otherwise. The models run in the engine process (`gptgen.engine`), which
+decodes concurrent requests together, up to BATCH_ROWS per model; more wait for a row, up to MAX_WAITING.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
-from gptgen.checkpoint import ModelFileError, read_config
+from gptgen.checkpoint import ModelFileError, read_config, read_safetensors
 from gptgen.config import GptgenError
-from gptgen.generate import Batch, Sampling, Sequence, Stats, TextModel
-from gptgen.model import GPT
+from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
+from gptgen.generate import Stats, TextModel
 
 log = logging.getLogger(__name__)
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"  # the repo's models/ (a Space's too)
@@ -34,150 +31,19 @@ class UnknownModel(GptgenError):
     """A request named a model this server does not have."""
 
 
-class ServerBusy(GptgenError):
-    """Too many requests are already waiting for a batch row; the client should retry shortly."""
-
-
-TOKEN, DONE, FAILED = "token", "done", "failed"  # what the engine sends back for a request
-BATCH_ROWS = 16  # sequences decoded together per model (each holds a KV cache row of the model's context)
-MAX_WAITING = 64  # requests waiting for a row beyond this are refused with ServerBusy
-
-
-@dataclass(eq=False)
-class _Request:
-    model: GPT
-    prompt: list[int]
-    sampling: Sampling
-    out: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class Engine:
-    """The one thread that runs the models: loads, and a `Batch` per model that decodes every request
-    together (continuous batching: requests join and leave between steps).
-
-    One thread because torch's OpenMP pool belongs to the thread that calls it; once a second thread runs
-    ops too, libgomp finds more threads than cores and stops spinning, and every op pays a wake-up.
-    Decoding from Gradio's and Starlette's worker threads ran 2.2x slower than from one thread (mini
-    model: 0.56 s vs 0.25 s for 256 tokens). Callers get token ids through a queue per request.
-    """
-
-    def __init__(self, rows: int = BATCH_ROWS, max_waiting: int = MAX_WAITING) -> None:
-        self.rows, self.max_waiting = rows, max_waiting
-        self._inbox: queue.Queue = queue.Queue()
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._batches: dict[GPT, Batch] = {}
-        self._requests: dict[Sequence, _Request] = {}
-        self.peak_batch = 0  # the most sequences one step has decoded together
-        threading.Thread(target=self._run, name="gptgen-engine", daemon=True).start()
-
-    def call(self, fn, *args):
-        """fn(*args) on the engine thread, between decoding steps; waits for the result."""
-        result: queue.Queue = queue.Queue()
-        self._inbox.put((fn, args, result))
-        kind, value = result.get()
-        if kind == FAILED:
-            raise value
-        return value
-
-    def tokens(self, model: GPT, prompt: list[int], s: Sampling) -> Iterator[int]:
-        """The token ids of one request, decoded in the model's batch; closing the iterator cancels the request.
-
-        Raises ServerBusy at once if max_waiting requests are already waiting for a row.
-        """
-        if len(self._waiting) + self._inbox.qsize() >= self.max_waiting:
-            raise ServerBusy(f"the server is busy ({self.max_waiting} requests are waiting); retry in a few seconds")
-        request = _Request(model, prompt, s)
-        self._inbox.put(request)
-
-        def receive() -> Iterator[int]:
-            try:
-                while True:
-                    kind, value = request.out.get()
-                    if kind == TOKEN:
-                        yield value
-                    elif kind == FAILED:
-                        raise value
-                    else:
-                        return
-            finally:
-                request.cancelled.set()
-
-        return receive()
-
-    def _run(self) -> None:
-        while True:
-            busy = self._waiting or any(batch.active for batch in self._batches.values())
-            try:
-                items = [self._inbox.get(block=not busy)]
-            except queue.Empty:
-                items = []
-            while not self._inbox.empty():
-                items.append(self._inbox.get())
-            for item in items:
-                if isinstance(item, _Request):
-                    self._waiting.append(item)
-                else:
-                    fn, args, result = item
-                    try:
-                        result.put((DONE, fn(*args)))
-                    except Exception as e:  # the caller re-raises it
-                        result.put((FAILED, e))
-            self._admit()
-            for batch in list(self._batches.values()):
-                if batch.active:
-                    self._step(batch)
-
-    def _admit(self) -> None:
-        """Move waiting requests into free rows of their model's batch (one prefill each)."""
-        for request in list(self._waiting):
-            if request.cancelled.is_set():
-                self._waiting.remove(request)
-                continue
-            batch = self._batches.get(request.model)
-            if batch is None:
-                batch = self._batches[request.model] = Batch(request.model, self.rows)
-            if len(batch.active) == batch.rows:
-                continue
-            self._waiting.remove(request)
-            try:
-                self._requests[batch.add(request.prompt, request.sampling)] = request
-            except Exception as e:
-                request.out.put((FAILED, e))
-
-    def _step(self, batch: Batch) -> None:
-        for seq in batch.active:
-            if self._requests[seq].cancelled.is_set():
-                seq.done = True
-                del self._requests[seq]
-        self.peak_batch = max(self.peak_batch, len(batch.active))
-        try:
-            events = batch.step()
-        except Exception as e:  # every request in the batch gets the error; the batch starts afresh
-            for seq in batch.active:
-                self._requests.pop(seq).out.put((FAILED, e))
-            del self._batches[batch.model]
-            return
-        for seq, token in events:
-            request = self._requests[seq]
-            if token is not None:
-                request.out.put((TOKEN, token))
-            if seq.done:
-                request.out.put((DONE, None))
-                del self._requests[seq]
-
-
 class ModelShelf:
-    """Model files by name (a file's name without .safetensors, or a Hub id), each loaded on first use and kept."""
+    """Model files by name (a file's name without .safetensors, or a Hub id), each loaded in the engine on first
+    use and kept; the server side keeps their metadata and tokenizer."""
 
-    def __init__(self, files: dict[str, Path], device: str = "auto", rows: int = BATCH_ROWS) -> None:
+    def __init__(self, files: dict[str, Path], device: str = "auto", rows: int = BATCH_ROWS,
+                 threads: int | None = None) -> None:
         if not files:
             raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
         self.paths = dict(files)
         self.longest_context = max(read_config(p).block_size for p in self.paths.values())
-        self.device = device
-        self.engine = Engine(rows)
+        self.engine = Engine(rows, device=device, threads=threads)
         self._loaded: dict[str, TextModel] = {}
+        self._lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
@@ -186,17 +52,11 @@ class ModelShelf:
     def get(self, name: str) -> TextModel:
         if name not in self.paths:
             raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
-        if name not in self._loaded:
-            self._loaded[name] = self.engine.call(self._load, name)
-        return self._loaded[name]
-
-    def _load(self, name: str) -> TextModel:
-        import gptgen
-
-        if name not in self._loaded:  # a request queued behind another load of the same model
-            model = gptgen.load(str(self.paths[name]), device=self.device)
-            model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
-            self._loaded[name] = model
+        with self._lock:  # one load per model, however many requests ask for it at once
+            if name not in self._loaded:
+                path = self.paths[name]
+                self.engine.load(name, str(path))
+                self._loaded[name] = TextModel(None, read_safetensors(path, with_tensors=False)[1], read_config(path))
         return self._loaded[name]
 
     def stream(self, name: str, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
@@ -206,7 +66,7 @@ class ModelShelf:
         """
         model = self.get(name)
         ids, s = model.prepare(prompt, **sampling)
-        return model.text(self.engine.tokens(model.model, ids, s), s, len(ids))
+        return model.text(self.engine.tokens(name, ids, s), s, len(ids))
 
 
 def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Path], str | None]:
@@ -286,6 +146,8 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             return _openai_error(str(e), "model", 404)
         except ServerBusy as e:  # the openai client retries these by itself
             return _openai_error(str(e), status=429, kind="server_busy")
+        except EngineError as e:
+            return _openai_error(str(e), status=500, kind="server_error")
         except ValueError as e:
             return _openai_error(str(e))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -327,13 +189,13 @@ def build_server(shelf: ModelShelf, default: str | None = None):
 
 
 def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-          device: str = "auto", max_batch: int = BATCH_ROWS) -> None:
+          device: str = "auto", max_batch: int = BATCH_ROWS, threads: int | None = None) -> None:
     """Load the first model (so the page is ready when the address is printed), then serve until stopped."""
     import uvicorn
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline-first tool
     files, default = pick_models(models_dir, model)
-    app = build_server(ModelShelf(files, device, max_batch), default)
+    app = build_server(ModelShelf(files, device, max_batch, threads), default)
     if host in ("0.0.0.0", "::"):
         log.warning("serving on %s: anyone who can reach this machine can use the page", host)
     log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", host, port,

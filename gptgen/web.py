@@ -13,8 +13,9 @@ import gradio as gr
 import pandas as pd
 
 from gptgen.checkpoint import training_info
+from gptgen.engine import MAX_WAITING, EngineError, ServerBusy
 from gptgen.generate import Sampling, Stats, TextModel
-from gptgen.serve import MAX_WAITING, ModelShelf, ServerBusy, UnknownModel
+from gptgen.serve import ModelShelf, UnknownModel
 
 UPDATE_INTERVAL_S = 0.1  # at most ~10 page updates a second, however fast decoding runs
 QUEUE_SIZE = 64  # waiting requests beyond this are told the queue is full
@@ -87,7 +88,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
-        except (ValueError, UnknownModel, ServerBusy) as e:
+        except (ValueError, UnknownModel, ServerBusy, EngineError) as e:
             raise gr.Error(str(e)) from None
         session = request.session_hash or ""
         stop_requests.discard(session)

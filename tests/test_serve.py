@@ -119,12 +119,24 @@ def test_any_json_body_gets_an_answer_or_a_clear_400_and_the_server_goes_on(web_
     assert health.status_code == 200
 
 
-# The engine: continuous batching, in process, on a tiny model.
+# The engine process: continuous batching, on a tiny model's file.
 import threading  # noqa: E402
 
+from gptgen.engine import Engine, ServerBusy  # noqa: E402
 from gptgen.generate import Sampling, generate_tokens  # noqa: E402
-from gptgen.serve import Engine, ServerBusy  # noqa: E402
-from tests.test_model import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """A tiny model's file, and the same file loaded here (what generating alone gives)."""
+    import gptgen
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    model = tiny_model()
+    save_model(path, model.state_dict(), model.config)
+    return path, gptgen.load(str(path), device="cpu").model
 
 
 def _requests(n):
@@ -132,15 +144,20 @@ def _requests(n):
                                                          seed=i)) for i in range(n)]
 
 
-def test_concurrent_requests_decode_together_and_each_gets_its_text_alone():
-    model = tiny_model().eval()
+def _engine(tiny_file, **kwargs) -> Engine:
+    engine = Engine(device="cpu", **kwargs)
+    engine.load("tiny", str(tiny_file[0]))
+    return engine
+
+
+def test_concurrent_requests_decode_together_and_each_gets_its_text_alone(tiny_file):
     requests = _requests(6)
-    alone = [list(generate_tokens(model, *r)) for r in requests]
-    engine, got, start = Engine(rows=4), {}, threading.Barrier(6)
+    alone = [list(generate_tokens(tiny_file[1], *r)) for r in requests]
+    engine, got, start = _engine(tiny_file, rows=4), {}, threading.Barrier(6)
 
     def client(i):
         start.wait()
-        got[i] = list(engine.tokens(model, *requests[i]))
+        got[i] = list(engine.tokens("tiny", *requests[i]))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:
@@ -151,30 +168,40 @@ def test_concurrent_requests_decode_together_and_each_gets_its_text_alone():
     assert engine.peak_batch == 4  # six clients, four rows: they did decode together
 
 
-def test_a_closed_stream_frees_its_row():
-    model = tiny_model().eval()
-    engine = Engine(rows=1)
-    endless = engine.tokens(model, [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+def test_a_closed_stream_frees_its_row(tiny_file):
+    engine = _engine(tiny_file, rows=1)
+    endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
     assert len([next(endless) for _ in range(3)]) == 3
     endless.close()
     prompt, s = _requests(1)[0]
-    assert list(engine.tokens(model, prompt, s)) == list(generate_tokens(model, prompt, s))
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
-def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on():
-    model = tiny_model().eval()
-    engine = Engine(rows=1, max_waiting=2)
+def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
+    engine = _engine(tiny_file, rows=1, max_waiting=2)
     long = Sampling(max_new_tokens=300, temperature=0)
     accepted, refused = [], []
     for _ in range(8):
         try:
-            accepted.append(engine.tokens(model, [5, 6], long))
+            accepted.append(engine.tokens("tiny", [5, 6], long))
         except ServerBusy as e:
             refused.append(str(e))
-    assert 2 <= len(accepted) <= 3 and refused and "retry" in refused[0]
+    assert len(accepted) == 3 and len(refused) == 5 and "retry" in refused[0]
     assert all(len(list(stream)) == 300 for stream in accepted)
     prompt, s = _requests(1)[0]
-    assert list(engine.tokens(model, prompt, s)) == list(generate_tokens(model, prompt, s))
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, tmp_path):
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=2)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="not a readable safetensors file"):
+        engine.load("bad", str(bad))
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
 def test_busy_is_a_429_with_retry_after_for_openai_clients():
@@ -182,8 +209,8 @@ def test_busy_is_a_429_with_retry_after_for_openai_clients():
 
     from gptgen.serve import ModelShelf, build_server
 
-    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu")
-    shelf.engine.max_waiting = 0  # every request finds the queue full
+    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu", rows=1)
+    shelf.engine.max_waiting = -1  # every request finds the queue full
     with TestClient(build_server(shelf)) as client:
         r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 429 and r.headers["retry-after"]

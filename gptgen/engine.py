@@ -1,0 +1,225 @@
+"""The engine: one process that holds the served models and decodes every request in a batch per model
+(continuous batching: requests join and leave between decoding steps).
+
+Why a process of its own. Decoding runs thousands of short torch ops a second, each a point where the
+thread gives up the GIL; in the server process the HTTP, Gradio and streaming threads take it in
+between, and the engine waits. And OpenMP's threads spin between ops, so anything else running on
+their cores stalls them: on 2 cores, 0.4 of a core of other work cut batched decoding by 38% with 2
+torch threads and not at all with 1. So the engine runs in its own process with its own GIL, on all
+cores but one, and the server's threads and the clients have the last one.
+
+The server side (`Engine`) talks to it through a pipe, in JSON: load a model, generate (prompt token
+ids and sampling parameters), cancel; the engine answers with the tokens of each step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict
+
+from gptgen.config import GptgenError
+from gptgen.generate import Sampling
+
+log = logging.getLogger(__name__)
+_exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
+BATCH_ROWS = 16  # sequences decoded together per model (each holds a KV cache row of the model's context)
+MAX_WAITING = 64  # requests waiting for a row beyond this are refused with ServerBusy
+
+
+class ServerBusy(GptgenError):
+    """Too many requests are already waiting for a batch row; the client should retry shortly."""
+
+
+class EngineError(GptgenError):
+    """The engine could not load a model or finish a request (its message says why)."""
+
+
+@atexit.register
+def _at_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
+def default_threads() -> int:
+    """All cores but one for the engine's torch ops (at least one)."""
+    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2) - 1)
+
+
+class Engine:
+    """The server's handle on the engine process: load models, stream a request's token ids, cancel."""
+
+    def __init__(self, rows: int = BATCH_ROWS, max_waiting: int = MAX_WAITING, device: str = "auto",
+                 threads: int | None = None) -> None:
+        self.rows, self.max_waiting = rows, max_waiting
+        self.peak_batch = 0  # the most sequences one step has decoded together
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=_engine_main, args=(child, rows, device, threads or default_threads()), name="gptgen-engine",
+            daemon=True)
+        self._process.start()
+        child.close()
+        self._ids = itertools.count()
+        self._replies: dict[int, queue.Queue] = {}
+        self._send_lock = threading.Lock()
+        self._stopped: str | None = None
+        threading.Thread(target=self._receive, name="gptgen-engine-reader", daemon=True).start()
+
+    def load(self, name: str, path: str) -> None:
+        """Load a model file in the engine under `name` (and warm it up); returns when it is ready."""
+        kind, message = self._request({"op": "load", "name": name, "path": path})[1].get()
+        if kind == "failed":
+            raise EngineError(message)
+
+    def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
+        """The token ids of one request, decoded in its model's batch; closing the iterator cancels it.
+
+        Raises ServerBusy at once when rows + max_waiting requests are already in the engine.
+        """
+        if len(self._replies) >= self.rows + self.max_waiting:
+            raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few seconds")
+        rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
+
+        def receive() -> Iterator[int]:
+            finished = False
+            try:
+                while True:
+                    kind, value = reply.get()
+                    if kind == "token":
+                        yield value
+                    elif kind == "failed":
+                        finished = True
+                        raise EngineError(value)
+                    else:
+                        finished = True
+                        return
+            finally:
+                if not finished:
+                    self._send({"op": "cancel", "id": rid})
+
+        return receive()
+
+    def _request(self, message: dict) -> tuple[int, queue.Queue]:
+        """(request id, the queue its answers arrive in)."""
+        if self._stopped:
+            raise EngineError(self._stopped)
+        rid = next(self._ids)
+        reply = self._replies[rid] = queue.Queue()
+        self._send({**message, "id": rid})
+        return rid, reply
+
+    def _send(self, message: dict) -> None:
+        with self._send_lock:
+            self._conn.send_bytes(json.dumps(message).encode())
+
+    def _receive(self) -> None:
+        """Route the engine's messages to the waiting requests (one thread)."""
+        try:
+            while True:
+                message = json.loads(self._conn.recv_bytes())
+                if message["op"] == "step":
+                    self.peak_batch = max(self.peak_batch, message["batch"])
+                    for rid, token, done in message["events"]:
+                        reply = self._replies.get(rid)
+                        if reply is None:
+                            continue
+                        if token is not None:
+                            reply.put(("token", token))
+                        if done:
+                            reply.put(("done", None))
+                            del self._replies[rid]
+                else:  # "done" or "failed" of one request or load
+                    self._replies.pop(message["id"]).put((message["op"], message.get("error")))
+        except (EOFError, OSError):
+            self._stopped = f"the engine process stopped (exit code {self._process.exitcode}); restart the server"
+            if not sys.is_finalizing() and not _exiting:
+                log.error(self._stopped)
+            for rid in list(self._replies):
+                self._replies.pop(rid).put(("failed", self._stopped))
+
+
+def _engine_main(conn, rows: int, device: str, threads: int) -> None:
+    """The engine process: models by name, a Batch per model, one decoding step after another."""
+    import torch
+
+    import gptgen
+    from gptgen.generate import Batch
+
+    torch.set_num_threads(threads)
+    models, batches, waiting, owners = {}, {}, collections.deque(), {}
+
+    def send(message: dict) -> None:
+        conn.send_bytes(json.dumps(message).encode())
+
+    def handle(message: dict) -> None:
+        rid = message["id"]
+        if message["op"] == "load":
+            try:
+                if message["name"] not in models:
+                    model = gptgen.load(message["path"], device=device)
+                    model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
+                    models[message["name"]] = model.model
+                send({"op": "done", "id": rid})
+            except Exception as e:
+                send({"op": "failed", "id": rid, "error": f"{type(e).__name__}: {e}"})
+        elif message["op"] == "generate":
+            waiting.append(message)
+        elif message["op"] == "cancel":  # its row is freed at the next step
+            for seq in [seq for seq, owner in owners.items() if owner == rid]:
+                seq.done = True
+                del owners[seq]
+            for m in [m for m in waiting if m["id"] == rid]:
+                waiting.remove(m)
+
+    def admit() -> None:
+        for message in list(waiting):
+            model = models.get(message["name"])
+            batch = batches.get(message["name"])
+            if batch is None and model is not None:
+                batch = batches[message["name"]] = Batch(model, rows)
+            if batch is not None and len(batch.active) == batch.rows:
+                continue
+            waiting.remove(message)
+            try:
+                if model is None:
+                    raise EngineError(f"model {message['name']!r} is not loaded")
+                s = Sampling(**{**message["sampling"], "stop": tuple(message["sampling"]["stop"])})
+                owners[batch.add(message["prompt"], s)] = message["id"]
+            except Exception as e:
+                send({"op": "failed", "id": message["id"], "error": f"{type(e).__name__}: {e}"})
+
+    def step(name: str, batch: Batch) -> None:
+        size = len(batch.active)
+        try:
+            events = batch.step()
+        except Exception as e:  # every request in the batch gets the error; the batch starts afresh
+            for seq in batch.active:
+                send({"op": "failed", "id": owners.pop(seq), "error": f"{type(e).__name__}: {e}"})
+            del batches[name]
+            return
+        send({"op": "step", "batch": size, "events": [(owners[seq], token, seq.done) for seq, token in events]})
+        for seq, _ in events:
+            if seq.done:
+                del owners[seq]
+
+    try:
+        while True:
+            if not (waiting or any(batch.active for batch in batches.values())):
+                handle(json.loads(conn.recv_bytes()))  # idle: wait for work
+            while conn.poll(0):
+                handle(json.loads(conn.recv_bytes()))
+            admit()
+            for name, batch in list(batches.items()):
+                if batch.active:
+                    step(name, batch)
+    except (EOFError, OSError, KeyboardInterrupt):  # the server went away
+        return
