@@ -30,6 +30,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/quality.py --minutes 1.5
 	$(PY) benchmarks/app.py
+	$(PY) benchmarks/serve_load.py --soak-minutes 5
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

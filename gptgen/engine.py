@@ -32,7 +32,7 @@ from gptgen.generate import Sampling
 
 log = logging.getLogger(__name__)
 _exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
-BATCH_ROWS = 16  # sequences decoded together per model (each holds a KV cache row of the model's context)
+BATCH_ROWS = 32  # sequences decoded together per model (each holds a KV cache row of the model's context)
 MAX_WAITING = 64  # requests waiting for a row beyond this are refused with ServerBusy
 
 

@@ -1,7 +1,8 @@
 """The Gradio page and its named API endpoint `/generate`: one streaming handler serves both.
 
 The page names models, never paths (the server's `ModelShelf` maps names to files). Generation goes
-through `TextModel.stream`, like the CLI, the Python API and the OpenAI-compatible routes.
+through `ModelShelf.stream`, like the OpenAI-compatible routes: the engine process decodes every
+request together, and each gets the text `TextModel.stream` (the CLI, the Python API) gives alone.
 """
 
 from __future__ import annotations
