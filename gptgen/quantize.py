@@ -119,7 +119,8 @@ class Int8Linear(nn.Module):
             ones = torch.ones_like(self.scale, dtype=torch.double)  # the row scales go on after, with the bias
             q = torch._make_per_channel_quantized_tensor(self.weight, ones, torch.zeros_like(ones, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(q, None)
-        self._col_sums = self.weight.sum(dim=1, dtype=torch.int32).float()
+        # in blocks of rows: a sum in int32 converts its input first (154 MB at once for GPT-2's head)
+        self._col_sums = torch.cat([w.sum(dim=1, dtype=torch.int32) for w in self.weight.split(4096)]).float()
         if not keep_weight:
             self.weight = None
 

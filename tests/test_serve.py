@@ -26,6 +26,36 @@ def test_unknown_model_names_what_is_there(capsys):
     assert "neither a file, a Hub id, nor a model" in capsys.readouterr().err
 
 
+def test_the_spaces_entry_point_serves_the_bundled_model(tmp_path):
+    """`python app.py`, as Spaces runs it (the engine process re-imports it, so it must not serve twice)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.conftest import ROOT, free_port
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = (tmp_path / "app.log").open("w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, answer = time.monotonic() + 90, None
+        while time.monotonic() < deadline and proc.poll() is None and answer is None:
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                                    timeout=30)
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert answer is not None and answer.status_code == 200, (tmp_path / "app.log").read_text()
+        assert answer.json()["model"] == BUNDLED.stem
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["serve", "--models", str(tmp_path)]) == 2
     assert "no models to serve" in capsys.readouterr().err
