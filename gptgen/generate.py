@@ -173,7 +173,10 @@ class Batch:
                 self._prefill(seq, seq.tokens[:-1])
         if self.active:
             idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
-            pos = torch.tensor([seq.cached for seq in self.active], device=self.device)
+            if len(self.active) == 1:  # one sequence: an int position, the same numbers with fewer ops
+                pos = self.active[0].cached
+            else:
+                pos = torch.tensor([seq.cached for seq in self.active], device=self.device)
             logits = self.model(idx, pos=pos, last_only=True)[0]
             for i, seq in enumerate(self.active):
                 seq.logits = logits[i, -1]
