@@ -119,8 +119,9 @@ class Int8Linear(nn.Module):
             ones = torch.ones_like(self.scale, dtype=torch.double)  # the row scales go on after, with the bias
             q = torch._make_per_channel_quantized_tensor(self.weight, ones, torch.zeros_like(ones, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(q, None)
-        # in blocks of rows: a sum in int32 converts its input first (154 MB at once for GPT-2's head)
-        self._col_sums = torch.cat([w.sum(dim=1, dtype=torch.int32) for w in self.weight.split(4096)]).float()
+        # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
+        ones = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1))])
+        self._col_sums = torch.ops.quantized.linear_dynamic(ones, self._packed)[0]
         if not keep_weight:
             self.weight = None
 
