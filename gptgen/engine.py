@@ -9,13 +9,16 @@ torch threads and not at all with 1. So the engine runs in its own process with 
 cores but one, and the server's threads and the clients have the last one.
 
 The server side (`Engine`) talks to it through a pipe, in JSON: load a model, generate (prompt token
-ids and sampling parameters), cancel; the engine answers with the tokens of each step.
+ids and sampling parameters), cancel; the engine answers with the tokens of each step. If the process
+dies (out of memory, killed), its requests fail with a clear message and a new one starts with the
+same models.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -24,6 +27,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 _exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
 BATCH_ROWS = 32  # sequences decoded together per model (each holds a KV cache row of the model's context)
 MAX_WAITING = 64  # requests waiting for a row beyond this are refused with ServerBusy
+MAX_RESTARTS = 3  # engine processes started again within a minute; more means something is wrong each time
 
 
 class ServerBusy(GptgenError):
@@ -62,23 +67,36 @@ class Engine:
                  threads: int | None = None) -> None:
         self.rows, self.max_waiting = rows, max_waiting
         self.peak_batch = 0  # the most sequences one step has decoded together
-        self._conn, child = multiprocessing.get_context("spawn").Pipe()
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=_engine_main, args=(child, rows, device, threads or default_threads()), name="gptgen-engine",
-            daemon=True)
-        self._process.start()
-        child.close()
+        self._settings = (rows, device, threads or default_threads())
         self._ids = itertools.count()
         self._replies: dict[int, queue.Queue] = {}
-        self._send_lock = threading.Lock()
+        self._lock = threading.RLock()  # around sends and (re)starting the process
+        self._models: dict[str, str] = {}  # name -> path, loaded again in a restarted process
+        self._restarts: list[float] = []
         self._stopped: str | None = None
-        threading.Thread(target=self._receive, name="gptgen-engine-reader", daemon=True).start()
+        self._start()
+
+    def _start(self) -> None:
+        """A new engine process and its reader thread; the models loaded so far are loaded again first (the
+        pipe keeps order, so they are in place before any request that follows)."""
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        process = context.Process(target=_engine_main, args=(child, *self._settings), name="gptgen-engine",
+                                  daemon=True)
+        process.start()
+        child.close()
+        self._process = process
+        threading.Thread(target=self._receive, args=(self._conn, process), name="gptgen-engine-reader",
+                         daemon=True).start()
+        for name, path in self._models.items():
+            self._request({"op": "load", "name": name, "path": path})
 
     def load(self, name: str, path: str) -> None:
         """Load a model file in the engine under `name` (and warm it up); returns when it is ready."""
         kind, message = self._request({"op": "load", "name": name, "path": path})[1].get()
         if kind == "failed":
             raise EngineError(message)
+        self._models[name] = path
 
     def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
         """The token ids of one request, decoded in its model's batch; closing the iterator cancels it.
@@ -104,28 +122,34 @@ class Engine:
                         return
             finally:
                 if not finished:
-                    self._send({"op": "cancel", "id": rid})
+                    with contextlib.suppress(EngineError):  # an engine that has stopped has nothing to cancel
+                        self._send({"op": "cancel", "id": rid})
 
         return receive()
 
     def _request(self, message: dict) -> tuple[int, queue.Queue]:
         """(request id, the queue its answers arrive in)."""
-        if self._stopped:
-            raise EngineError(self._stopped)
-        rid = next(self._ids)
-        reply = self._replies[rid] = queue.Queue()
-        self._send({**message, "id": rid})
+        with self._lock:
+            if self._stopped:
+                raise EngineError(self._stopped)
+            rid = next(self._ids)
+            reply = self._replies[rid] = queue.Queue()
+            self._send({**message, "id": rid})
         return rid, reply
 
     def _send(self, message: dict) -> None:
-        with self._send_lock:
-            self._conn.send_bytes(json.dumps(message).encode())
+        with self._lock:
+            try:
+                self._conn.send_bytes(json.dumps(message).encode())
+            except OSError as e:  # the process just died; the reader thread is starting another
+                raise EngineError("the engine process stopped; send the request again") from e
 
-    def _receive(self) -> None:
-        """Route the engine's messages to the waiting requests (one thread)."""
+    def _receive(self, conn, process) -> None:
+        """Route one engine process's messages to the waiting requests; if it dies, fail what it had and start
+        another (up to MAX_RESTARTS a minute)."""
         try:
             while True:
-                message = json.loads(self._conn.recv_bytes())
+                message = json.loads(conn.recv_bytes())
                 if message["op"] == "step":
                     self.peak_batch = max(self.peak_batch, message["batch"])
                     for rid, token, done in message["events"]:
@@ -140,11 +164,23 @@ class Engine:
                 else:  # "done" or "failed" of one request or load
                     self._replies.pop(message["id"]).put((message["op"], message.get("error")))
         except (EOFError, OSError):
-            self._stopped = f"the engine process stopped (exit code {self._process.exitcode}); restart the server"
-            if not sys.is_finalizing() and not _exiting:
-                log.error(self._stopped)
+            process.join(timeout=5)
+            self._restart(f"the engine process stopped (exit code {process.exitcode})")
+
+    def _restart(self, what: str) -> None:
+        with self._lock:
             for rid in list(self._replies):
-                self._replies.pop(rid).put(("failed", self._stopped))
+                self._replies.pop(rid).put(("failed", f"{what}; this request was lost, send it again"))
+            if sys.is_finalizing() or _exiting:
+                return
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+            if len(self._restarts) > MAX_RESTARTS:
+                self._stopped = f"{what}, {len(self._restarts)} times in a minute; restart the server"
+                log.error(self._stopped)
+                return
+            log.error("%s; starting a new one", what)
+            self._start()
 
 
 def _engine_main(conn, rows: int, device: str, threads: int) -> None:

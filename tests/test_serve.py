@@ -222,6 +222,22 @@ def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
+def test_a_killed_engine_fails_its_requests_clearly_and_a_new_one_serves_the_next(tiny_file):
+    import os
+    import signal
+
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=2)
+    stream = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    next(stream)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    with pytest.raises(EngineError, match="engine process stopped .* send it again"):
+        list(stream)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))  # reloaded
+
+
 def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, tmp_path):
     from gptgen.engine import EngineError
 
