@@ -121,7 +121,8 @@ class Engine:
                         finished = True
                         return
             finally:
-                if not finished:
+                if not finished:  # closed early (Stop, a stop string, a client gone): forget it, free its row
+                    self._replies.pop(rid, None)
                     with contextlib.suppress(EngineError):  # an engine that has stopped has nothing to cancel
                         self._send({"op": "cancel", "id": rid})
 
@@ -161,8 +162,8 @@ class Engine:
                         if done:
                             reply.put(("done", None))
                             del self._replies[rid]
-                else:  # "done" or "failed" of one request or load
-                    self._replies.pop(message["id"]).put((message["op"], message.get("error")))
+                elif (reply := self._replies.pop(message["id"], None)) is not None:  # a request's or load's end
+                    reply.put((message["op"], message.get("error")))
         except (EOFError, OSError):
             process.join(timeout=5)
             self._restart(f"the engine process stopped (exit code {process.exitcode})")

@@ -198,11 +198,13 @@ def test_concurrent_requests_decode_together_and_each_gets_its_text_alone(tiny_f
     assert engine.peak_batch == 4  # six clients, four rows: they did decode together
 
 
-def test_a_closed_stream_frees_its_row(tiny_file):
-    engine = _engine(tiny_file, rows=1)
-    endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
-    assert len([next(endless) for _ in range(3)]) == 3
-    endless.close()
+def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
+    engine = _engine(tiny_file, rows=1, max_waiting=1)
+    for _ in range(20):  # more than rows + max_waiting: a leak would end in "busy"
+        endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+        assert len([next(endless) for _ in range(3)]) == 3
+        endless.close()
+    assert not engine._replies
     prompt, s = _requests(1)[0]
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
