@@ -76,15 +76,15 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file", with_ten
 def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, str]]:
     """(config, weights, metadata) of a gptgen model file; the tied head is not in the weights."""
     tensors, metadata = read_safetensors(path)
-    return _config_of(path, metadata), tensors, metadata
+    return config_of(path, metadata), tensors, metadata
 
 
 def read_config(path: str | os.PathLike) -> GPTConfig:
     """A model file's config from its header alone (no tensors read)."""
-    return _config_of(path, read_safetensors(path, with_tensors=False)[1])
+    return config_of(path, read_safetensors(path, with_tensors=False)[1])
 
 
-def _config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
+def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     fmt = metadata.get("format")
     if fmt is None:
         raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model (no 'format' metadata)")

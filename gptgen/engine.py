@@ -219,18 +219,16 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
 
     def admit() -> None:
         for message in list(waiting):
-            model = models.get(message["name"])
-            batch = batches.get(message["name"])
-            if batch is None and model is not None:
-                batch = batches[message["name"]] = Batch(model, rows)
-            if batch is not None and len(batch.active) == batch.rows:
-                continue
+            name = message["name"]
+            if name in models and name not in batches:
+                batches[name] = Batch(models[name], rows)
+            if name in batches and len(batches[name].active) == rows:
+                continue  # waits for a free row
             waiting.remove(message)
             try:
-                if model is None:
-                    raise EngineError(f"model {message['name']!r} is not loaded")
-                s = Sampling(**{**message["sampling"], "stop": tuple(message["sampling"]["stop"])})
-                owners[batch.add(message["prompt"], s)] = message["id"]
+                if name not in models:
+                    raise EngineError(f"model {name!r} is not loaded")
+                owners[batches[name].add(message["prompt"], Sampling(**message["sampling"]))] = message["id"]
             except Exception as e:
                 send({"op": "failed", "id": message["id"], "error": f"{type(e).__name__}: {e}"})
 

@@ -109,7 +109,6 @@ class Sequence:
     tokens: list[int]
     sampling: Sampling
     generator: torch.Generator
-    row: int
     cached: int = 0  # tokens[:cached] are in the cache
     new_tokens: int = 0
     done: bool = False  # ended (end of text, max_new_tokens) or cancelled; its row is freed at the next step
@@ -119,9 +118,10 @@ class Sequence:
 class Batch:
     """Sequences decoded together, one KV cache row each; they join (add) and leave (done) between steps.
 
-    Decoding at batch 1 is memory-bound, so one step for n sequences costs little more than for one.
-    A sequence gets the same numbers batched as alone: int8 linears quantize each sequence on its own,
-    attention masks each row to its own keys, and prefill runs one sequence at a time.
+    `active[i]` holds cache row i. Decoding at batch 1 is memory-bound, so one step for n sequences
+    costs little more than for one. A sequence gets the same numbers batched as alone: int8 linears
+    quantize each sequence on its own, attention runs per row over the row's own keys, and prefill
+    runs one sequence at a time.
     """
 
     def __init__(self, model, rows: int, max_len: int | None = None) -> None:
@@ -138,16 +138,16 @@ class Batch:
             raise RuntimeError("no free row in the batch")
         generator = torch.Generator(device="cpu")
         generator.manual_seed(s.seed if s.seed is not None else torch.seed())
-        seq = Sequence(list(prompt[-self.context:]) or [EOT_ID], s, generator, row=len(self.active))
+        seq = Sequence(list(prompt[-self.context:]) or [EOT_ID], s, generator)
         self.active.append(seq)
-        seq.logits = self._prefill(seq, seq.tokens)
+        seq.logits = self._prefill(seq, len(self.active) - 1, seq.tokens)
         return seq
 
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence, tokens: list[int]) -> torch.Tensor:
-        """Write tokens to seq's row from position 0; the logits after the last of them."""
+    def _prefill(self, seq: Sequence, row: int, tokens: list[int]) -> torch.Tensor:
+        """Write tokens to cache row `row` from position 0; the logits after the last of them."""
         seq.cached = len(tokens)
-        return self.model(torch.tensor([tokens], device=self.device), row=seq.row, last_only=True)[0][0, -1]
+        return self.model(torch.tensor([tokens], device=self.device), row=row, last_only=True)[0][0, -1]
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, int | None]]:
@@ -167,10 +167,10 @@ class Batch:
             seq.done = seq.new_tokens == s.max_new_tokens
             out.append((seq, token))
         self._free_rows()
-        for seq in self.active:
+        for row, seq in enumerate(self.active):
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
                 seq.tokens = seq.tokens[-(3 * self.context // 4):]
-                self._prefill(seq, seq.tokens[:-1])
+                self._prefill(seq, row, seq.tokens[:-1])
         if self.active:
             idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
             if len(self.active) == 1:  # one sequence: an int position, the same numbers with fewer ops
@@ -185,13 +185,12 @@ class Batch:
 
     def _free_rows(self) -> None:
         """Drop finished sequences; the last active row moves into each freed one, so rows stay 0..n-1."""
-        while (seq := next((s for s in self.active if s.done), None)) is not None:
+        while (row := next((i for i, s in enumerate(self.active) if s.done), None)) is not None:
             last = self.active.pop()
-            if last is not seq:
+            if row < len(self.active):
                 for block in self.model.transformer.h:
-                    block.attn.cache.move(last.row, seq.row, last.cached)
-                last.row = seq.row
-                self.active[seq.row] = last
+                    block.attn.cache.move(len(self.active), row, last.cached)
+                self.active[row] = last
 
 
 def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:

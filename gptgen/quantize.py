@@ -120,8 +120,8 @@ class Int8Linear(nn.Module):
             q = torch._make_per_channel_quantized_tensor(self.weight, ones, torch.zeros_like(ones, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(q, None)
         # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
-        ones = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1))])
-        self._col_sums = torch.ops.quantized.linear_dynamic(ones, self._packed)[0]
+        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1))])
+        self._col_sums = torch.ops.quantized.linear_dynamic(probe, self._packed)[0]
         if not keep_weight:
             self.weight = None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
-from gptgen.checkpoint import ModelFileError, read_config, read_safetensors
+from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
 from gptgen.config import GptgenError
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import Stats, TextModel
@@ -56,7 +56,8 @@ class ModelShelf:
             if name not in self._loaded:
                 path = self.paths[name]
                 self.engine.load(name, str(path))
-                self._loaded[name] = TextModel(None, read_safetensors(path, with_tensors=False)[1], read_config(path))
+                metadata = read_safetensors(path, with_tensors=False)[1]
+                self._loaded[name] = TextModel(None, metadata, config_of(path, metadata))
         return self._loaded[name]
 
     def stream(self, name: str, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
