@@ -2,9 +2,11 @@
 
 The `gpt2` preset with random weights (seeded) is saved once; gptgen's int8 file and GGUF exports are
 made from it by gptgen itself, and transformers gets the same tensors. Each row runs in its own process
-(so peak RSS is that system's own), 2 threads, 16-token prompt, 256 new tokens, top-k 50, median of 3.
+(so peak RSS is that system's own), 2 threads, 16-token prompt, 256 new tokens, top-k 50. The systems
+take turns, one process each per round, and each figure is the median over the rounds (5 by default):
+this machine is shared, and a slow minute then falls on every system instead of one.
 
-    python benchmarks/decode.py [--runs 3] [--json out.json]
+    python benchmarks/decode.py [--runs 5] [--systems gptgen-int8,llama.cpp-q8_0] [--json out.json]
 
 llama.cpp rows need `llama-cpp-python` (pip builds it from source, ~10 minutes); without it they are
 reported as not run.
@@ -134,7 +136,8 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def one(system: str, files: dict[str, str], runs: int) -> dict:
+def one(system: str, files: dict[str, str]) -> dict:
+    """One measurement of one system, in a process of its own: a warm-up, a decode run, a prefill run."""
     torch.set_num_threads(2)
     kind = system.split("-")[1]
     if system.startswith("gptgen"):
@@ -147,43 +150,50 @@ def one(system: str, files: dict[str, str], runs: int) -> dict:
         path = Path(files[kind])
         once = run_llama(path)
     once(prompts(PROMPT_TOKENS), 8)  # warm-up
-    decode, first, counts = [], [], []
-    for _ in range(runs):
-        f, total, n = once(prompts(PROMPT_TOKENS), NEW_TOKENS)
-        first.append(f)
-        decode.append((n - 1) / (total - f))
-        counts.append(n)
-    prefill = [PREFILL_TOKENS / once(prompts(PREFILL_TOKENS), 1)[0] for _ in range(runs)]
+    first, total, n = once(prompts(PROMPT_TOKENS), NEW_TOKENS)
+    prefill = PREFILL_TOKENS / once(prompts(PREFILL_TOKENS), 1)[0]
+    return {"system": system, "decode_tok_s": (n - 1) / (total - first), "first_token_ms": 1000 * first,
+            "prefill_tok_s": prefill, "peak_rss_mb": peak_rss_mb(), "file_mib": path.stat().st_size / 2**20,
+            "new_tokens": n}
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds (peak RSS: the largest); new_tokens lists every round's count."""
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"system": system, "decode_tok_s": med(decode), "first_token_ms": 1000 * med(first),
-            "prefill_tok_s": med(prefill), "peak_rss_mb": peak_rss_mb(),
-            "file_mib": path.stat().st_size / 2**20, "new_tokens": counts}
+    row = {k: med([r[k] for r in runs]) for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s")}
+    return {"system": runs[0]["system"], **row, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "file_mib": runs[0]["file_mib"], "new_tokens": [r["new_tokens"] for r in runs]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5, help="rounds; each figure is the median over them")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, json.loads(args.files), args.runs)))
+        print(json.dumps(one(args.one, json.loads(args.files))))
         return
-    rows = []
+    systems = args.systems.split(",")
+    results: dict[str, list[dict]] = {system: [] for system in systems}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {k: str(v) for k, v in make_files(Path(tmp)).items()}
-        for system in args.systems.split(","):
-            cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files), "--runs", str(args.runs)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-            if r.returncode != 0:
-                reason = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
-                rows.append({"system": system, "error": reason})
-                continue
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        for _ in range(args.runs):  # rounds: every system once per round, so drift on a shared machine hits all
+            for system in systems:
+                if system in errors:
+                    continue
+                cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files)]
+                r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                if r.returncode != 0:
+                    errors[system] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+                    continue
+                results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    rows = [{"system": s, "error": errors[s]} if s in errors else median_row(results[s]) for s in systems]
     print(f"gpt2 preset (124M), batch 1, 2 threads, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
-          f"top-k {TOP_K}, median of {args.runs}; torch {torch.__version__}")
+          f"top-k {TOP_K}, median of {args.runs} rounds; torch {torch.__version__}")
     print(f"{'system':18} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MB':>11} "
           f"{'file MiB':>8}")
     for r in rows:

@@ -19,35 +19,33 @@ from gptgen.config import GPTConfig
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, a row per sequence, so decoding never re-runs the prompt.
 
+    Keys and values share one tensor (2, rows, nh, max_len, hs): a token's pair is stored with one copy.
     Left uninitialised: only positions already written are ever read.
     """
 
     def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, batch, n_head, max_len, head_dim)
+        self.register_buffer("kv", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int | torch.Tensor, row: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store k, v (B, nh, T, hs) in rows row..row+B-1 and return those rows' keys and values (all positions).
+    def update(self, pos: int | torch.Tensor, row: int, kv: torch.Tensor) -> torch.Tensor:
+        """Store kv (2, B, nh, T, hs) in rows row..row+B-1; return those rows' keys and values so far.
 
-        pos is an int (all rows write positions pos..pos+T-1) or a tensor of one position per row (T = 1).
+        pos is an int (all rows write positions pos..pos+T-1; positions up to pos+T-1 are returned) or a
+        tensor of one position per row (T = 1; all positions are returned, each row reads its own length).
         """
-        rows = slice(row, row + k.size(0))
+        B, T = kv.size(1), kv.size(3)
         if isinstance(pos, int):
-            self.k[rows, :, pos:pos + k.size(2)] = k
-            self.v[rows, :, pos:pos + k.size(2)] = v
-        else:
-            index = torch.arange(row, row + k.size(0), device=k.device)
-            self.k[index, :, pos] = k[:, :, 0]
-            self.v[index, :, pos] = v[:, :, 0]
-        return self.k[rows], self.v[rows]
+            self.kv[:, row:row + B, :, pos:pos + T] = kv
+            return self.kv[:, row:row + B, :, :pos + T]
+        rows = torch.arange(row, row + B, device=kv.device)
+        self.kv[:, rows, :, pos] = kv[:, :, :, 0].transpose(0, 1)  # indexed dims go first: (B, 2, nh, hs)
+        return self.kv[:, row:row + B]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row src's first `length` positions to row dst."""
-        self.k[dst, :, :length] = self.k[src, :, :length]
-        self.v[dst, :, :length] = self.v[src, :, :length]
+        self.kv[:, dst, :, :length] = self.kv[:, src, :, :length]
 
 
 def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -68,28 +66,27 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, pos: int | torch.Tensor = 0, row: int = 0,
                 lengths: list[int] | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        # (B, T, 3C) -> 3 x (B, nh, T, hs), in three ops: decoding runs this per layer per token
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
+        # (B, T, 3C) -> (3, B, nh, T, hs) in two views: decoding runs this per layer per token
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, kv = qkv[0], qkv[1:]
         mask, causal = None, T > 1
         if self.cache is not None:
-            k, v = self.cache.update(pos, row, k, v)
+            kv = self.cache.update(pos, row, kv)
             if lengths is not None:  # rows of different lengths
-                y = _attend_each(q, k, v, lengths)
-                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
-            k, v = k[:, :, :pos + T], v[:, :, :pos + T]
+                y = _attend_each(q, kv[0], kv[1], lengths)
+                return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
             if pos > 0 and T > 1:  # new queries see the whole cache and each other causally
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C); no copy when T == 1
-        return self.resid_dropout(self.c_proj(y))
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C); no copy when T == 1
+        return F.dropout(y, dropout) if dropout else y
 
 
 class MLP(nn.Module):
@@ -97,10 +94,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return F.dropout(y, self.dropout) if self.dropout and self.training else y
 
 
 class Block(nn.Module):
@@ -124,7 +122,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
@@ -172,7 +169,9 @@ class GPT(nn.Module):
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device) if lengths is None else pos.view(B, 1)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        if self.training and self.config.dropout:
+            x = F.dropout(x, self.config.dropout)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, pos, row, lengths, use_reentrant=False)
