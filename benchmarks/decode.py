@@ -3,8 +3,9 @@
 The `gpt2` preset with random weights (seeded) is saved once; gptgen's int8 file and GGUF exports are
 made from it by gptgen itself, and transformers gets the same tensors. Each row runs in its own process
 (so peak RSS is that system's own), 2 threads, 16-token prompt, 256 new tokens, top-k 50. The systems
-take turns, one process each per round, and each figure is the median over the rounds (5 by default):
-this machine is shared, and a slow minute then falls on every system instead of one.
+take turns, one process each per round, in an order rotated each round, and each figure is the median
+over the rounds (5 by default): this machine is shared, and a slow minute then falls on every system
+instead of one.
 
     python benchmarks/decode.py [--runs 5] [--systems gptgen-int8,llama.cpp-q8_0] [--json out.json]
 
@@ -158,11 +159,12 @@ def one(system: str, files: dict[str, str]) -> dict:
 
 
 def median_row(runs: list[dict]) -> dict:
-    """Each figure's median over the rounds (peak RSS: the largest); new_tokens lists every round's count."""
+    """Each figure's median over the rounds, with every round's decode speed beside it."""
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    row = {k: med([r[k] for r in runs]) for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s")}
-    return {"system": runs[0]["system"], **row, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "file_mib": runs[0]["file_mib"], "new_tokens": [r["new_tokens"] for r in runs]}
+    row = {k: med([r[k] for r in runs]) for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s", "peak_rss_mb")}
+    return {"system": runs[0]["system"], **row, "file_mib": runs[0]["file_mib"],
+            "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in runs],
+            "new_tokens": [r["new_tokens"] for r in runs]}
 
 
 def main() -> None:
@@ -181,8 +183,9 @@ def main() -> None:
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {k: str(v) for k, v in make_files(Path(tmp)).items()}
-        for _ in range(args.runs):  # rounds: every system once per round, so drift on a shared machine hits all
-            for system in systems:
+        for round_ in range(args.runs):  # every system once per round, so drift on a shared machine hits all,
+            shift = round_ % len(systems)  # and in a rotated order, so no system always follows the same one
+            for system in systems[shift:] + systems[:shift]:
                 if system in errors:
                     continue
                 cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files)]

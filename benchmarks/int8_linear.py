@@ -1,7 +1,10 @@
 """One-token linear layer, 768 -> 3072 (GPT-2's MLP up-projection), on CPU: which int8 path is fastest?
 
 Rows: float baselines, the int8 kernels PyTorch offers, and the one gptgen uses (fbgemm's dynamic
-int8 linear over a weight packed once). Relative output error is against the fp32 result.
+int8 linear over a weight packed once), also called the plain way, through `torch.ops` with PyTorch's
+`__torch_function__` checks on (see `gptgen.quantize._linear_dynamic`). oneDNN's int8 linear takes
+activations already quantized, so its row includes quantizing them per call in eager ops.
+Relative output error is against the fp32 result.
 
     python benchmarks/int8_linear.py [--threads 2] [--json out.json]
 """
@@ -45,11 +48,25 @@ def main() -> None:
     w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
     ours = Int8Linear(q, scale, b)
     ours.pack()
+    plain_fbgemm = torch.ops.quantized.linear_dynamic
+    onednn_w = torch.ops.onednn.qlinear_prepack(q, [1, 768])
+    zero_points = torch.zeros(3072, dtype=torch.int32)
+
+    def onednn(x: torch.Tensor) -> torch.Tensor:
+        lo, hi = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
+        s = (hi - lo) / 255 or 1.0
+        zp = round(-lo / s)
+        qx = torch.clamp(torch.round(x / s) + zp, 0, 255).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(qx, s, zp, onednn_w, scale, zero_points, b, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
     paths = {
         "fp32 F.linear": lambda x: F.linear(x, w, b),
         "bf16 F.linear": lambda x: F.linear(x.to(torch.bfloat16), w_bf16, b_bf16).float(),
         "int8 dequantize, then fp32 linear": lambda x: F.linear(x, q.float() * scale[:, None], b),
         "int8 aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale) + b,
+        "int8 oneDNN qlinear (+ quantize x)": onednn,
+        "int8 fbgemm, plain torch.ops call": lambda x: torch.addcmul(b, plain_fbgemm(x, ours._packed), scale),
         "int8 fbgemm linear_dynamic (gptgen)": ours,
     }
     ref = F.linear(x, w, b)
