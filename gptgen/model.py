@@ -98,7 +98,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-        return F.dropout(y, self.dropout) if self.dropout and self.training else y
+        return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
 
 class Block(nn.Module):

@@ -65,3 +65,16 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+def test_dropout_acts_in_training_only():
+    idx = torch.randint(0, 100, (2, 8))
+    model = tiny_model(vocab_size=100, dropout=0.5)
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])  # a new mask each call
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    no_dropout = tiny_model(vocab_size=100)
+    no_dropout.train()
+    assert torch.equal(no_dropout(idx)[0], no_dropout(idx)[0])
+    assert torch.equal(no_dropout(idx)[0], model(idx)[0])  # same weights: eval with dropout = no dropout
