@@ -15,11 +15,13 @@ The clients run in this process, on the same cores as the server: their own work
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio_client
@@ -112,9 +114,8 @@ class Client(threading.Thread):
 
 
 def run_clients(url: str, model: str, n: int, seconds: float, max_tokens: int) -> tuple[list[Client], float]:
-    kinds = KINDS
     deadline = time.perf_counter() + seconds
-    clients = [Client(kinds[i % len(kinds)], url, model, max_tokens, deadline) for i in range(n)]
+    clients = [Client(KINDS[i % len(KINDS)], url, model, max_tokens, deadline) for i in range(n)]
     start = time.perf_counter()
     for c in clients:
         c.start()
@@ -128,19 +129,24 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] if values else float("nan")
 
 
-def cpu_s(pid: int, children: bool = True) -> float:
-    """User + system CPU seconds of a process (and its children) so far."""
-    import os
+def process_tree(pid: int) -> Iterator[int]:
+    """pid and all its descendants (the server and its engine process)."""
+    yield pid
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            yield from process_tree(int(child))
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_s(int(child)) for task in Path(f"/proc/{pid}/task").iterdir()
-                     for child in (task / "children").read_text().split() if children)
+
+def cpu_s(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of a process (and its descendants) so far."""
+    def own(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    return sum(own(p) for p in process_tree(pid)) if children else own(pid)
 
 
 def level(url: str, model: str, n: int, seconds: float, max_tokens: int, pid: int) -> dict:
-    import os
-
     server0, client0 = cpu_s(pid), cpu_s(os.getpid(), children=False)
     clients, wall = run_clients(url, model, n, seconds, max_tokens)
     server_cores = (cpu_s(pid) - server0) / wall
@@ -157,14 +163,9 @@ def level(url: str, model: str, n: int, seconds: float, max_tokens: int, pid: in
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the server and its engine process)."""
-    total = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) / 1024
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        total += sum(rss_mb(int(child)) for child in (task / "children").read_text().split())
-    return total
+    """Resident memory of a process and its descendants."""
+    return sum(int(line.split()[1]) / 1024 for p in process_tree(pid)
+               for line in Path(f"/proc/{p}/status").read_text().splitlines() if line.startswith("VmRSS:"))
 
 
 def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_tokens: int,

@@ -237,8 +237,9 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
         try:
             events = batch.step()
         except Exception as e:  # every request in the batch gets the error; the batch starts afresh
-            for seq in batch.active:
-                send({"op": "failed", "id": owners.pop(seq), "error": f"{type(e).__name__}: {e}"})
+            for seq in batch.active:  # a cancelled one has no owner left
+                if (rid := owners.pop(seq, None)) is not None:
+                    send({"op": "failed", "id": rid, "error": f"{type(e).__name__}: {e}"})
             del batches[name]
             return
         send({"op": "step", "batch": size, "events": [(owners[seq], token, seq.done) for seq, token in events]})

@@ -51,6 +51,9 @@ def _range_row(width: int) -> torch.Tensor:
     return row
 
 
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
+
+
 def _linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
     """fbgemm's dynamic int8 linear, called with __torch_function__ checks off: with them on, PyTorch looks for
     `__torch_function__` on the packed weight (a TorchScript object) by throwing and catching a C++
@@ -60,7 +63,6 @@ def _linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
         return _LINEAR_DYNAMIC(x, packed)
 
 
-_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 _ROUND = 12582912.0  # 1.5 * 2**23
 _SMALL_SCALE = np.float32(6.1e-5)  # fbgemm's smallest activation scale (fp16's smallest normal)
 

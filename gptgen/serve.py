@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
-from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
+from gptgen.checkpoint import ModelFileError, config_of, read_safetensors
 from gptgen.config import GptgenError
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import Stats, TextModel
@@ -40,7 +40,9 @@ class ModelShelf:
         if not files:
             raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
         self.paths = dict(files)
-        self.longest_context = max(read_config(p).block_size for p in self.paths.values())
+        self._metadata = {name: read_safetensors(p, with_tensors=False)[1] for name, p in self.paths.items()}
+        self._configs = {name: config_of(self.paths[name], m) for name, m in self._metadata.items()}
+        self.longest_context = max(c.block_size for c in self._configs.values())
         self.engine = Engine(rows, device=device, threads=threads)
         self._loaded: dict[str, TextModel] = {}
         self._lock = threading.Lock()
@@ -54,10 +56,8 @@ class ModelShelf:
             raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
         with self._lock:  # one load per model, however many requests ask for it at once
             if name not in self._loaded:
-                path = self.paths[name]
-                self.engine.load(name, str(path))
-                metadata = read_safetensors(path, with_tensors=False)[1]
-                self._loaded[name] = TextModel(None, metadata, config_of(path, metadata))
+                self.engine.load(name, str(self.paths[name]))
+                self._loaded[name] = TextModel(None, self._metadata[name], self._configs[name])
         return self._loaded[name]
 
     def stream(self, name: str, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:

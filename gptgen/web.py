@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from gptgen.checkpoint import training_info
-from gptgen.engine import MAX_WAITING, EngineError, ServerBusy
+from gptgen.engine import EngineError, ServerBusy
 from gptgen.generate import Sampling, Stats, TextModel
 from gptgen.serve import ModelShelf, UnknownModel
 
@@ -151,7 +151,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         # Gradio runs up to this many streams at once; the engine decodes them together (a batch row each)
         # or keeps them waiting for a row. Beyond that, Gradio's queue holds QUEUE_SIZE more.
         gr.on([go.click, prompt.submit], generate, inputs, [output, stats], api_name="generate",
-              concurrency_limit=shelf.engine.rows + MAX_WAITING, show_progress="hidden")
+              concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
             event(show_model, model_name, [card_md, plot, max_new_tokens], api_visibility="private")
