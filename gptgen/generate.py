@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptgen.quantize import int8_decoder
 from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 MAX_NEW_TOKENS = 4096  # a cap per request, so one call cannot hold a server for ever
@@ -131,6 +132,7 @@ class Batch:
         self.device = model.transformer.wpe.weight.device
         self.active: list[Sequence] = []
         model.setup_caches(batch=rows, max_len=max_len)
+        self.decoder = int8_decoder(model)  # a compiled step for one sequence of an int8 model on CPU, else None
 
     def add(self, prompt: list[int], s: Sampling) -> Sequence:
         """Start a sequence in the next free row (one prefill of its prompt); the next step samples its first token."""
@@ -171,7 +173,11 @@ class Batch:
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
                 seq.tokens = seq.tokens[-(3 * self.context // 4):]
                 self._prefill(seq, row, seq.tokens[:-1])
-        if self.active:
+        if len(self.active) == 1 and self.decoder is not None:
+            seq = self.active[0]
+            seq.logits = self.decoder(seq.tokens[-1], seq.cached)
+            seq.cached += 1
+        elif self.active:
             idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
             if len(self.active) == 1:  # one sequence: an int position, the same numbers with fewer ops
                 pos = self.active[0].cached

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from gptgen.checkpoint import ModelFileError, load_model, load_model_file, save_model
 from gptgen.generate import Sampling, generate_tokens
-from gptgen.quantize import Int8Linear, quantize_rows, quantize_state_dict
+from gptgen.quantize import Int8Linear, _scripted_decode_step, int8_decoder, quantize_rows, quantize_state_dict
 from tests.test_model import tiny_model
 
 
@@ -124,3 +124,58 @@ def test_any_activation_ranges_batched_equal_alone(rows):
         batched = layer(x)
         for b in range(len(rows)):
             assert torch.equal(batched[b], layer(x[b:b + 1])[0])
+
+
+def _int8(model, tmp_path):
+    """model saved, quantized and loaded as gptgen loads int8 files (packed for fbgemm)."""
+    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
+    save_model(f32, model.state_dict(), model.config)
+    save_model(i8, quantize_state_dict(load_model_file(f32)[1]), model.config, quantization="int8")
+    return load_model(i8)[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_compiled_decode_step_gives_the_models_logits_bit_for_bit(tmp_path, bias):
+    model = _int8(tiny_model(bias=bias), tmp_path)
+    model.setup_caches(batch=2, max_len=16)  # row 0 is the step's; row 1 must stay untouched
+    decoder = int8_decoder(model)
+    assert decoder is not None
+    tokens = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        model(torch.tensor([tokens[:4], tokens[4:8]]), last_only=True)
+        row1 = model.transformer.h[0].attn.cache.kv[:, 1, :, :4].clone()  # the rest is uninitialised
+        for pos in range(4, 12):
+            fast = decoder(tokens[pos], pos)
+            written = [b.attn.cache.kv[:, 0, :, :pos + 1].clone() for b in model.transformer.h]
+            ref = model(torch.tensor([[tokens[pos]]]), pos=pos, last_only=True)[0][0, -1]  # rewrites the same entries
+            assert torch.equal(fast, ref), f"position {pos}"
+            assert all(torch.equal(w, b.attn.cache.kv[:, 0, :, :pos + 1])
+                       for w, b in zip(written, model.transformer.h, strict=True))
+        assert torch.equal(row1, model.transformer.h[0].attn.cache.kv[:, 1, :, :4])
+    model.clear_caches()
+
+
+def test_float_models_and_models_without_caches_get_no_compiled_step(files):
+    model, _, i8 = files
+    model.setup_caches(batch=1)
+    assert int8_decoder(model) is None
+    assert int8_decoder(load_model(i8)[0]) is None  # int8, but no caches yet
+
+
+def test_without_torchscript_decoding_falls_back_to_the_same_tokens(files, monkeypatch):
+    _, _, i8 = files
+    model = load_model(i8)[0]
+    s = Sampling(max_new_tokens=30, temperature=1.0, top_k=20, seed=3)
+    compiled = list(generate_tokens(model, [1, 2, 3], s))
+
+    def no_script(fn):
+        raise RuntimeError("TorchScript is not available")
+
+    _scripted_decode_step.cache_clear()
+    monkeypatch.setattr(torch.jit, "script", no_script)
+    try:
+        with pytest.warns(UserWarning, match="decoding runs in Python"):
+            assert _scripted_decode_step() is None
+        assert list(generate_tokens(model, [1, 2, 3], s)) == compiled
+    finally:
+        _scripted_decode_step.cache_clear()
