@@ -255,8 +255,8 @@ def _decode_step(token: int, pos: int, wte: torch.Tensor, wte_scale: torch.Tenso
 def _scripted_decode_step():
     """_decode_step compiled by TorchScript, or None where it cannot be (no source files, a torch without it).
 
-    Why TorchScript: a decode step is ~400 small ops, and Python's share of their cost was ~20% of a
-    token (4.35 -> 3.46 ms for GPT-2 on 2 cores, measured); torch.compile cannot trace fbgemm's packed
+    Why TorchScript: a decode step is ~400 small ops, and Python between them cost a sixth of a token
+    (GPT-2's forward 4.33 -> 3.65 ms on 2 cores, measured); torch.compile cannot trace fbgemm's packed
     weights (TorchScript objects), TorchScript takes them as they are. It is deprecated in favour of
     torch.compile, hence the warning filter; gptgen pins its torch.
     """
