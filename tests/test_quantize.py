@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gptgen.checkpoint import ModelFileError, load_model, load_model_file, save_model
-from gptgen.generate import Sampling, generate_tokens
+from gptgen.generate import Batch, Sampling, generate_tokens
 from gptgen.quantize import Int8Linear, _scripted_decode_step, int8_decoder, quantize_rows, quantize_state_dict
 from tests.test_model import tiny_model
 
@@ -166,6 +166,8 @@ def test_without_torchscript_decoding_falls_back_to_the_same_tokens(files, monke
     _, _, i8 = files
     model = load_model(i8)[0]
     s = Sampling(max_new_tokens=30, temperature=1.0, top_k=20, seed=3)
+    assert Batch(model, rows=2).decoder is not None  # generation takes the compiled step for one sequence
+    model.clear_caches()
     compiled = list(generate_tokens(model, [1, 2, 3], s))
 
     def no_script(fn):
