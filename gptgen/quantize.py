@@ -248,7 +248,7 @@ def _decode_step(token: int, pos: int, wte: torch.Tensor, wte_scale: torch.Tenso
         h = torch.ops.quantized.linear_dynamic(F.gelu(h, approximate="tanh"), packed[4 * i + 3])
         x = x + _rescale(h, scales[4 * i + 3], biases[4 * i + 3])
     x = F.layer_norm(x, [C], norms[-1][0], norms[-1][1], eps)
-    return (torch.ops.quantized.linear_dynamic(x, packed[-1]) * scales[-1]).view(-1)  # (vocab,)
+    return _rescale(torch.ops.quantized.linear_dynamic(x, packed[-1]), scales[-1], biases[-1]).view(-1)  # (vocab,)
 
 
 @functools.cache

@@ -28,15 +28,18 @@ def test_int8_linear_is_close_to_float():
     assert rel < 0.02
 
 
+def _save_float_and_int8(model, tmp_path):
+    """(fp32 file, int8 file) of model, the int8 one made from the fp32 one as `gptgen quantize` does."""
+    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
+    save_model(f32, model.state_dict(), model.config, training={"steps": 1})
+    save_model(i8, quantize_state_dict(load_model_file(f32)[1]), model.config, quantization="int8")
+    return f32, i8
+
+
 @pytest.fixture
 def files(tmp_path):
     model = tiny_model()
-    f32 = tmp_path / "f32.safetensors"
-    save_model(f32, model.state_dict(), model.config, training={"steps": 1})
-    _, tensors, _ = load_model_file(f32)
-    i8 = tmp_path / "i8.safetensors"
-    save_model(i8, quantize_state_dict(tensors), model.config, quantization="int8")
-    return model, f32, i8
+    return model, *_save_float_and_int8(model, tmp_path)
 
 
 def test_int8_file_stays_int8_in_memory(files):
@@ -126,17 +129,9 @@ def test_any_activation_ranges_batched_equal_alone(rows):
             assert torch.equal(batched[b], layer(x[b:b + 1])[0])
 
 
-def _int8(model, tmp_path):
-    """model saved, quantized and loaded as gptgen loads int8 files (packed for fbgemm)."""
-    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
-    save_model(f32, model.state_dict(), model.config)
-    save_model(i8, quantize_state_dict(load_model_file(f32)[1]), model.config, quantization="int8")
-    return load_model(i8)[0]
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_decode_step_gives_the_models_logits_bit_for_bit(tmp_path, bias):
-    model = _int8(tiny_model(bias=bias), tmp_path)
+    model = load_model(_save_float_and_int8(tiny_model(bias=bias), tmp_path)[1])[0]  # packed for fbgemm
     model.setup_caches(batch=2, max_len=16)  # row 0 is the step's; row 1 must stay untouched
     decoder = int8_decoder(model)
     assert decoder is not None
