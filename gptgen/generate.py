@@ -132,7 +132,7 @@ class Batch:
         self.device = model.transformer.wpe.weight.device
         self.active: list[Sequence] = []
         model.setup_caches(batch=rows, max_len=max_len)
-        self.decoder = int8_decoder(model)  # a compiled step for one sequence of an int8 model on CPU, else None
+        self.decoder = int8_decoder(model)  # a compiled step for an int8 model on CPU, else None
 
     def add(self, prompt: list[int], s: Sampling) -> Sequence:
         """Start a sequence in the next free row (one prefill of its prompt); the next step samples its first token."""
@@ -173,20 +173,20 @@ class Batch:
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
                 seq.tokens = seq.tokens[-(3 * self.context // 4):]
                 self._prefill(seq, row, seq.tokens[:-1])
-        if len(self.active) == 1 and self.decoder is not None:
-            seq = self.active[0]
-            seq.logits = self.decoder(seq.tokens[-1], seq.cached)
-            seq.cached += 1
-        elif self.active:
+        if not self.active:
+            return out
+        if self.decoder is not None:
+            logits = self.decoder([seq.tokens[-1] for seq in self.active], [seq.cached for seq in self.active])
+        else:
             idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
             if len(self.active) == 1:  # one sequence: an int position, the same numbers with fewer ops
                 pos = self.active[0].cached
             else:
                 pos = torch.tensor([seq.cached for seq in self.active], device=self.device)
-            logits = self.model(idx, pos=pos, last_only=True)[0]
-            for i, seq in enumerate(self.active):
-                seq.logits = logits[i, -1]
-                seq.cached += 1
+            logits = self.model(idx, pos=pos, last_only=True)[0][:, -1]
+        for i, seq in enumerate(self.active):
+            seq.logits = logits[i]
+            seq.cached += 1
         return out
 
     def _free_rows(self) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from gptgen.model import GPT
 
+_Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed weight, a TorchScript class
 SCALE = ".scale"  # the file stores `X.weight` (int8) beside `X.weight.scale` (float32, one per row)
 
 
@@ -42,13 +42,10 @@ def _fbgemm_ok(device: torch.device) -> bool:
     return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-@functools.cache
 def _range_row(width: int) -> torch.Tensor:
     """A row holding -128 and 127: appended to integer-valued activations, it makes fbgemm's range exactly
     [-128, 127], so its scale is 1 and its zero point 128, and the integers pass through unchanged."""
-    row = torch.zeros(1, width)
-    row[0, 0], row[0, 1] = -128.0, 127.0
-    return row
+    return F.pad(torch.tensor([[-128.0, 127.0]]), [0, width - 2])
 
 
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
@@ -63,32 +60,31 @@ def _linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
         return _LINEAR_DYNAMIC(x, packed)
 
 
-_ROUND = 12582912.0  # 1.5 * 2**23
-_SMALL_SCALE = np.float32(6.1e-5)  # fbgemm's smallest activation scale (fp16's smallest normal)
+def _fbgemm_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scale, float64 zero point) per sequence from its float32 min and max, as PyTorch's fbgemm dynamic
+    linear chooses them (quant_utils::ChooseQuantizationParams, uint8 0..255), step for step: the same
+    float32 and float64 roundings, in as few ops as keep them (this runs for every layer of a batched step).
+    """
+    small_scale = 6.0999998822808266e-05  # fbgemm's smallest scale: 6.1e-5 in float32 (fp16's smallest normal)
+    small_range = 0.015554999932646751  # 255 of them, in float32 arithmetic (TorchScript takes no global numbers)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = (hi.double() - lo) / 255
+    small = scale < small_scale  # includes every scale that is 0 or whose inverse overflows in float32
+    if bool(small.any()):
+        scale32 = scale.float()
+        degenerate = (scale32 == 0) | torch.isinf(scale32.reciprocal())  # these get scale 0.1, range unchanged
+        small &= ~degenerate  # these widen their range to the smallest scale
+        amplifier = torch.full_like(lo, small_scale) / scale32  # a tensor divided, not a number: one rounding
+        lo_small = torch.where(lo == 0, lo, torch.where(hi == 0, -small_range, lo * amplifier))
+        hi_small = torch.where(lo == 0, small_range, torch.where(hi == 0, hi, hi * amplifier))
+        lo, hi = torch.where(small, lo_small, lo), torch.where(small, hi_small, hi)
+        scale = torch.where(small, small_scale, torch.where(degenerate, 0.1, scale))
+    low, high = lo / scale, hi / scale  # float64; low <= 0 <= high, so -|low| is low and |high| is high
+    zero = torch.where(low < 255 - high, -low, 255 - high)
+    return scale.float(), zero.round().clamp(0, 255)  # out of range: the end; else nearest, ties to even
 
 
-def _fbgemm_qparams(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 scale, zero point) per sequence from its float32 min and max, as PyTorch's fbgemm dynamic
-    linear chooses them (quant_utils::ChooseQuantizationParams, uint8 0..255), step for step."""
-    lo, hi = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
-    scale = (hi.astype(np.float64) - lo) / 255
-    scale32 = scale.astype(np.float32)
-    with np.errstate(divide="ignore"):
-        scale[(scale32 == 0) | np.isinf(np.float32(1) / scale32)] = 0.1
-    small = scale < _SMALL_SCALE
-    if small.any():  # widen the range to the smallest scale
-        with np.errstate(divide="ignore", invalid="ignore"):
-            amplifier = (_SMALL_SCALE / scale.astype(np.float32)).astype(np.float32)
-        lo_small = np.where(lo == 0, lo, np.where(hi == 0, -_SMALL_SCALE * np.float32(255), lo * amplifier))
-        hi_small = np.where(lo == 0, _SMALL_SCALE * np.float32(255), np.where(hi == 0, hi, hi * amplifier))
-        lo, hi = np.where(small, lo_small, lo), np.where(small, hi_small, hi)
-        scale = np.where(small, np.float64(_SMALL_SCALE), scale)
-    low, high = lo / scale, hi / scale  # float64
-    zero = np.where(-np.abs(low) < 255 - np.abs(high), -low, 255 - high)
-    return scale.astype(np.float32), np.clip(np.rint(zero), 0, 255)  # out of range: the end; else nearest
-
-
-def _fbgemm_per_sequence(x: torch.Tensor, packed, col_sums: torch.Tensor) -> torch.Tensor:
+def _fbgemm_per_sequence(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor) -> torch.Tensor:
     """fbgemm's dynamic linear (unit weight scales) of each sequence x[b], bit for bit as if called alone.
 
     fbgemm quantizes a call's activations with one scale and zero point, so in a batch one sequence's
@@ -96,18 +92,18 @@ def _fbgemm_per_sequence(x: torch.Tensor, packed, col_sums: torch.Tensor) -> tor
     fbgemm computes them for a call of its own (`_fbgemm_qparams`, then round(fma(x, 1 / scale, zero
     point)) as its AVX2 code does); they go through one fbgemm call as integers shifted by -128, and
     each sequence's int32 sums are corrected for its zero point before its scale is applied.
+    TorchScript compiles it into the decode step; Python runs it where TorchScript is missing.
     """
     B, K = x.size(0), x.size(-1)
-    flat = x.reshape(B, -1)
-    scale, zero = _fbgemm_qparams(flat.amin(dim=1).numpy(), flat.amax(dim=1).numpy())  # 3x faster than aminmax
-    shape = (B,) + (1,) * (x.dim() - 1)
-    inverse = torch.from_numpy((np.float32(1) / scale).astype(np.float64)).view(shape)
-    t = torch.addcmul(torch.from_numpy(zero).view(shape), x.double(), inverse).float()  # fma: rounded to float once
+    lo, hi = torch.aminmax(x.reshape(B, -1), dim=1)
+    scale, zero = _fbgemm_qparams(lo, hi)
+    shape = [B] + [1] * (x.dim() - 1)
+    inverse = scale.reciprocal().double().view(shape)
+    t = torch.addcmul(zero.view(shape), x.double(), inverse).float()  # fma: rounded to float once
     # round half to even, minus 128: adding 1.5 * 2**23 leaves no fraction bits (torch.round is not vectorized)
-    q = t.add_(_ROUND).sub_(_ROUND + 128).clamp_(-128, 127).view(-1, K)
-    y = _linear_dynamic(torch.cat([q, _range_row(K)]), packed)[:-1].view(*x.shape[:-1], -1)
-    shift = torch.from_numpy(128 - zero).float().view(shape)
-    return torch.addcmul(y, shift, col_sums).mul_(torch.from_numpy(scale).view(shape))
+    q = t.add_(12582912.0).sub_(12582912.0 + 128).clamp_(-128, 127).view(-1, K)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([q, _range_row(K)]), packed)[:-1].unflatten(0, x.shape[:-1])
+    return torch.addcmul(y, (128 - zero).float().view(shape), col_sums).mul_(scale.view(shape))
 
 
 def _rescale(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -219,45 +215,56 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
     return model
 
 
-_Packed = torch.classes.quantized.LinearPackedParamsBase
+def _int8_layer(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """Int8Linear.forward for the decode step: fbgemm quantizes one sequence itself, several one by one."""
+    y = torch.ops.quantized.linear_dynamic(x, packed) if x.size(0) == 1 else _fbgemm_per_sequence(x, packed, col_sums)
+    return _rescale(y, scale, bias)
 
 
-def _decode_step(token: int, pos: int, wte: torch.Tensor, wte_scale: torch.Tensor, wpe: torch.Tensor,
-                 packed: list[_Packed], scales: list[torch.Tensor], biases: list[torch.Tensor | None],
-                 norms: list[list[torch.Tensor | None]], caches: list[list[torch.Tensor]], n_head: int,
-                 eps: float) -> torch.Tensor:
-    """GPT.forward for one token of the sequence in cache row 0, at position pos, over fbgemm's packed weights:
-    the same ops in the same order (so the same logits, bit for bit), run by TorchScript instead of Python.
+def _decode_step(tokens: list[int], positions: list[int], wte: torch.Tensor, wte_scale: torch.Tensor,
+                 wpe: torch.Tensor, packed: list[_Packed], col_sums: list[torch.Tensor], scales: list[torch.Tensor],
+                 biases: list[torch.Tensor | None], norms: list[list[torch.Tensor | None]],
+                 caches: list[list[torch.Tensor]], n_head: int, eps: float) -> torch.Tensor:
+    """GPT.forward for one new token of each sequence in cache rows 0..B-1 (tokens[b] at positions[b]) over
+    fbgemm's packed weights: the same ops in the same order (so the same logits, bit for bit), run by
+    TorchScript instead of Python. Returns the logits, (B, vocab).
 
     Per layer i: packed[4i:4i+4] are c_attn, attn.c_proj, c_fc, mlp.c_proj; norms[2i], norms[2i+1] are
-    ln_1, ln_2 as [weight, bias]; caches[i] is [keys and values, keys, values] of cache row 0, views made
-    once (fewer ops a token); the last packed weight and norm are the head and ln_f.
+    ln_1, ln_2 as [weight, bias]; caches[i] is [keys and values, keys, values], views made once (fewer ops
+    a token); the last packed weight and norm are the head and ln_f. Each row attends over its own keys.
     """
-    x = (wte[token].float() * wte_scale[token] + wpe[pos]).view(1, 1, -1)  # (B=1, T=1, C)
+    B = len(tokens)
+    idx, at = torch.tensor(tokens), torch.tensor(positions)
+    x = (wte[idx].float() * wte_scale[idx].unsqueeze(1) + wpe[at]).unsqueeze(1)  # (B, T=1, C)
     C = x.size(-1)
-    for i, (kv, k, v) in enumerate(caches):  # kv: (2, B, nh, max_len, hs); k, v: (B, nh, max_len, hs)
+    for i, (kv, k, v) in enumerate(caches):  # kv: (2, rows, nh, max_len, hs); k, v: (rows, nh, max_len, hs)
         h = F.layer_norm(x, [C], norms[2 * i][0], norms[2 * i][1], eps)
-        qkv = _rescale(torch.ops.quantized.linear_dynamic(h, packed[4 * i]), scales[4 * i], biases[4 * i])
-        qkv = qkv.view(1, 1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        kv[:, :, :, pos:pos + 1] = qkv[1:]
-        y = F.scaled_dot_product_attention(qkv[0], k[:, :, :pos + 1], v[:, :, :pos + 1])
-        y = torch.ops.quantized.linear_dynamic(y.transpose(1, 2).reshape(1, 1, C), packed[4 * i + 1])
-        x = x + _rescale(y, scales[4 * i + 1], biases[4 * i + 1])
+        qkv = _int8_layer(h, packed[4 * i], col_sums[4 * i], scales[4 * i], biases[4 * i])
+        qkv = qkv.view(B, 1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, new_kv, ys = qkv[0], qkv[1:], []
+        for b, pos in enumerate(positions):  # narrow(): one op where an index with `:`s is one per dimension
+            kv.narrow(1, b, 1).narrow(3, pos, 1).copy_(new_kv.narrow(1, b, 1))
+            ys.append(F.scaled_dot_product_attention(q.narrow(0, b, 1), k.narrow(0, b, 1).narrow(2, 0, pos + 1),
+                                                     v.narrow(0, b, 1).narrow(2, 0, pos + 1)))
+        y = ys[0] if B == 1 else torch.cat(ys)
+        y = y.transpose(1, 2).reshape(B, 1, C)
+        x = x + _int8_layer(y, packed[4 * i + 1], col_sums[4 * i + 1], scales[4 * i + 1], biases[4 * i + 1])
         h = F.layer_norm(x, [C], norms[2 * i + 1][0], norms[2 * i + 1][1], eps)
-        h = _rescale(torch.ops.quantized.linear_dynamic(h, packed[4 * i + 2]), scales[4 * i + 2], biases[4 * i + 2])
-        h = torch.ops.quantized.linear_dynamic(F.gelu(h, approximate="tanh"), packed[4 * i + 3])
-        x = x + _rescale(h, scales[4 * i + 3], biases[4 * i + 3])
+        h = _int8_layer(h, packed[4 * i + 2], col_sums[4 * i + 2], scales[4 * i + 2], biases[4 * i + 2])
+        h = F.gelu(h, approximate="tanh")
+        x = x + _int8_layer(h, packed[4 * i + 3], col_sums[4 * i + 3], scales[4 * i + 3], biases[4 * i + 3])
     x = F.layer_norm(x, [C], norms[-1][0], norms[-1][1], eps)
-    return _rescale(torch.ops.quantized.linear_dynamic(x, packed[-1]), scales[-1], biases[-1]).view(-1)  # (vocab,)
+    return _int8_layer(x, packed[-1], col_sums[-1], scales[-1], biases[-1]).view(B, -1)
 
 
 @functools.cache
 def _scripted_decode_step():
     """_decode_step compiled by TorchScript, or None where it cannot be (no source files, a torch without it).
 
-    Why TorchScript: a decode step is ~400 small ops, and Python between them cost a sixth of a token
-    (GPT-2's forward 4.33 -> 3.65 ms on 2 cores, measured); torch.compile cannot trace fbgemm's packed
-    weights (TorchScript objects), TorchScript takes them as they are. It is deprecated in favour of
+    Why TorchScript: a decode step is ~400 small ops a sequence, and Python between them cost a sixth of a
+    token (GPT-2's forward 4.33 -> 3.65 ms on 2 cores, measured); torch.compile cannot trace fbgemm's
+    packed weights (TorchScript objects), TorchScript takes them as they are. It is deprecated in favour of
     torch.compile, hence the warning filter; gptgen pins its torch.
     """
     try:
@@ -270,29 +277,30 @@ def _scripted_decode_step():
 
 
 class Int8Decoder:
-    """One token of the sequence in cache row 0 of an int8 GPT whose caches are set up: its logits, (vocab,)."""
+    """One new token of each sequence in cache rows 0..B-1 of an int8 GPT whose caches are set up: the logits,
+    (B, vocab)."""
 
     def __init__(self, model: GPT, step) -> None:
         blocks = model.transformer.h
         linears = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         linears.append(model.lm_head)
         norms = [m for b in blocks for m in (b.ln_1, b.ln_2)] + [model.transformer.ln_f]
-        rows = [b.attn.cache.kv[:, :1] for b in blocks]
+        caches = [b.attn.cache.kv for b in blocks]
         self.step = step
         self.args = (model.lm_head.weight, model.lm_head.scale, model.transformer.wpe.weight,
-                     [m._packed for m in linears], [m.scale for m in linears], [m.bias for m in linears],
-                     [[m.weight, m.bias] for m in norms], [[kv, kv[0], kv[1]] for kv in rows],
-                     model.config.n_head, norms[0].eps)
+                     [m._packed for m in linears], [m._col_sums for m in linears], [m.scale for m in linears],
+                     [m.bias for m in linears], [[m.weight, m.bias] for m in norms],
+                     [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps)
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         # Unoptimized: TorchScript's profiling runs made the first two calls 26 and 8 ms (3.5 ms after them);
         # without them every call takes the same, as fast as after the profiling (measured).
         with torch.jit.optimized_execution(False):
-            return self.step(token, pos, *self.args)
+            return self.step(tokens, positions, *self.args)
 
 
 def int8_decoder(model) -> Int8Decoder | None:
-    """The compiled one-token step for an int8 model packed for fbgemm (CPU) with caches set up, else None."""
+    """The compiled decoding step for an int8 model packed for fbgemm (CPU) with caches set up, else None."""
     linears = [m for m in model.modules() if isinstance(m, (Int8Linear, nn.Linear))]
     if not all(isinstance(m, Int8Linear) and m._packed is not None for m in linears):
         return None

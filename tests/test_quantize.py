@@ -132,21 +132,31 @@ def test_any_activation_ranges_batched_equal_alone(rows):
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_decode_step_gives_the_models_logits_bit_for_bit(tmp_path, bias):
     model = load_model(_save_float_and_int8(tiny_model(bias=bias), tmp_path)[1])[0]  # packed for fbgemm
-    model.setup_caches(batch=2, max_len=16)  # row 0 is the step's; row 1 must stay untouched
+    model.setup_caches(batch=3, max_len=16)  # rows 0 and 1 are the steps'; row 2 must stay untouched
     decoder = int8_decoder(model)
     assert decoder is not None
-    tokens = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    kv = lambda layer, row, n: layer.attn.cache.kv[:, row, :, :n].clone()  # noqa: E731 - the rest is uninitialised
     with torch.inference_mode():
-        model(torch.tensor([tokens[:4], tokens[4:8]]), last_only=True)
-        row1 = model.transformer.h[0].attn.cache.kv[:, 1, :, :4].clone()  # the rest is uninitialised
-        for pos in range(4, 12):
-            fast = decoder(tokens[pos], pos)
-            written = [b.attn.cache.kv[:, 0, :, :pos + 1].clone() for b in model.transformer.h]
-            ref = model(torch.tensor([[tokens[pos]]]), pos=pos, last_only=True)[0][0, -1]  # rewrites the same entries
+        for row, n in enumerate((4, 6, 3)):
+            model(torch.tensor([tokens[row][:n]]), row=row, last_only=True)
+        row2 = kv(model.transformer.h[0], 2, 3)
+        for pos in range(4, 10):  # one sequence, at position pos
+            fast = decoder([tokens[0][pos]], [pos])
+            written = [kv(b, 0, pos + 1) for b in model.transformer.h]
+            ref = model(torch.tensor([[tokens[0][pos]]]), pos=pos, last_only=True)[0][:, -1]  # rewrites the same
             assert torch.equal(fast, ref), f"position {pos}"
-            assert all(torch.equal(w, b.attn.cache.kv[:, 0, :, :pos + 1])
-                       for w, b in zip(written, model.transformer.h, strict=True))
-        assert torch.equal(row1, model.transformer.h[0].attn.cache.kv[:, 1, :, :4])
+            assert all(torch.equal(w, kv(b, 0, pos + 1)) for w, b in zip(written, model.transformer.h, strict=True))
+        for step in range(2):  # two sequences, at positions 10 and 6 (then 11 and 7): the batched forward's numbers
+            positions = [10 + step, 6 + step]
+            new = [tokens[0][positions[0]], tokens[1][positions[1]]]
+            fast = decoder(new, positions)
+            written = [[kv(b, r, p + 1) for r, p in enumerate(positions)] for b in model.transformer.h]
+            ref = model(torch.tensor([[t] for t in new]), pos=torch.tensor(positions), last_only=True)[0][:, -1]
+            assert fast.shape == (2, 50257) and torch.equal(fast, ref), f"step {step}"
+            assert all(torch.equal(w, kv(b, r, p + 1)) for ws, b in zip(written, model.transformer.h, strict=True)
+                       for w, (r, p) in zip(ws, enumerate(positions), strict=True))
+        assert torch.equal(row2, kv(model.transformer.h[0], 2, 3))
     model.clear_caches()
 
 
@@ -161,7 +171,7 @@ def test_without_torchscript_decoding_falls_back_to_the_same_tokens(files, monke
     _, _, i8 = files
     model = load_model(i8)[0]
     s = Sampling(max_new_tokens=30, temperature=1.0, top_k=20, seed=3)
-    assert Batch(model, rows=2).decoder is not None  # generation takes the compiled step for one sequence
+    assert Batch(model, rows=2).decoder is not None  # generation takes the compiled step
     model.clear_caches()
     compiled = list(generate_tokens(model, [1, 2, 3], s))
 
