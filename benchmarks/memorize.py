@@ -1,11 +1,16 @@
 """The seed's job: the `gpt2` preset trained on the reference corpus until the train loss is below 0.1.
 
-Everywhere, each row in its own process (so peak memory is that row's own), 2 threads on CPU: training
-tokens/s and peak memory (RSS) of gptgen's step at the seed's batch 4 x block 32, and at batch 8 x
-block 1024 with and without gradient checkpointing. With --run on a CUDA machine it also runs the job
-itself (`gptgen train --target-loss`) and reports the time to the target and the card.
+Each row in its own process (so peak memory is that row's own): training tokens/s and peak memory of
+gptgen's step at the seed's batch 4 x block 32, and at batch 8 x block 1024 with and without gradient
+checkpointing; on CPU (2 threads, peak RSS) or with --device cuda (peak allocated GPU memory). With --run
+on a CUDA machine it also runs the job itself (`gptgen train --target-loss`) and reports the time to the
+target and the card.
 
-    python benchmarks/memorize.py [--steps 3] [--run --minutes 10] [--json out.json]
+    python benchmarks/memorize.py [--steps 3] [--json out.json]
+    python benchmarks/memorize.py --device cuda --run [--minutes 5] [--data tinyshakespeare.txt]
+
+On a GPU machine that has no ../shared beside the checkout, copy the corpus next to the command and pass
+--data.
 """
 
 from __future__ import annotations
@@ -29,21 +34,21 @@ RECIPE = ["--preset", "gpt2", "--batch-size", "16", "--block-size", "1024", "--l
           "--warmup-steps", "20", "--eval-interval", "200", "--target-loss", "0.1"]
 
 
-def one_row(batch: int, block: int, ckpt: bool, steps: int) -> dict:
+def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict:
     from train import measure
 
     torch.set_num_threads(2)
-    row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt)
+    row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device)
     row["grad_checkpoint"] = ckpt
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
 
-def run_job(minutes: float) -> dict:
+def run_job(data: str, minutes: float) -> dict:
     """The job itself, on CUDA: time to the target as `gptgen train` reports it (compile included)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "gptgen", "train", "--data", str(CORPUS), "--out", f"{out}/run", *RECIPE,
-               "--minutes", str(minutes)]
+        cmd = [sys.executable, "-m", "gptgen", "train", "--data", data, "--out", f"{out}/run", *RECIPE,
+               "--minutes", str(minutes), "--device", "cuda"]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         summary = json.loads(r.stdout[r.stdout.index("{"):])
     return {"card": torch.cuda.get_device_name(), "recipe": " ".join(RECIPE), **summary}
@@ -52,6 +57,8 @@ def run_job(minutes: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per row (median reported)")
+    ap.add_argument("--device", default="cpu", help="where the rows run: cpu (2 threads) or cuda")
+    ap.add_argument("--data", default=str(CORPUS), help="the corpus for --run")
     ap.add_argument("--run", action="store_true", help="also run the job to the target (needs CUDA)")
     ap.add_argument("--minutes", type=float, default=10.0, help="time budget of the job")
     ap.add_argument("--row", help=argparse.SUPPRESS)
@@ -59,23 +66,26 @@ def main() -> None:
     args = ap.parse_args()
     if args.row:
         batch, block, ckpt = json.loads(args.row)
-        print(json.dumps(one_row(batch, block, ckpt, args.steps)))
+        print(json.dumps(one_row(batch, block, ckpt, args.steps, args.device)))
         return
+    cuda = args.device.startswith("cuda")
+    if (cuda or args.run) and not torch.cuda.is_available():
+        sys.exit("--device cuda and --run need a CUDA GPU (on CPU the rows give the rate)")
     rows = []
     for batch, block, ckpt in ROWS:
         r = subprocess.run([sys.executable, __file__, "--row", json.dumps([batch, block, ckpt]), "--steps",
-                            str(args.steps)], capture_output=True, text=True, check=True)
+                            str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print("gpt2 preset (124M) training step on CPU, 2 threads")
-    print(f"{'batch x block':>13} {'checkpointing':>14} {'s/step':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
+    memory = "peak_gpu_mib" if cuda else "peak_rss_mib"
+    print(f"gpt2 preset (124M) training step on {torch.cuda.get_device_name() if cuda else 'CPU, 2 threads'}")
+    print(f"{'batch x block':>13} {'checkpointing':>14} {'s/step':>8} {'tokens/s':>9} "
+          f"{'peak GPU MiB' if cuda else 'peak RSS MiB':>13}")
     for r in rows:
         print(f"{r['batch']:>5} x {r['block']:<5} {str(r['grad_checkpoint']):>14} {r['s_per_step']:8.2f} "
-              f"{r['tokens_per_s']:9.0f} {r['peak_rss_mib']:13.0f}")
-    result = {"benchmark": "memorize", "cpu_rows": rows}
+              f"{r['tokens_per_s']:9.0f} {r[memory]:13.0f}")
+    result = {"benchmark": "memorize", "device": args.device, "rows": rows}
     if args.run:
-        if not torch.cuda.is_available():
-            sys.exit("--run needs a CUDA GPU (on CPU the rows above give the rate)")
-        result["job"] = job = run_job(args.minutes)
+        result["job"] = job = run_job(args.data, args.minutes)
         reached = job.get("target_reached")
         print(f"job on {job['card']}: " + (f"train loss < 0.1 at step {reached['step']} (epoch {reached['epoch']}), "
                                            f"{reached['wall_time_s']} s" if reached else

@@ -19,7 +19,7 @@ import torch
 from report import emit
 
 from gptgen.config import GPTConfig, TrainConfig
-from gptgen.device import autocast_for
+from gptgen.device import allow_tf32, autocast_for
 from gptgen.model import GPT
 from gptgen.train import make_optimizer, optimizer_step, use_compile
 
@@ -42,31 +42,36 @@ class HFAdapter(torch.nn.Module):
         return out.logits, out.loss
 
 
-def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_checkpoint: bool = False) -> dict:
+def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_checkpoint: bool = False,
+            device: str = "cpu") -> dict:
+    """Median seconds per optimizer step (and, on CUDA, the peak of allocated GPU memory)."""
     torch.manual_seed(0)
     config = GPTConfig.from_name(preset)
-    device = torch.device("cpu")
+    device = torch.device(device)
+    allow_tf32(device)
     cfg = TrainConfig(batch_size=batch, block_size=block)
     if system == "gptgen":
-        model = GPT(config)
+        model = GPT(config).to(device)
         model.init_weights()
         model.grad_checkpoint = grad_checkpoint
         optimizer = make_optimizer(model, cfg, device)
         step_model = torch.compile(model) if use_compile(cfg, device) else model
         autocast = autocast_for(device, "auto")
     else:
-        model = step_model = HFAdapter(config)
+        model = step_model = HFAdapter(config).to(device)
         if system == "transformers-fp32":
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
             autocast = contextlib.nullcontext()
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    x = torch.randint(0, config.vocab_size, (batch, block))
-    y = torch.randint(0, config.vocab_size, (batch, block))
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    x = torch.randint(0, config.vocab_size, (batch, block), device=device)
+    y = torch.randint(0, config.vocab_size, (batch, block), device=device)
 
     def step():
         optimizer_step(step_model, optimizer, [(x, y)], device=device, autocast=autocast, grad_clip=1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     t = time.perf_counter()
     step()
@@ -78,9 +83,12 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
         step()
         times.append(time.perf_counter() - t)
     median = sorted(times)[len(times) // 2]
-    return {"system": system, "preset": preset, "batch": batch, "block": block, "params": sum(
-        p.numel() for p in model.parameters()), "s_per_step": median, "tokens_per_s": batch * block / median,
-        "warmup_s": warmup}
+    row = {"system": system, "preset": preset, "batch": batch, "block": block, "device": str(device),
+           "params": sum(p.numel() for p in model.parameters()), "s_per_step": median,
+           "tokens_per_s": batch * block / median, "warmup_s": warmup}
+    if device.type == "cuda":
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gptgen import checkpoint
 from gptgen.config import ConfigError, GPTConfig, GptgenError, TrainConfig
 from gptgen.data import Corpus, DataError, load_corpus, sample_batch
-from gptgen.device import autocast_for, pick_device
+from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.model import GPT
 from gptgen.plot import plot_losses
@@ -193,6 +193,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     cfg.validate(model_config)
     cfg.block_size = cfg.block_size or model_config.block_size
     device = pick_device(cfg.device)
+    allow_tf32(device)
     corpus = load_corpus(cfg.data, cfg.val_fraction)
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "

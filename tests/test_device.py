@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptgen.config import ConfigError
-from gptgen.device import autocast_for, pick_device
+from gptgen.device import allow_tf32, autocast_for, pick_device
 
 
 def test_auto_prefers_cuda_then_mps_then_cpu():
@@ -22,3 +22,9 @@ def test_unknown_device_is_a_clear_error(name):
 def test_float32_means_no_autocast():
     assert isinstance(autocast_for(torch.device("cpu"), "float32"), contextlib.nullcontext)
     assert isinstance(autocast_for(torch.device("cpu"), "bfloat16"), torch.autocast)
+
+
+def test_tf32_is_for_cuda_only():
+    before = torch.get_float32_matmul_precision()
+    allow_tf32(torch.device("cpu"))  # a CPU run keeps full float32 matmuls
+    assert torch.get_float32_matmul_precision() == before == "highest"
