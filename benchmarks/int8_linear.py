@@ -6,9 +6,12 @@ int8 linear over a weight packed once), also called the plain way, through `torc
 activations already quantized, so its row includes quantizing them per call in eager ops.
 Relative output error is against the fp32 result.
 
-With --device cuda (for a session with a GPU; nothing here needs one): the float baselines, the int8
-path gptgen takes off CPU (the int8 weight converted per call, then scaled), `_weight_int8pack_mm`, and
-bf16 and that int8 path each compiled by inductor (which fuses the conversion into the matmul).
+With --device cuda (for a session with a GPU; nothing here needs one) one layer would only time kernel
+launches, so a call is a token through all of GPT-2's 49 linear layers (12 blocks' four and the
+50,257-row head: 124M weights, 248 MB in bf16, 124 MB in int8), one after another: bf16 and gptgen's
+int8 path (the int8 weight converted per call, then scaled), eager, and compiled by inductor with CUDA
+graphs (`max-autotune`, coordinate-descent tuning, as gpt-fast and torchao's int8 weight-only use it), where
+the conversion can fuse into the matmul; and `_weight_int8pack_mm`.
 
     python benchmarks/int8_linear.py [--threads 2] [--device cpu|cuda] [--json out.json]
 """
@@ -20,6 +23,7 @@ import time
 import warnings
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from report import emit
 
@@ -54,8 +58,8 @@ def main() -> None:
     q, scale = quantize_rows(w)
     x = torch.randn(1, 768)
     if args.device == "cuda":
-        rows = run_paths(cuda_paths(w.cuda(), b.cuda(), q.cuda(), scale.cuda()), x.cuda(), F.linear(x, w, b).cuda())
-        report(rows, f"on {torch.cuda.get_device_name()}", args.json)
+        rows = run_paths(*gpt2_linears("cuda"), reps=200)
+        report(rows, f"one token through GPT-2's 49 linear layers, on {torch.cuda.get_device_name()}", args.json)
         return
     w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
     ours = Int8Linear(q, scale, b)
@@ -81,51 +85,67 @@ def main() -> None:
         "int8 fbgemm, plain torch.ops call": lambda x: torch.addcmul(b, plain_fbgemm(x, ours._packed), scale),
         "int8 fbgemm linear_dynamic (gptgen)": ours,
     }
-    report(run_paths(paths, x, F.linear(x, w, b)), f"{args.threads} threads", args.json)
+    report(run_paths(paths, x, F.linear(x, w, b)), f"768x3072 linear, one token, {args.threads} threads", args.json)
 
 
-def cuda_paths(w, b, q, scale) -> dict:
-    w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
-    ours = Int8Linear(q, scale, b)  # not packed: the path gptgen takes on GPUs
+def gpt2_linears(device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(paths, input, fp32 reference) for one token through GPT-2's 49 linear layers in turn.
 
-    def bf16(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), w_bf16, b_bf16)
+    Each layer takes the activation row of its input width (768 or 3072) and returns its output; the
+    outputs are concatenated. The weights are random (N(0, 0.02)), and the same for every path.
+    """
+    torch.manual_seed(0)
+    shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]
+    weights = [torch.randn(n, k) * 0.02 for n, k in shapes]
+    biases = [torch.zeros(n) if n != 50257 else None for n, _ in shapes]
+    x = torch.randn(1, 3072, device=device)
+    int8 = [Int8Linear(*quantize_rows(w), b).to(device) for w, b in zip(weights, biases, strict=True)]  # not packed
+    bf16 = [(w.to(device, torch.bfloat16), None if b is None else b.to(device, torch.bfloat16))
+            for w, b in zip(weights, biases, strict=True)]
+    fp32 = [(w.to(device), None if b is None else b.to(device)) for w, b in zip(weights, biases, strict=True)]
 
-    def int8_bf16(x: torch.Tensor) -> torch.Tensor:
-        return ours(x.to(torch.bfloat16))
+    def run(layers, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x[:, :k]).float() for layer, (_, k) in zip(layers, shapes, strict=True)], dim=-1)
 
-    return {
-        "fp32 F.linear": lambda x: F.linear(x, w, b),
-        "bf16 F.linear": bf16,
-        "int8 converted per call (gptgen, bf16)": int8_bf16,
-        "int8 aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale) + b,
-        "bf16 F.linear, compiled": torch.compile(bf16, mode="max-autotune-no-cudagraphs"),
-        "int8 (gptgen, bf16), compiled": torch.compile(int8_bf16, mode="max-autotune-no-cudagraphs"),
+    def float_layers(params):
+        return [lambda x, w=w, b=b: F.linear(x.to(w.dtype), w, b) for w, b in params]
+
+    paths = {
+        "fp32 F.linear": lambda x: run(float_layers(fp32), x),
+        "bf16 F.linear": lambda x: run(float_layers(bf16), x),
+        "int8 converted per call (gptgen, bf16)": lambda x: run(int8, x.to(torch.bfloat16)),
+        "int8 aten._weight_int8pack_mm": lambda x: run(
+            [lambda x, m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.scale) for m in int8], x),
     }
+    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast and torchao tune one-token matmuls
+    for name in ("bf16 F.linear", "int8 converted per call (gptgen, bf16)"):
+        compiled = torch.compile(paths[name], mode="max-autotune", fullgraph=True)  # with CUDA graphs
+        paths[name + ", compiled"] = lambda x, f=compiled: f(x).clone()  # CUDA graph outputs live until the next call
+    return paths, x, paths["fp32 F.linear"](x)
 
 
-def run_paths(paths: dict, x: torch.Tensor, ref: torch.Tensor) -> list[dict]:
+def run_paths(paths: dict, x: torch.Tensor, ref: torch.Tensor, reps: int = 2000) -> list[dict]:
     rows = []
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, fn in paths.items():
             try:
                 err = ((fn(x).float() - ref).norm() / ref.norm()).item()
-                rows.append({"path": name, "us": bench(fn, x), "rel_error": err})
+                rows.append({"path": name, "us": bench(fn, x, reps), "rel_error": err})
             except RuntimeError as e:  # a kernel this torch build lacks
                 rows.append({"path": name, "error": str(e).splitlines()[0][:80]})
     return rows
 
 
-def report(rows: list[dict], where: str, json_path: str | None) -> None:
+def report(rows: list[dict], title: str, json_path: str | None) -> None:
     base = rows[0]["us"]
-    print(f"768x3072 linear, one token, {where}, torch {torch.__version__}")
-    print(f"{'path':38} {'µs':>8} {'vs fp32':>8} {'rel. error':>11}")
+    print(f"{title}, torch {torch.__version__}")
+    print(f"{'path':48} {'µs':>8} {'vs fp32':>8} {'rel. error':>11}")
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:38} not available: {r['error']}")
+            print(f"{r['path']:48} not available: {r['error']}")
         else:
-            print(f"{r['path']:38} {r['us']:8.1f} {base / r['us']:7.2f}x {r['rel_error']:11.2e}")
+            print(f"{r['path']:48} {r['us']:8.1f} {base / r['us']:7.2f}x {r['rel_error']:11.2e}")
     emit(rows, json_path)
 
 
