@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,28 +23,40 @@ class ModelFileError(GptgenError):
     """A model file is missing, corrupt or not a gptgen model."""
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: a kill at any moment leaves old or new, whole."""
+def user_mode(mode: int) -> int:
+    """mode as the user's umask leaves it (0o666 -> 0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write; if the block succeeds it is fsynced, given the
+    user's usual mode (mkstemp makes files private) and renamed onto `path`: a kill at any moment leaves
+    the old file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the user's usual mode
+        os.chmod(tmp, user_mode(0o666))
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: GPTConfig, *,

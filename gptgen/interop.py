@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptgen.checkpoint import ModelFileError, load_model_file
+from gptgen.checkpoint import ModelFileError, atomic_path, load_model_file, user_mode
 from gptgen.config import GptgenError
 from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
@@ -83,9 +83,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
     out = _new_file(out)
     config, tensors, metadata = _float_tensors(model_path)
     names = _gguf_names(config.n_layer)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, "gpt2")
         w.add_name(Path(model_path).stem)
         w.add_context_length(config.block_size)
@@ -118,9 +116,6 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # transformers' GPT-2 keeps these four weights in Conv1D layout (in, out); gptgen uses nn.Linear's (out, in).
@@ -141,7 +136,9 @@ def _fresh_dir(out: Path) -> Path:
         raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
                           "overwritten)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(tmp, user_mode(0o777))  # mkdtemp makes directories private
+    return tmp
 
 
 def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:

@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 import struct
 
@@ -93,6 +94,16 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
         atomic_write(path, object())  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_users_usual_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == mode  # not mkstemp's private 0o600 only
 
 
 def test_optimizer_state_round_trip(tmp_path):

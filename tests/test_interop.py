@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptgen.checkpoint import load_model, save_model
+from gptgen.checkpoint import load_model, save_model, user_mode
 from gptgen.config import GptgenError
 from gptgen.generate import Sampling, generate_tokens
 from gptgen.interop import export_gguf, gpt2_vocab
@@ -62,6 +62,7 @@ def test_q8_0_export_is_a_gguf_file(trained, tmp_path):
     assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert (tmp_path / "q.gguf").stat().st_mode & 0o777 == user_mode(0o666)  # readable as the user's files are
 
 
 def test_int8_model_exports_dequantized(tmp_path):
@@ -137,6 +138,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
     else:
         source = BUNDLED  # int8: dequantized on export
     export_hf(source, tmp_path / "hf")
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == user_mode(0o777)  # not mkdtemp's private 0o700
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = IDS[:, :8]
     assert torch.allclose(hf(ids).logits, _float_gptgen(source)(ids)[0], atol=1e-4)
