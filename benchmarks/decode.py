@@ -8,9 +8,11 @@ over the rounds (5 by default): this machine is shared, and a slow minute then f
 instead of one.
 
     python benchmarks/decode.py [--runs 5] [--systems gptgen-int8,llama.cpp-q8_0] [--json out.json]
+    python benchmarks/decode.py --device cuda   # gptgen bf16 and int8, eager and compiled (CUDA graphs)
 
 llama.cpp rows need `llama-cpp-python` (pip builds it from source, ~10 minutes); without it they are
-reported as not run.
+reported as not run. A "-compiled" row decodes through `gptgen.load(..., compile=True)`; its warm-up
+call compiles, untimed.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from report import emit
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
 SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
+CUDA_SYSTEMS = ["gptgen-bf16", "gptgen-bf16-compiled", "gptgen-int8", "gptgen-int8-compiled"]
 
 
-def make_files(workdir: Path) -> dict[str, Path]:
+def make_files(workdir: Path, gguf: bool = True) -> dict[str, Path]:
     from gptgen.checkpoint import save_model
     from gptgen.config import GPTConfig
     from gptgen.model import GPT
@@ -44,7 +47,7 @@ def make_files(workdir: Path) -> dict[str, Path]:
     save_model(files["fp32"], model.state_dict(), model.config)
     cli = [sys.executable, "-m", "gptgen"]
     subprocess.run([*cli, "quantize", files["fp32"], files["int8"]], check=True, stdout=subprocess.DEVNULL)
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "q8_0") if gguf else ():
         subprocess.run([*cli, "export", files["fp32"], files[kind], "--type", kind], check=True,
                        stdout=subprocess.DEVNULL)
     return files
@@ -54,11 +57,11 @@ def prompts(n: int) -> list[int]:
     return torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
 
 
-def run_gptgen(path: Path, dtype: str):
+def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
     import gptgen
     from gptgen.generate import Sampling, generate_tokens
 
-    tm = gptgen.load(str(path), device="cpu", dtype=dtype)
+    tm = gptgen.load(str(path), device=device, dtype=dtype, compile=compile)
 
     def once(prompt: list[int], n: int) -> tuple[float, float, int]:
         start = time.perf_counter()
@@ -137,13 +140,13 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def one(system: str, files: dict[str, str]) -> dict:
+def one(system: str, files: dict[str, str], device: str) -> dict:
     """One measurement of one system, in a process of its own: a warm-up, a decode run, a prefill run."""
     torch.set_num_threads(2)
     kind = system.split("-")[1]
     if system.startswith("gptgen"):
         path = Path(files["int8" if kind == "int8" else "fp32"])
-        once = run_gptgen(path, "bfloat16" if kind == "bf16" else "float32")
+        once = run_gptgen(path, "bfloat16" if kind == "bf16" else "float32", device, system.endswith("-compiled"))
     elif system.startswith("transformers"):
         path = Path(files["fp32"])
         once = run_transformers(path)
@@ -170,40 +173,42 @@ def median_row(runs: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5, help="rounds; each figure is the median over them")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", help=f"default: {','.join(SYSTEMS)}; with --device cuda, {','.join(CUDA_SYSTEMS)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where gptgen's rows run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, json.loads(args.files))))
+        print(json.dumps(one(args.one, json.loads(args.files), args.device)))
         return
-    systems = args.systems.split(",")
+    systems = (args.systems or ",".join(CUDA_SYSTEMS if args.device == "cuda" else SYSTEMS)).split(",")
     results: dict[str, list[dict]] = {system: [] for system in systems}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {k: str(v) for k, v in make_files(Path(tmp)).items()}
+        files = {k: str(v) for k, v in make_files(Path(tmp), gguf=any(s.startswith("llama") for s in systems)).items()}
         for round_ in range(args.runs):  # every system once per round, so drift on a shared machine hits all,
             shift = round_ % len(systems)  # and in a rotated order, so no system always follows the same one
             for system in systems[shift:] + systems[:shift]:
                 if system in errors:
                     continue
-                cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files)]
+                cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files), "--device", args.device]
                 r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
                 if r.returncode != 0:
                     errors[system] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
                     continue
                 results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
     rows = [{"system": s, "error": errors[s]} if s in errors else median_row(results[s]) for s in systems]
-    print(f"gpt2 preset (124M), batch 1, 2 threads, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "2 threads"
+    print(f"gpt2 preset (124M), batch 1, {where}, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
           f"top-k {TOP_K}, median of {args.runs} rounds; torch {torch.__version__}")
-    print(f"{'system':18} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MB':>11} "
+    print(f"{'system':22} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MB':>11} "
           f"{'file MiB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:18} not run: {r['error'][:90]}")
+            print(f"{r['system']:22} not run: {r['error'][:90]}")
         else:
-            print(f"{r['system']:18} {r['decode_tok_s']:12.1f} {r['first_token_ms']:14.1f} {r['prefill_tok_s']:17.0f} "
+            print(f"{r['system']:22} {r['decode_tok_s']:12.1f} {r['first_token_ms']:14.1f} {r['prefill_tok_s']:17.0f} "
                   f"{r['peak_rss_mb']:11.0f} {r['file_mib']:8.1f}")
     ok = {r["system"]: r for r in rows if "error" not in r}
     if "gptgen-int8" in ok:
@@ -213,6 +218,9 @@ def main() -> None:
                 ratios = {k: ours[k] / ok[peer][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}
                 print(f"gptgen int8 / {peer}: decode {ratios['decode_tok_s']:.2f}x, "
                       f"prefill {ratios['prefill_tok_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
+    if "gptgen-int8-compiled" in ok and "gptgen-bf16-compiled" in ok:
+        print(f"gptgen int8 / bf16, both compiled: decode "
+              f"{ok['gptgen-int8-compiled']['decode_tok_s'] / ok['gptgen-bf16-compiled']['decode_tok_s']:.2f}x")
     emit(rows, args.json)
 
 

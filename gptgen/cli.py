@@ -64,6 +64,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="on CUDA, decode through a compiled step with CUDA graphs (compiling takes tens of seconds)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token counts, timings")
 
 
@@ -235,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Sampling(**sampling)
     except ValueError as e:
         raise GptgenError(str(e)) from None
-    model = gptgen.load(args.model, device=args.device)
+    model = gptgen.load(args.model, device=args.device, compile=args.compile)
     pieces = []
     for piece in model.stream(args.prompt, **sampling):
         pieces.append(piece)

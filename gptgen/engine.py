@@ -202,9 +202,12 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
         if message["op"] == "load":
             try:
                 if message["name"] not in models:
-                    model = gptgen.load(message["path"], device=device)
-                    model.generate("", max_new_tokens=2, seed=0)  # first calls pay one-off setup; not the user's
-                    models[message["name"]] = model.model
+                    model = gptgen.load(message["path"], device=device, compile=True).model  # compiles on CUDA only
+                    batch = Batch(model, rows)  # the batch its requests will share
+                    batch.add([], Sampling(max_new_tokens=2, seed=0))
+                    while batch.active:  # first steps pay one-off setup (scripting, compiling); not the user's
+                        batch.step()
+                    models[message["name"]], batches[message["name"]] = model, batch
                 send({"op": "done", "id": rid})
             except Exception as e:
                 send({"op": "failed", "id": rid, "error": f"{type(e).__name__}: {e}"})

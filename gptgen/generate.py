@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -131,8 +132,9 @@ class Batch:
         self.context = model.config.block_size
         self.device = model.transformer.wpe.weight.device
         self.active: list[Sequence] = []
-        model.setup_caches(batch=rows, max_len=max_len)
-        self.decoder = int8_decoder(model)  # a compiled step for an int8 model on CPU, else None
+        compiled = getattr(model, "compiled_decoder", None)  # see compile_decoding(): its shapes never change
+        model.setup_caches(batch=rows, max_len=None if compiled else max_len, static=compiled is not None)
+        self.decoder = int8_decoder(model) or compiled  # a compiled step (TorchScript for int8 on CPU), or None
 
     def add(self, prompt: list[int], s: Sampling) -> Sequence:
         """Start a sequence in the next free row (one prefill of its prompt); the next step samples its first token."""
@@ -175,15 +177,8 @@ class Batch:
                 self._prefill(seq, row, seq.tokens[:-1])
         if not self.active:
             return out
-        if self.decoder is not None:
-            logits = self.decoder([seq.tokens[-1] for seq in self.active], [seq.cached for seq in self.active])
-        else:
-            idx = torch.tensor([[seq.tokens[-1]] for seq in self.active], device=self.device)
-            if len(self.active) == 1:  # one sequence: an int position, the same numbers with fewer ops
-                pos = self.active[0].cached
-            else:
-                pos = torch.tensor([seq.cached for seq in self.active], device=self.device)
-            logits = self.model(idx, pos=pos, last_only=True)[0][:, -1]
+        tokens, positions = [seq.tokens[-1] for seq in self.active], [seq.cached for seq in self.active]
+        logits = self.decoder(tokens, positions) if self.decoder else eager_step(self.model, tokens, positions)
         for i, seq in enumerate(self.active):
             seq.logits = logits[i]
             seq.cached += 1
@@ -199,6 +194,57 @@ class Batch:
                 self.active[row] = last
 
 
+class CompiledDecoder:
+    """One sequence's decoding step compiled by inductor over static shapes (the whole cache, masked): on CUDA
+    with CUDA graphs, so that a token is one graph replay instead of ~400 kernel launches, and an int8
+    model's weight conversion can fuse into its matmuls (`Int8Linear` writes them in the form inductor
+    fuses). Steps of several sequences run eagerly. If compiling fails, it warns and decodes eagerly.
+    """
+
+    CUDA_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}  # as gpt-fast decodes
+
+    def __init__(self, model, options: dict | None = None) -> None:
+        self.model = model
+        options = self.CUDA_OPTIONS if options is None else options
+        self.compiled = torch.compile(self._step, fullgraph=True, options=options)
+        self.failed = False
+
+    def _step(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(idx, pos=pos, last_only=True, static=True)[0][:, -1]
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if len(tokens) == 1 and not self.failed:
+            device = self.model.transformer.wpe.weight.device
+            idx, pos = torch.tensor([tokens], device=device), torch.tensor(positions, device=device)
+            try:  # a CUDA graph's output is overwritten by its next replay, hence the clone
+                return self.compiled(idx, pos).clone()
+            except Exception as e:  # noqa: BLE001 - a compiler that cannot build this only costs speed
+                self.failed = True
+                warnings.warn(f"compiled decoding failed ({type(e).__name__}: {e}); decoding eagerly", stacklevel=2)
+        return eager_step(self.model, tokens, positions)
+
+
+def eager_step(model, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """GPT.forward for one new token of each sequence in cache rows 0..B-1 (tokens[b] at positions[b]): the
+    logits, (B, vocab). Each row attends over its own length, so a sequence's numbers do not depend on the
+    others'."""
+    device = model.transformer.wpe.weight.device
+    idx = torch.tensor([[t] for t in tokens], device=device)
+    pos = positions[0] if len(tokens) == 1 else torch.tensor(positions, device=device)  # an int: fewer ops
+    return model(idx, pos=pos, last_only=True)[0][:, -1]
+
+
+def compile_decoding(model) -> None:
+    """Decode one sequence at a time through a CompiledDecoder if the model is on CUDA (elsewhere: no change).
+
+    The first step compiles (tens of seconds), so this is for a model that generates a lot: the server
+    does it on CUDA, `gptgen.load(..., compile=True)` and `gptgen generate --compile` ask for it. The
+    caches then span the whole context and stay allocated between calls, so the shapes never change.
+    """
+    if model.transformer.wpe.weight.is_cuda:
+        model.compiled_decoder = CompiledDecoder(model)
+
+
 def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
     """Token ids after the prompt, one at a time: a batch of one sequence."""
     batch = Batch(model, rows=1, max_len=min(model.config.block_size, len(prompt) + s.max_new_tokens))
@@ -209,7 +255,8 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
                 if token is not None:
                     yield token
     finally:
-        model.clear_caches()
+        if getattr(model, "compiled_decoder", None) is None:  # a compiled step keeps its cache tensors
+            model.clear_caches()
 
 
 def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:

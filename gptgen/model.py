@@ -20,14 +20,17 @@ class KVCache(nn.Module):
     """Preallocated keys and values of one layer, a row per sequence, so decoding never re-runs the prompt.
 
     Keys and values share one tensor (2, rows, nh, max_len, hs): a token's pair is stored with one copy.
-    Left uninitialised: only positions already written are ever read.
+    Left uninitialised (untouched pages cost no memory) unless static: only positions already written are
+    read, except by static steps, which read the whole cache and mask what is past (0 x NaN would be NaN).
     """
 
     def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, static: bool = False) -> None:
         super().__init__()
         shape = (2, batch, n_head, max_len, head_dim)
-        self.register_buffer("kv", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.static = static
+        self.register_buffer("kv", (torch.zeros if static else torch.empty)(shape, dtype=dtype, device=device),
+                             persistent=False)
 
     def update(self, pos: int | torch.Tensor, row: int, kv: torch.Tensor) -> torch.Tensor:
         """Store kv (2, B, nh, T, hs) in rows row..row+B-1; return those rows' keys and values so far.
@@ -80,7 +83,10 @@ class CausalSelfAttention(nn.Module):
             if lengths is not None:  # rows of different lengths
                 y = _attend_each(q, kv[0], kv[1], lengths)
                 return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-            if pos > 0 and T > 1:  # new queries see the whole cache and each other causally
+            if not isinstance(pos, int):  # static shapes: every cache position, those past each row's masked
+                mask = torch.arange(kv.size(3), device=x.device) <= pos.view(B, 1, 1, 1)
+                causal = False
+            elif pos > 0 and T > 1:  # new queries see the whole cache and each other causally
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
                 causal = False
         dropout = self.dropout if self.training else 0.0
@@ -146,32 +152,40 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
 
-    def setup_caches(self, batch: int, max_len: int | None = None) -> None:
-        """Allocate a KV cache per layer, in the activations' dtype; forward(idx, pos=...) then appends to it."""
+    def setup_caches(self, batch: int, max_len: int | None = None, static: bool = False) -> None:
+        """Allocate a KV cache per layer, in the activations' dtype; forward(idx, pos=...) then appends to it.
+        static: for forward(..., static=True), which reads all of it (see KVCache)."""
         max_len = max_len or self.config.block_size
         wpe = self.transformer.wpe.weight  # float in every model, int8 ones included
         dtype, device = wpe.dtype, wpe.device
+        want = ((2, batch, self.config.n_head, max_len, self.config.head_dim), dtype, device, static)
         for block in self.transformer.h:
-            block.attn.cache = KVCache(batch, max_len, self.config.n_head, self.config.head_dim, dtype, device)
+            cache = block.attn.cache  # one already there as wanted is kept: a compiled step's tensors stay put
+            if cache is None or (cache.kv.shape, cache.kv.dtype, cache.kv.device, cache.static) != want:
+                block.attn.cache = KVCache(batch, max_len, self.config.n_head, self.config.head_dim, dtype, device,
+                                           static)
 
     def clear_caches(self) -> None:
         for block in self.transformer.h:
             block.attn.cache = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, pos: int | torch.Tensor = 0,
-                row: int = 0, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                row: int = 0, last_only: bool = False,
+                static: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position (or the last only); with targets, also the mean cross-entropy in nats/token.
 
         pos is where idx starts in the sequence; with caches set up, earlier positions come from the cache,
         and idx's sequences use cache rows row, row+1, ... For batched decoding, pos is a tensor with each
-        row's own position and idx holds one token per row.
+        row's own position and idx holds one token per row; each row attends over its own length, or, with
+        static=True, over the whole cache with the positions past it masked: the same shapes at every step,
+        as torch.compile's CUDA graphs need (the caller keeps the positions inside the context).
         """
         B, T = idx.shape
-        lengths = None if isinstance(pos, int) else (pos + 1).tolist()
-        end = pos + T if lengths is None else max(lengths)
+        lengths = None if isinstance(pos, int) or static else (pos + 1).tolist()
+        end = pos + T if isinstance(pos, int) else 0 if static else max(lengths)
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.block_size}")
-        positions = torch.arange(pos, pos + T, device=idx.device) if lengths is None else pos.view(B, 1)
+        positions = torch.arange(pos, pos + T, device=idx.device) if isinstance(pos, int) else pos.view(B, 1)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
         if self.training and self.config.dropout:
             x = F.dropout(x, self.config.dropout)

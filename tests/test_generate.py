@@ -6,10 +6,12 @@ import torch
 from gptgen.generate import (
     MAX_NEW_TOKENS,
     Batch,
+    CompiledDecoder,
     Sampling,
     TextModel,
     apply_repetition_penalty,
     apply_top_p,
+    compile_decoding,
     generate_tokens,
     next_token,
     stream_text,
@@ -127,6 +129,78 @@ def test_a_cancelled_sequence_frees_its_row_and_the_others_go_on_unchanged():
     assert len(got[0]) == 5
     assert got[1] == list(generate_tokens(model, *requests[1]))
     assert got[2] == list(generate_tokens(model, *requests[2]))  # joined in the cancelled one's row
+
+
+def _model(kind: str):
+    import gptgen
+    from tests.conftest import BUNDLED
+
+    if kind == "float":
+        return tiny_model().eval()
+    return gptgen.load(str(BUNDLED), device="cpu").model.to("cpu")  # moved: unpacked, the int8 path GPUs take
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_the_compiled_step_gives_the_eager_logits_over_a_static_cache(kind):
+    """CompiledDecoder's step (inductor on CPU here; on CUDA it adds CUDA graphs) attends over the whole cache
+    with the unwritten positions masked, so its shapes never change: its logits are the eager step's."""
+    model = _model(kind)
+    model.setup_caches(batch=1, static=True)  # the whole context, zeroed
+    decoder = CompiledDecoder(model, options={})
+    tokens = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        model(torch.tensor([tokens[:5]]), last_only=True)
+        for pos in range(5, 12):
+            fast = decoder([tokens[pos]], [pos])
+            ref = model(torch.tensor([[tokens[pos]]]), pos=pos, last_only=True)[0][:, -1]  # rewrites the same entry
+            torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    assert not decoder.failed
+    model.clear_caches()
+
+
+def test_compiled_decoding_compiles_once_keeps_its_caches_and_gives_the_eager_text():
+    model = _model("int8")
+    s = Sampling(max_new_tokens=24, temperature=0)
+    prompts = [get_tokenizer().encode_ordinary(p) for p in ("ROMEO:", "First Citizen:\nBefore we proceed")]
+    eager = [list(generate_tokens(model, p, s)) for p in prompts]
+    model.compiled_decoder = CompiledDecoder(model, options={})
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    try:
+        compiled = [list(generate_tokens(model, prompts[0], s))]
+        caches, compiles = [b.attn.cache for b in model.transformer.h], graphs()
+        compiled.append(list(generate_tokens(model, prompts[1], s)))  # another prompt length: no new graph
+        list(generate_tokens(model, prompts[0], Sampling(max_new_tokens=3, temperature=0)))
+        assert compiled == eager and graphs() == compiles
+        assert all(c is not None and c.kv.size(3) == model.config.block_size for c in caches)
+        assert [b.attn.cache for b in model.transformer.h] == caches  # the same tensors, call after call
+    finally:
+        del model.compiled_decoder
+        model.clear_caches()
+
+
+def test_compiled_decoding_falls_back_to_eager_with_a_warning():
+    model = _model("float")
+    s = Sampling(max_new_tokens=20, temperature=1.0, top_k=20, seed=2)
+    eager = list(generate_tokens(model, [1, 2, 3], s))
+    decoder = model.compiled_decoder = CompiledDecoder(model, options={})
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    decoder.compiled = broken
+    try:
+        with pytest.warns(UserWarning, match="decoding eagerly"):
+            assert list(generate_tokens(model, [1, 2, 3], s)) == eager
+        assert decoder.failed
+    finally:
+        del model.compiled_decoder
+        model.clear_caches()
+
+
+def test_compile_decoding_changes_nothing_off_cuda():
+    model = tiny_model()
+    compile_decoding(model)
+    assert not hasattr(model, "compiled_decoder")
 
 
 def test_batched_sequences_run_past_the_context_as_alone():
