@@ -311,7 +311,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
     args = parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
