@@ -45,12 +45,20 @@ def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict
 
 
 def run_job(data: str, minutes: float) -> dict:
-    """The job itself, on CUDA: time to the target as `gptgen train` reports it (compile included)."""
+    """The job itself, on CUDA: time to the target as `gptgen train` reports it (compile included). Its
+    progress and log pass through as they come, so a run cut short still shows how far it got."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "gptgen", "train", "--data", data, "--out", f"{out}/run", *RECIPE,
                "--minutes", str(minutes), "--device", "cuda"]
-        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        summary = json.loads(r.stdout[r.stdout.index("{"):])
+        lines = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:
+                print(line, end="", flush=True)
+                lines.append(line)
+        if p.returncode:
+            sys.exit(f"gptgen train exited with status {p.returncode}")
+        stdout = "".join(lines)
+        summary = json.loads(stdout[stdout.index("{"):])
     return {"card": torch.cuda.get_device_name(), "recipe": " ".join(RECIPE), **summary}
 
 

@@ -238,6 +238,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise GptgenError(str(e)) from None
     model = gptgen.load(args.model, device=args.device, compile=args.compile)
+    if args.compile and getattr(model.model, "compiled_decoder", None) is None:
+        print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)
     pieces = []
     for piece in model.stream(args.prompt, **sampling):
         pieces.append(piece)

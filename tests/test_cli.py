@@ -104,6 +104,9 @@ def test_quantize_generate_and_export(tmp_path):
     assert report["new_tokens"] == 5 and report["prompt_tokens"] == 2 and isinstance(report["text"], str)
     r = gptgen("generate", f32, "The king", "--max-new-tokens", "4", "--seed", "3")
     assert r.returncode == 0 and r.stdout.endswith("\n")
+    compiled = gptgen("generate", f32, "The king", "--max-new-tokens", "4", "--seed", "3", "--compile",
+                      "--device", "cpu")
+    assert compiled.stdout == r.stdout and "--compile acts on CUDA only" in compiled.stderr  # said, not ignored
     r = gptgen("export", f32, tmp_path / "m.gguf", "--type", "q8_0")
     assert r.returncode == 0, r.stderr
 
