@@ -205,6 +205,7 @@ class CompiledDecoder:
 
     def __init__(self, model, options: dict | None = None) -> None:
         self.model = model
+        self.device = model.transformer.wpe.weight.device
         options = self.CUDA_OPTIONS if options is None else options
         self.compiled = torch.compile(self._step, fullgraph=True, options=options)
         self.failed = False
@@ -214,8 +215,7 @@ class CompiledDecoder:
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         if len(tokens) == 1 and not self.failed:
-            device = self.model.transformer.wpe.weight.device
-            idx, pos = torch.tensor([tokens], device=device), torch.tensor(positions, device=device)
+            idx, pos = torch.tensor([tokens], device=self.device), torch.tensor(positions, device=self.device)
             try:  # a CUDA graph's output is overwritten by its next replay, hence the clone
                 return self.compiled(idx, pos).clone()
             except Exception as e:  # noqa: BLE001 - a compiler that cannot build this only costs speed

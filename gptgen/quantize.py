@@ -146,11 +146,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.is_cpu:
             x = x.float().contiguous()
-            if x.dim() < 3 or x.size(0) == 1:
-                y = _linear_dynamic(x, self._packed)
-            else:  # sequences batched together must not change each other's numbers
-                y = _fbgemm_per_sequence(x, self._packed, self._col_sums)
-            return _rescale(y, self.scale, self.bias)
+            if x.dim() < 3 or x.size(0) == 1:  # one sequence: fbgemm's own call, without the dispatch checks
+                return _rescale(_linear_dynamic(x, self._packed), self.scale, self.bias)
+            return _int8_layer(x, self._packed, self._col_sums, self.scale, self.bias)  # sequence by sequence
         # Scale the output, not the weight: N multiplies instead of N x K, and the form inductor fuses into
         # one int8-weight matmul when the model is compiled (as gpt-fast does on GPUs).
         y = F.linear(x, self.int8_weight().to(x.dtype)) * self.scale.to(x.dtype)
@@ -217,7 +215,8 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
 
 def _int8_layer(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """Int8Linear.forward for the decode step: fbgemm quantizes one sequence itself, several one by one."""
+    """An int8 layer, as the decode step and batched calls of Int8Linear run it: fbgemm quantizes one
+    sequence itself; several are quantized one by one, so that none changes another's numbers."""
     y = torch.ops.quantized.linear_dynamic(x, packed) if x.size(0) == 1 else _fbgemm_per_sequence(x, packed, col_sums)
     return _rescale(y, scale, bias)
 
