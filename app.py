@@ -7,7 +7,8 @@ which imports this file again in the new process.
 
 import os
 
-from gptgen.serve import BUNDLED_MODELS, serve
+from gptgen.config import BUNDLED_MODELS
+from gptgen.serve import serve
 
 if __name__ == "__main__":
     serve(BUNDLED_MODELS, host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -198,6 +198,8 @@ def main() -> None:
                     errors[system] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
                     continue
                 results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                print(f"round {round_ + 1}: {system} {results[system][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
+                      flush=True)  # as it comes: a run cut short by a time limit still shows its rows
     rows = [{"system": s, "error": errors[s]} if s in errors else median_row(results[s]) for s in systems]
     where = torch.cuda.get_device_name() if args.device == "cuda" else "2 threads"
     print(f"gpt2 preset (124M), batch 1, {where}, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "

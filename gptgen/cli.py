@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from gptgen.config import PRESETS, GptgenError, TrainConfig
+from gptgen.config import BUNDLED_MODELS, PRESETS, GptgenError, TrainConfig
 
 _BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
 
@@ -109,7 +109,7 @@ def _positive_int(text: str) -> int:
 
 
 def _serve_parser(sub) -> None:
-    from gptgen.serve import BATCH_ROWS, BUNDLED_MODELS
+    from gptgen.engine import BATCH_ROWS
 
     p = sub.add_parser("serve", help="the web page and its API, on the bundled model or yours")
     p.add_argument("--model", help="model to show first: a name in --models or a .safetensors file")
@@ -285,7 +285,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from gptgen import hub
-    from gptgen.serve import BUNDLED_MODELS
 
     if args.space:
         model = args.model or str(BUNDLED_MODELS / "shakespeare-mini-int8.safetensors")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class GptgenError(ValueError):
@@ -141,3 +142,4 @@ class TrainConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16")
+BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"  # the repo's models/ (a Space's too)

@@ -24,7 +24,6 @@ from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import Stats, TextModel
 
 log = logging.getLogger(__name__)
-BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"  # the repo's models/ (a Space's too)
 
 
 class UnknownModel(GptgenError):

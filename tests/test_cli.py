@@ -33,6 +33,25 @@ def test_train_then_eval_json(small_text, tmp_path):
     assert "nats/char" in r.stdout and "perplexity" in r.stdout
 
 
+def test_train_quantize_generate_without_the_server_packages(small_text, tmp_path):
+    """A GPU machine may have torch and no web stack: only `gptgen serve` needs gradio/fastapi."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nfor m in ('fastapi', 'gradio', 'uvicorn', 'starlette', 'gguf'):\n    sys.modules[m] = None\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gptgen", *map(str, args)], capture_output=True, text=True,
+                              env=env)
+
+    blocked = subprocess.run([sys.executable, "-c", "import gradio"], capture_output=True, text=True, env=env)
+    assert "import of gradio halted" in blocked.stderr  # the block works
+    r = run("train", "--data", small_text, "--out", tmp_path / "run", "--steps", "2", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert run("quantize", tmp_path / "run" / "model.safetensors", tmp_path / "q.safetensors").returncode == 0
+    r = run("generate", tmp_path / "q.safetensors", "Hello", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["new_tokens"] == 3, r.stderr
+
+
 def bad_inputs(tmp_path, small_text):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 4)
