@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from gptgen.config import BUNDLED_MODELS, PRESETS, GptgenError, TrainConfig
+from gptgen.config import BUNDLED_MODELS, DTYPES, PRESETS, GptgenError, TrainConfig
 
 _BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
 
@@ -64,6 +64,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="a float model's weights: auto = bfloat16 on CUDA, float32 elsewhere (int8 stays int8)")
     p.add_argument("--compile", action="store_true",
                    help="on CUDA, decode through a compiled step with CUDA graphs (compiling takes tens of seconds)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token counts, timings")
@@ -237,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Sampling(**sampling)
     except ValueError as e:
         raise GptgenError(str(e)) from None
-    model = gptgen.load(args.model, device=args.device, compile=args.compile)
+    model = gptgen.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
         print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)
     pieces = []

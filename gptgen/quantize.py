@@ -174,7 +174,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
-        return head.weight[idx].float() * head.scale[idx, None]
+        return head.weight[idx].to(head.scale.dtype) * head.scale[idx, None]  # the model's float dtype
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

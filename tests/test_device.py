@@ -28,3 +28,14 @@ def test_tf32_is_for_cuda_only():
     before = torch.get_float32_matmul_precision()
     allow_tf32(torch.device("cpu"))  # a CPU run keeps full float32 matmuls
     assert torch.get_float32_matmul_precision() == before == "highest"
+
+
+def test_generation_weights_are_bf16_on_cuda_and_float32_elsewhere_unless_asked():
+    from gptgen.device import inference_dtype
+
+    assert inference_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+    assert inference_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert inference_dtype(torch.device("cuda"), "float32") == torch.float32
+    assert inference_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16"):
+        inference_dtype(torch.device("cpu"), "fp16")

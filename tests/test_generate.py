@@ -203,6 +203,27 @@ def test_compile_decoding_changes_nothing_off_cuda():
     assert not hasattr(model, "compiled_decoder")
 
 
+def test_decoding_keeps_cudnn_attention_off_and_restores_it():
+    """cuDNN's attention plans per shape; decoding (prefill and steps, one and several rows) runs without it."""
+    model = tiny_model().eval()
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    batch = Batch(model, rows=2)
+    batch.add([1, 2, 3], Sampling(max_new_tokens=3, seed=1))
+    batch.step()
+    batch.add([4, 5], Sampling(max_new_tokens=3, seed=2))
+    batch.step()
+    model.clear_caches()
+    assert len(seen) == 4 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_batched_sequences_run_past_the_context_as_alone():
     model = tiny_model().eval()  # context 16: every sequence rebuilds its cache several times
     requests = [(list(range(100, 100 + n)), Sampling(max_new_tokens=40, temperature=0)) for n in (3, 10, 20)]

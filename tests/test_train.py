@@ -167,7 +167,7 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     assert reached["window_loss"] < target and one["steps"] == reached["step"]
     assert reached["tokens_seen"] == reached["step"] * 4 * 32 and reached["epoch"] > 0
     rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["target_reached"] == reached and rows[-1]["step"] == reached["step"]
+    assert rows[-1]["target_reached"] == reached and rows[-1]["step"] == one["steps"]
     _, metadata = load_model(tmp_path / "one" / "model.safetensors")
     assert json.loads(metadata["training"])["target_reached"] == reached  # the model at the target is saved
 
@@ -178,6 +178,10 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     assert two["target_reached"]["step"] == reached["step"]
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # A budget that ends at the very step that reaches the target: it counts as reached.
+    exact = train(config(small_text, tmp_path / "three", steps=reached["step"], **common))
+    assert exact["stopped_by"] == "target_loss" and exact["target_reached"]["step"] == reached["step"]
 
 
 def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
