@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from gptgen.config import ConfigError, GPTConfig, GptgenError
 
@@ -59,6 +60,19 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically, written straight to the file: building the bytes in memory first made a checkpoint of the
+    gpt2 preset's optimizer (949 MiB) take 1.2-5.6 s instead of 0.2-0.3 s (plus 0.35 s of fsync either way)."""
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # its failed writes (a full disk) are not OSErrors: make them one
+            io = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+            if io is None:
+                raise
+            raise OSError(int(io.group(2)), io.group(1)) from None
+
+
 def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: GPTConfig, *,
                quantization: str = "none", training: dict | None = None) -> None:
     from gptgen import __version__
@@ -67,7 +81,7 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], con
     metadata = {"format": FORMAT, "config": config.to_json(), "quantization": quantization,
                 "tokenizer": "gpt2", "gptgen_version": __version__,
                 "training": json.dumps(training or {}, sort_keys=True)}
-    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "model file", with_tensors: bool = True
@@ -165,7 +179,7 @@ def save_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) ->
     tensors = {f"state.{i}.{k}": torch.as_tensor(v).detach().cpu().contiguous()
                for i, s in sd["state"].items() for k, v in s.items()}
     metadata = {"param_groups": json.dumps(sd["param_groups"])}
-    atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
