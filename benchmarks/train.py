@@ -21,7 +21,7 @@ from report import emit
 from gptgen.config import GPTConfig, TrainConfig
 from gptgen.device import allow_tf32, autocast_for
 from gptgen.model import GPT
-from gptgen.train import make_optimizer, optimizer_step, use_compile
+from gptgen.train import RegionalCompile, make_optimizer, optimizer_step, use_compile
 
 CASES = [("small", 8, 256), ("gpt2", 4, 32)]  # (preset, batch, block): a 6-layer preset, and the seed's recipe
 
@@ -55,7 +55,7 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
         model.init_weights()
         model.grad_checkpoint = grad_checkpoint
         optimizer = make_optimizer(model, cfg, device)
-        step_model = torch.compile(model) if use_compile(cfg, device) else model
+        step_model = RegionalCompile(model) if use_compile(cfg, device) else model
         autocast = autocast_for(device, "auto")
     else:
         model = step_model = HFAdapter(config).to(device)

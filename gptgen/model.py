@@ -186,18 +186,21 @@ class GPT(nn.Module):
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device) if isinstance(pos, int) else pos.view(B, 1)
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
-        if self.training and self.config.dropout:
-            x = F.dropout(x, self.config.dropout)
+        x = self.embed(idx, positions)
         for block in self.transformer.h:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, pos, row, lengths, use_reentrant=False)
             else:
                 x = block(x, pos, row, lengths)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        return self.head(x[:, -1:] if last_only else x, targets)
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
+        return F.dropout(x, self.config.dropout) if self.training and self.config.dropout else x
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, with targets, their mean cross-entropy in nats/token."""
+        logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
+from torch import nn
 from tqdm import tqdm
 
 from gptgen import checkpoint
@@ -220,9 +222,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             run.remove_partial_writes()
             run.truncate_metrics(progress.step)
     autocast = autocast_for(device, cfg.dtype)
-    step_model = model
-    if use_compile(cfg, device):
-        step_model = torch.compile(model)
+    step_model = RegionalCompile(model) if use_compile(cfg, device) else model
     if world > 1:
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -379,6 +379,30 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+class RegionalCompile(nn.Module):
+    """The training forward with torch.compile by region: each block on its own (the blocks are alike, so the
+    first compiles and the others reuse it) and the head with the loss (fused, they made CPU steps 1.7-2x
+    faster). On 2 cores, compile caches off, the first step (compiling) took 13.8-14.4 s instead of 25.1 s
+    for the whole gpt2 preset at batch 1 x 512 (13.2 instead of 20.0 s for `small` at 8 x 256), later steps
+    the same (1.03-1.06 vs 1.02-1.03 s; 0.89 vs 0.91 s). `model` itself stays eager: evaluation and
+    generation use it."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = [torch.compile(block) for block in model.transformer.h]  # a list: the model holds the weights
+        self.head = torch.compile(model.head)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.model.embed(idx, torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            if self.model.grad_checkpoint:  # recompute the block in backward, as GPT.forward does
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.head(x, targets)
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:

@@ -22,6 +22,28 @@ def config(data, out, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint):
+    from gptgen.config import GPTConfig
+    from gptgen.model import GPT
+    from gptgen.train import RegionalCompile
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", block_size=32))
+    model.init_weights()
+    model.grad_checkpoint = grad_checkpoint
+    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    results = []
+    for step_model in (model, RegionalCompile(model)):
+        model.zero_grad()
+        _, loss = step_model(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    assert torch.allclose(loss, eager_loss, atol=1e-5)
+    assert all(torch.allclose(grads[n], eager_grads[n], atol=1e-5, rtol=1e-4) for n in grads)
+
+
 def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     summary = train(config(small_text, tmp_path / "run"))
     run = tmp_path / "run"
