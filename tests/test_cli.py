@@ -126,6 +126,9 @@ def test_quantize_generate_and_export(tmp_path):
     compiled = gptgen("generate", f32, "The king", "--max-new-tokens", "4", "--seed", "3", "--compile",
                       "--device", "cpu")
     assert compiled.stdout == r.stdout and "--compile acts on CUDA only" in compiled.stderr  # said, not ignored
+    bf16 = gptgen("generate", f32, "The king", "--max-new-tokens", "4", "--dtype", "bfloat16", "--json")
+    assert bf16.returncode == 0 and json.loads(bf16.stdout)["new_tokens"] == 4, bf16.stderr
+    assert gptgen("generate", f32, "x", "--dtype", "fp8").returncode == 2  # argparse names the choices
     r = gptgen("export", f32, tmp_path / "m.gguf", "--type", "q8_0")
     assert r.returncode == 0, r.stderr
 
