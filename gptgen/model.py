@@ -186,13 +186,19 @@ class GPT(nn.Module):
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {self.config.block_size}")
         positions = torch.arange(pos, pos + T, device=idx.device) if isinstance(pos, int) else pos.view(B, 1)
-        x = self.embed(idx, positions)
-        for block in self.transformer.h:
+        x = self.run_blocks(self.embed(idx, positions), self.transformer.h, pos, row, lengths)
+        return self.head(x[:, -1:] if last_only else x, targets)
+
+    def run_blocks(self, x: torch.Tensor, blocks, pos: int | torch.Tensor = 0, row: int = 0,
+                   lengths: list[int] | None = None) -> torch.Tensor:
+        """x through the blocks: the model's own, or compiled ones over the same weights (training's
+        RegionalCompile). With grad_checkpoint, each block's activations are recomputed in backward."""
+        for block in blocks:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, pos, row, lengths, use_reentrant=False)
             else:
                 x = block(x, pos, row, lengths)
-        return self.head(x[:, -1:] if last_only else x, targets)
+        return x
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
@@ -397,12 +396,7 @@ class RegionalCompile(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.model.embed(idx, torch.arange(idx.size(1), device=idx.device))
-        for block in self.blocks:
-            if self.model.grad_checkpoint:  # recompute the block in backward, as GPT.forward does
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.head(x, targets)
+        return self.head(self.model.run_blocks(x, self.blocks), targets)
 
 
 def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
