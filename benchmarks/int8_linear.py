@@ -6,14 +6,14 @@ int8 linear over a weight packed once), also called the plain way, through `torc
 activations already quantized, so its row includes quantizing them per call in eager ops.
 Relative output error is against the fp32 result.
 
-With --device cuda (for a session with a GPU; nothing here needs one) one layer would only time kernel
-launches, so a call is a token through all of GPT-2's 49 linear layers (12 blocks' four and the
-50,257-row head: 124M weights, 248 MB in bf16, 124 MB in int8), one after another: bf16 and gptgen's
-int8 path (the int8 weight converted per call, then scaled), eager, and compiled by inductor with CUDA
-graphs (`max-autotune`, coordinate-descent tuning, as gpt-fast and torchao's int8 weight-only use it), where
-the conversion can fuse into the matmul; and `_weight_int8pack_mm`.
+With --device cuda (for a session with a GPU; nothing here needs one), or --all-layers on CPU, one layer
+would only time kernel launches, so a call is a token through all of GPT-2's 49 linear layers (12 blocks'
+four and the 50,257-row head: 124M weights, 248 MB in bf16, 124 MB in int8), one after another: bf16 and
+gptgen's int8 layers (bf16 activations), eager (the int8 weight converted per call, then the matmul) and
+compiled as gptgen's decoding step is (on CUDA with CUDA graphs), where one row's int8 linear becomes one
+kernel reading the int8 weight (see `Int8Linear.forward`); and `_weight_int8pack_mm`.
 
-    python benchmarks/int8_linear.py [--threads 2] [--device cpu|cuda] [--json out.json]
+    python benchmarks/int8_linear.py [--threads 2] [--device cpu|cuda] [--all-layers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import time
 import warnings
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 from report import emit
 
+from gptgen.generate import CompiledDecoder
 from gptgen.quantize import Int8Linear, quantize_rows
 
 
@@ -49,6 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--all-layers", action="store_true", help="a token through GPT-2's 49 linears (always on CUDA)")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,9 +58,10 @@ def main() -> None:
     w, b = lin.weight.detach(), lin.bias.detach()
     q, scale = quantize_rows(w)
     x = torch.randn(1, 768)
-    if args.device == "cuda":
-        rows = run_paths(*gpt2_linears("cuda"), reps=200)
-        report(rows, f"one token through GPT-2's 49 linear layers, on {torch.cuda.get_device_name()}", args.json)
+    if args.device == "cuda" or args.all_layers:
+        rows = run_paths(*gpt2_linears(args.device), reps=200)
+        where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+        report(rows, f"one token through GPT-2's 49 linear layers, {where}", args.json)
         return
     w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
     ours = Int8Linear(q, scale, b)
@@ -113,13 +115,13 @@ def gpt2_linears(device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
     paths = {
         "fp32 F.linear": lambda x: run(float_layers(fp32), x),
         "bf16 F.linear": lambda x: run(float_layers(bf16), x),
-        "int8 converted per call (gptgen, bf16)": lambda x: run(int8, x.to(torch.bfloat16)),
+        "int8 Int8Linear (gptgen, bf16)": lambda x: run(int8, x.to(torch.bfloat16)),
         "int8 aten._weight_int8pack_mm": lambda x: run(
             [lambda x, m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.scale) for m in int8], x),
     }
-    torch._inductor.config.coordinate_descent_tuning = True  # as gpt-fast and torchao tune one-token matmuls
-    for name in ("bf16 F.linear", "int8 converted per call (gptgen, bf16)"):
-        compiled = torch.compile(paths[name], mode="max-autotune", fullgraph=True)  # with CUDA graphs
+    for name in ("bf16 F.linear", "int8 Int8Linear (gptgen, bf16)"):
+        # compiled as gptgen's decoding step is: CUDA graphs and coordinate-descent tuning on CUDA
+        compiled = torch.compile(paths[name], fullgraph=True, options=CompiledDecoder.CUDA_OPTIONS if x.is_cuda else {})
         paths[name + ", compiled"] = lambda x, f=compiled: f(x).clone()  # CUDA graph outputs live until the next call
     return paths, x, paths["fp32 F.linear"](x)
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,22 @@ def test_the_non_fbgemm_path_matches_fbgemm():
     assert packed._packed is not None and plain._packed is None
     torch.testing.assert_close(plain(x), packed(x), atol=0.05, rtol=0.05)
     torch.testing.assert_close(plain(x), F.linear(x, q.float() * scale[:, None], lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_one_row_int8_linear_reads_the_int8_weight_in_one_kernel():
+    """Compiled for one row (a decoding step, as CompiledDecoder compiles it on GPUs), the int8 linear is one
+    fused kernel over the int8 weight: no float copy of the weight, no matmul call on one (inductor on CPU
+    here, the same graph Triton gets on CUDA)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(96, 64))
+    layer = Int8Linear(q, scale, torch.randn(96))
+    x = torch.randn(1, 1, 64)
+    y, (code,) = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+    torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    assert re.findall(r"^ +(cpp_fused_\w+)\(", code, re.M) == ["cpp_fused__to_copy_add_mul_sum_unsqueeze_0"]
+    assert not re.search(r"empty_strided_cpu\(\(96, 64\)", code) and not re.search(r"extern_kernels\.\w+\(", code)
 
 
 def _packed_linear(k: int, n: int, bias: bool) -> Int8Linear:
