@@ -205,9 +205,9 @@ class Batch:
 
 class CompiledDecoder:
     """One sequence's decoding step compiled by inductor over static shapes (the whole cache, masked): on CUDA
-    with CUDA graphs, so that a token is one graph replay instead of ~400 kernel launches, and an int8
-    model's weight conversion can fuse into its matmuls (`Int8Linear` writes them in the form inductor
-    fuses). Steps of several sequences run eagerly. If compiling fails, it warns and decodes eagerly.
+    with CUDA graphs, so that a token is one graph replay instead of ~400 kernel launches, and each of an
+    int8 model's linear layers is one kernel that reads its int8 weight (see `Int8Linear.forward`). Steps
+    of several sequences run eagerly. If compiling fails, it warns and decodes eagerly.
     """
 
     CUDA_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}  # as gpt-fast decodes

@@ -155,9 +155,10 @@ class Int8Linear(nn.Module):
             # matmul, it converts the whole weight to a float copy first and calls the float matmul on that
             # (inductor fuses the conversion into a matmul only under max-autotune): more bytes than the
             # float model itself; that form decoded at 0.43x bf16's speed on an H200.
-            y = (x.unsqueeze(-2) * w.to(x.dtype)).sum(-1) * self.scale.to(x.dtype)
-        else:  # the output scaled, not the weight: N multiplies instead of N x K
-            y = F.linear(x, w.to(x.dtype)) * self.scale.to(x.dtype)
+            y = (x.unsqueeze(-2) * w.to(x.dtype)).sum(-1)
+        else:
+            y = F.linear(x, w.to(x.dtype))
+        y = y * self.scale.to(x.dtype)  # the output scaled, not the weight: N multiplies instead of N x K
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
