@@ -8,9 +8,14 @@ target and the card.
 
     python benchmarks/memorize.py [--steps 3] [--json out.json]
     python benchmarks/memorize.py --device cuda --run [--minutes 5] [--data tinyshakespeare.txt]
+    python benchmarks/memorize.py --device cuda --run --no-rows --recipe-args "--lr 2e-3"   # a variant of the job
+    python benchmarks/memorize.py --proxy [--seeds 1,2,3]   # on CPU: steps to the target, random vs epoch windows
 
 On a GPU machine that has no ../shared beside the checkout, copy the corpus next to the command and pass
---data.
+--data. --proxy is a stand-in small enough for 2 CPU cores, to choose the job's data order by measurement:
+the tiny preset memorizing the corpus's first 12,000 characters (3,071 train tokens, 6 steps an epoch at
+batch 8 x 64), once with nanoGPT's random windows and once with each epoch's windows once (`--windows
+epoch`), per seed; a run takes ~1,000-1,300 steps, 4-5 minutes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,8 +38,14 @@ ROWS = [(4, 32, False), (8, 1024, False), (8, 1024, True)]  # (batch, block, gra
 # The job's flags (`gptgen train ... --target-loss 0.1`): no dropout, no val split needed beyond the default.
 # Small batches: memorizing takes updates more than tokens. No weight decay: it pulls against fitting the text.
 # No evaluation (and save) before the end: each save of model and optimizer took ~9 s on an H200 machine.
+# Each epoch's windows once (--windows epoch): fewer steps to the target than random windows on --proxy.
 RECIPE = ["--preset", "gpt2", "--batch-size", "8", "--block-size", "1024", "--lr", "1e-3", "--dropout", "0",
-          "--weight-decay", "0", "--warmup-steps", "50", "--eval-interval", "5000", "--target-loss", "0.1"]
+          "--weight-decay", "0", "--warmup-steps", "50", "--eval-interval", "5000", "--windows", "epoch",
+          "--target-loss", "0.1"]
+PROXY = ["--preset", "tiny", "--batch-size", "8", "--block-size", "64", "--lr", "3e-3", "--dropout", "0",
+         "--weight-decay", "0", "--warmup-steps", "20", "--eval-interval", "100000", "--target-loss", "0.1",
+         "--steps", "4000", "--compile", "off", "--device", "cpu"]
+PROXY_CHARS = 12_000
 
 
 def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict:
@@ -46,12 +58,11 @@ def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict
     return row
 
 
-def run_job(data: str, minutes: float) -> dict:
-    """The job itself, on CUDA: time to the target as `gptgen train` reports it (compile included). Its
-    progress and log pass through as they come, so a run cut short still shows how far it got."""
+def run_job(data: str, recipe: list[str]) -> dict:
+    """A job: time to the target as `gptgen train` reports it (compile included). Its progress and log pass
+    through as they come, so a run cut short still shows how far it got."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "gptgen", "train", "--data", data, "--out", f"{out}/run", *RECIPE,
-               "--minutes", str(minutes), "--device", "cuda"]
+        cmd = [sys.executable, "-m", "gptgen", "train", "--data", data, "--out", f"{out}/run", *recipe]
         lines = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
             for line in p.stdout:
@@ -61,7 +72,32 @@ def run_job(data: str, minutes: float) -> dict:
             sys.exit(f"gptgen train exited with status {p.returncode}")
         stdout = "".join(lines)
         summary = json.loads(stdout[stdout.index("{"):])
-    return {"card": torch.cuda.get_device_name(), "recipe": " ".join(RECIPE), **summary}
+    return {"recipe": " ".join(recipe), **summary}
+
+
+def proxy(seeds: list[int], extra: list[str]) -> list[dict]:
+    """The CPU stand-in, both data orders per seed, one after the other (never two at once on 2 cores)."""
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "proxy.txt"
+        text.write_text(CORPUS.read_text(encoding="utf-8")[:PROXY_CHARS], encoding="utf-8")
+        runs = []
+        for seed in seeds:
+            for windows in ("random", "epoch"):
+                job = run_job(str(text), [*PROXY, "--windows", windows, "--seed", str(seed), *extra])
+                runs.append({"windows": windows, "seed": seed, **job})
+    print(f"tiny preset memorizing {PROXY_CHARS:,} characters of the corpus, CPU, 2 threads: {' '.join(PROXY)}")
+    print(f"{'windows':>8} {'seed':>5} {'steps to target':>16} {'epochs':>7} {'wall s':>7}")
+    for r in runs:
+        reached = r["target_reached"] or {}
+        print(f"{r['windows']:>8} {r['seed']:5d} {reached.get('step', 'not reached'):>16} "
+              f"{reached.get('epoch', ''):>7} {r['wall_time_s']:7.1f}")
+    steps = {w: [r["target_reached"]["step"] for r in runs if r["windows"] == w and r["target_reached"]]
+             for w in ("random", "epoch")}
+    if all(len(v) == len(seeds) for v in steps.values()):
+        ratios = [e / r for e, r in zip(steps["epoch"], steps["random"], strict=True)]
+        print("epoch / random steps to the target, per seed: " + ", ".join(f"{x:.3f}" for x in ratios))
+    return runs
 
 
 def main() -> None:
@@ -71,6 +107,10 @@ def main() -> None:
     ap.add_argument("--data", default=str(CORPUS), help="the corpus for --run")
     ap.add_argument("--run", action="store_true", help="also run the job to the target (needs CUDA)")
     ap.add_argument("--minutes", type=float, default=10.0, help="time budget of the job")
+    ap.add_argument("--recipe-args", default="", help="`gptgen train` flags after the recipe's (the later wins)")
+    ap.add_argument("--rows", action=argparse.BooleanOptionalAction, default=True, help="time the step's rows")
+    ap.add_argument("--proxy", action="store_true", help="run the CPU stand-in for choosing the data order")
+    ap.add_argument("--seeds", default="1,2", help="the stand-in's seeds")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -78,12 +118,21 @@ def main() -> None:
         batch, block, ckpt = json.loads(args.row)
         print(json.dumps(one_row(batch, block, ckpt, args.steps, args.device)))
         return
+    if args.proxy:
+        emit({"benchmark": "memorize-proxy", "runs": proxy([int(s) for s in args.seeds.split(",")],
+                                                            shlex.split(args.recipe_args))}, args.json)
+        return
     cuda = args.device.startswith("cuda")
     if (cuda or args.run) and not torch.cuda.is_available():
         sys.exit("--device cuda and --run need a CUDA GPU (on CPU the rows give the rate)")
-    job = run_job(args.data, args.minutes) if args.run else None  # first: a cold compile cache, as a user's run
+    # The job first: a cold compile cache, as a user's run has.
+    job = None
+    if args.run:
+        job = run_job(args.data, [*RECIPE, "--minutes", str(args.minutes), "--device", "cuda",
+                                  *shlex.split(args.recipe_args)])
+        job["card"] = torch.cuda.get_device_name()
     rows = []
-    for batch, block, ckpt in ROWS:
+    for batch, block, ckpt in ROWS if args.rows else []:
         r = subprocess.run([sys.executable, __file__, "--row", json.dumps([batch, block, ckpt]), "--steps",
                             str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -101,6 +101,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
     compile: str = "auto"  # auto | on | off
     grad_checkpoint: bool = False  # recompute activations in backward: long blocks in little memory
+    windows: str = "random"  # random: any start, drawn with replacement (nanoGPT's); epoch: each epoch's once
 
     def validate(self, model: GPTConfig) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
@@ -136,7 +137,8 @@ class TrainConfig:
             raise ConfigError(f"--block-size {self.block_size} must be between 1 and the preset's context "
                               f"({model.block_size}); pick a smaller block or a preset with a longer context")
         for name, value, allowed in (("device", self.device, None), ("dtype", self.dtype, DTYPES),
-                                     ("compile", self.compile, ("auto", "on", "off"))):
+                                     ("compile", self.compile, ("auto", "on", "off")),
+                                     ("windows", self.windows, ("random", "epoch"))):
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
 

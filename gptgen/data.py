@@ -82,10 +82,49 @@ def load_corpus(path: str | os.PathLike, val_fraction: float = 0.1) -> Corpus:
 def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: inputs (B, T) and their next-token targets (B, T)."""
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    window = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)
-    window = torch.from_numpy(window)
+    return _windows(tokens, rng.integers(0, len(tokens) - block_size, size=batch_size), block_size)
+
+
+def _windows(tokens: np.ndarray, starts, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    window = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
     return window[:, :-1], window[:, 1:]
+
+
+class EpochWindows:
+    """Windows without replacement, for `--windows epoch`: each epoch cuts the tokens into non-overlapping
+    windows from an offset drawn for that epoch and visits them in a shuffled order, so every token is
+    trained on once an epoch (random windows leave about 1/e of the tokens out of any given epoch).
+
+    The run's windows form one sequence that all processes share: at step s, process `rank` of `world`
+    takes the next grad_accum batches of its slot. Window g depends on g alone, so a resumed run draws
+    exactly what the uninterrupted one would.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.count = max(1, (len(tokens) - block_size) // block_size)  # windows an epoch, whatever the offset
+        self.max_offset = min(block_size - 1, len(tokens) - 1 - block_size * self.count)  # last target in the text
+        self._epoch, self._starts = -1, np.empty(0, dtype=np.int64)
+
+    def starts(self, epoch: int) -> np.ndarray:
+        """The start of each window of an epoch, in the order they are visited."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, 1, epoch])  # three numbers: apart from the [seed, rank] streams
+            offset = rng.integers(0, self.max_offset + 1)
+            self._epoch, self._starts = epoch, offset + self.block_size * rng.permutation(self.count)
+        return self._starts
+
+    def batches(self, step: int, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's grad_accum batches of a step: inputs (B, T) and targets (B, T) each."""
+        first = (step * self.world + self.rank) * grad_accum * self.batch_size
+        out = []
+        for i in range(grad_accum):
+            ids = range(first + i * self.batch_size, first + (i + 1) * self.batch_size)
+            out.append(_windows(self.tokens, [self.starts(g // self.count)[g % self.count] for g in ids],
+                                self.block_size))
+        return out
 
 
 def eval_windows(tokens: np.ndarray, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gptgen import checkpoint
 from gptgen.config import ConfigError, GPTConfig, GptgenError, TrainConfig
-from gptgen.data import Corpus, DataError, load_corpus, sample_batch
+from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.model import GPT
@@ -226,6 +226,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    windows = None
+    if cfg.windows == "epoch":
+        windows = EpochWindows(corpus.train, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     steps_per_epoch = len(corpus.train) / tokens_per_step
     total = max_steps(cfg, steps_per_epoch)
@@ -245,8 +248,11 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
-                       for _ in range(cfg.grad_accum)]
+            if windows is None:
+                batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
+                           for _ in range(cfg.grad_accum)]
+            else:
+                batches = windows.batches(progress.step, cfg.grad_accum)
             loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
                                   grad_clip=cfg.grad_clip)
             loss_sum += loss

@@ -30,7 +30,7 @@ def test_unknown_preset_names_the_choices():
 @pytest.mark.parametrize("change, message", [
     (dict(lr=0), "--lr"), (dict(lr=-1e-3), "--lr"), (dict(steps=0), "--steps"), (dict(minutes=-1), "--minutes"),
     (dict(steps=None), "budget"), (dict(block_size=2048), "context"), (dict(batch_size=0), "--batch-size"),
-    (dict(val_fraction=1.0), "--val-fraction"), (dict(dtype="fp8"), "--dtype"),
+    (dict(val_fraction=1.0), "--val-fraction"), (dict(dtype="fp8"), "--dtype"), (dict(windows="all"), "--windows"),
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

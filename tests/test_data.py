@@ -2,8 +2,9 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
-from gptgen.data import DataError, cache_dir, encode, eval_windows, load_corpus, sample_batch
+from gptgen.data import DataError, EpochWindows, cache_dir, encode, eval_windows, load_corpus, sample_batch
 from tests.conftest import CORPUS
 
 
@@ -56,6 +57,33 @@ def test_batches_are_shifted_windows_of_the_tokens():
     assert (y[:, :-1] == x[:, 1:]).all() and (y[:, 0] == x[:, 0] + 1).all()
     x2, _ = sample_batch(tokens, 4, 32, np.random.default_rng(0))
     assert (x == x2).all()
+
+
+def test_epoch_windows_train_on_every_window_once_an_epoch_across_processes_and_accumulation():
+    tokens = np.arange(200, dtype=np.uint16)  # 24 windows of 8 an epoch; 2 processes x 2 batches of 3 = 12 a step
+    samplers = [EpochWindows(tokens, 8, 3, seed=5, rank=r, world=2) for r in range(2)]
+    epochs = []
+    for first_step in (0, 2, 4):  # an epoch is two steps
+        starts = []
+        for step in (first_step, first_step + 1):
+            for sampler in samplers:
+                for x, y in sampler.batches(step, grad_accum=2):
+                    assert x.shape == y.shape == (3, 8) and (y[:, :-1] == x[:, 1:]).all()
+                    starts += x[:, 0].tolist()
+        offset = starts[0] % 8
+        assert sorted(starts) == [offset + 8 * k for k in range(24)]  # each window once, none overlapping
+        epochs.append(starts)
+    assert len({tuple(e) for e in epochs}) == 3  # a new order (and offset) each epoch
+    again = EpochWindows(tokens, 8, 3, seed=5, rank=1, world=2).batches(3, grad_accum=2)  # as after a resume
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, samplers[1].batches(3, grad_accum=2), strict=True))
+
+
+@pytest.mark.parametrize("n", [9, 15, 16, 17])
+def test_epoch_windows_fit_texts_shorter_than_two_blocks(n):
+    sampler = EpochWindows(np.arange(n, dtype=np.uint16), 8, 4, seed=0)
+    for step in range(20):
+        (x, y), = sampler.batches(step, grad_accum=1)
+        assert x.shape == y.shape == (4, 8) and (y == x + 1).all()  # whole windows, inside the text
 
 
 @pytest.mark.parametrize("n, block", [(100, 32), (96, 32), (95, 32), (5, 32), (1, 8)])

@@ -63,10 +63,11 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path):
-    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, dropout=0.1))
+@pytest.mark.parametrize("windows", ["random", "epoch"])
+def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows):
+    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, dropout=0.1, windows=windows))
     train(resume_config(tmp_path / "a", steps=30), resume=True)
-    train(config(small_text, tmp_path / "b", dropout=0.1))
+    train(config(small_text, tmp_path / "b", dropout=0.1, windows=windows))
     state_a = json.loads((tmp_path / "a" / "state.json").read_text())
     state_b = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state_a["progress"]["step"] == state_b["progress"]["step"] == 30
