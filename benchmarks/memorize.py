@@ -77,7 +77,6 @@ def run_job(data: str, recipe: list[str]) -> dict:
 
 def proxy(seeds: list[int], extra: list[str]) -> list[dict]:
     """The CPU stand-in, both data orders per seed, one after the other (never two at once on 2 cores)."""
-    torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "proxy.txt"
         text.write_text(CORPUS.read_text(encoding="utf-8")[:PROXY_CHARS], encoding="utf-8")
