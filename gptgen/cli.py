@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from gptgen.config import BUNDLED_MODELS, DTYPES, PRESETS, GptgenError, TrainConfig
+from gptgen.config import BUNDLED_MODELS, DEVICE_HELP, DTYPES, PRESETS, GptgenError, TrainConfig
 
 _BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
 
@@ -18,7 +18,8 @@ def _train_parser(sub) -> None:
                        description="Train a GPT on a UTF-8 text file. Under torchrun it trains with DDP.")
     p.add_argument("--data", help="UTF-8 text file to train on")
     p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run; only --steps/--minutes/--device may change")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run; only --steps, --minutes, --epochs, --target-loss and --device may change")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--minutes", type=float, help="stop after this much training time")
@@ -26,20 +27,23 @@ def _train_parser(sub) -> None:
         if field.name in ("data", "out", "preset", "steps", "minutes"):
             continue
         flag, kind = f"--{field.name.replace('_', '-')}", str(field.type).split(" ")[0]
+        help = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if field.default is not None and "default" not in help:
+            help += f" (default: {field.default})"
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default: {field.default}")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=f"default: {field.default}")
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=help)
 
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="score a model on the whole val split of a text file")
     p.add_argument("model", help="model .safetensors file")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is scored")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="as in training (default: 0.1)")
     p.add_argument("--block-size", type=int, help="window length (default: the block the model was trained with)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,7 +67,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
     p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
     p.add_argument("--seed", type=int, help="same seed, same text")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="a float model's weights: auto = bfloat16 on CUDA, float32 elsewhere (int8 stays int8)")
     p.add_argument("--compile", action="store_true",
@@ -75,7 +79,8 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the model for another runtime (llama.cpp's GGUF, transformers)")
     p.add_argument("model", help="model .safetensors file (float or int8)")
     p.add_argument("out", help="output: a new .gguf file, or a new (or empty) directory for --format hf")
-    p.add_argument("--format", choices=["gguf", "hf"], default="gguf")
+    p.add_argument("--format", choices=["gguf", "hf"], default="gguf",
+                   help="gguf: one llama.cpp file; hf: a transformers directory")
     p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="GGUF weight type")
 
 
@@ -90,7 +95,7 @@ def _hub_parsers(sub) -> None:
     p.add_argument("model", nargs="?", help="model .safetensors file (for --space default: the bundled model)")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
     p = sub.add_parser("pull", help="download a model from the Hub into the Hugging Face cache; prints its path")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
@@ -118,8 +123,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models the page offers "
                    "(default: the bundled ones)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
                    help=f"requests decoded together per model (default {BATCH_ROWS}); each holds a KV cache "
                    "of the model's context")

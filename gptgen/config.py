@@ -69,6 +69,15 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+DEVICE_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"
+LOSS_WINDOW = 50  # --target-loss compares the mean train loss of this many latest steps
+
+
+def _knob(default, help: str):
+    """A training knob's default and the one line that `gptgen train --help` shows for it."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """One training run. Budgets are upper bounds: training stops at the first one reached."""
@@ -76,32 +85,36 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     preset: str = "small"
-    init: str | None = None  # start from a transformers GPT-2 (directory or Hub id) instead of a preset
-    batch_size: int = 16
-    block_size: int | None = None  # training window; None = the model's context
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float | None = None  # end of the cosine; None = lr / 10
-    warmup_steps: int | None = None  # None = 5% of the schedule, at most 200
-    decay_steps: int | None = None  # cosine horizon; None = steps (lets a run be stopped early and resumed)
+    init: str | None = _knob(None, "start from a transformers GPT-2 (a directory or Hub id) instead of a preset")
+    batch_size: int = _knob(16, "sequences per micro-batch")
+    block_size: int | None = _knob(None, "tokens per training window (default: the model's context)")
+    grad_accum: int = _knob(1, "micro-batches per optimizer step")
+    lr: float = _knob(1e-3, "peak learning rate, reached after the warmup")
+    min_lr: float | None = _knob(None, "learning rate at the end of the cosine (default: --lr / 10)")
+    warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200)")
+    decay_steps: int | None = _knob(None, "cosine horizon in steps (default: the step budget; with --minutes "
+                                          "the cosine also ends when the time does, whichever comes first)")
     steps: int | None = None
     minutes: float | None = None
-    epochs: float | None = None  # passes over the train split (in tokens seen)
-    target_loss: float | None = None  # stop once the mean train loss of the last LOSS_WINDOW steps is below it
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    seed: int = 1337
-    val_fraction: float = 0.1
-    eval_interval: int = 250
-    eval_batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast)
-    compile: str = "auto"  # auto | on | off
-    grad_checkpoint: bool = False  # recompute activations in backward: long blocks in little memory
-    windows: str = "random"  # random: any start, drawn with replacement (nanoGPT's); epoch: each epoch's once
+    epochs: float | None = _knob(None, "stop after this many passes over the train split (counted in tokens)")
+    target_loss: float | None = _knob(None, f"stop once the mean train loss of the last {LOSS_WINDOW} steps is below "
+                                            "this")
+    weight_decay: float = _knob(0.1, "AdamW weight decay, on matrices only (not biases or norms)")
+    beta1: float = _knob(0.9, "AdamW beta1")
+    beta2: float = _knob(0.95, "AdamW beta2")
+    grad_clip: float = _knob(1.0, "clip the gradients' global norm to this (0 = off)")
+    dropout: float = _knob(0.0, "dropout probability in the model")
+    seed: int = _knob(1337, "seed of the initial weights and the data order")
+    val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss")
+    eval_interval: int = _knob(250, "evaluate on the val split and save every N steps")
+    eval_batch_size: int = _knob(8, "sequences per evaluation batch")
+    device: str = _knob("auto", DEVICE_HELP)
+    dtype: str = _knob("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16), float32 or bfloat16")
+    compile: str = _knob("auto", "torch.compile: auto (on CUDA, and on CPU for micro-batches of >= 512 tokens), "
+                                 "on or off")
+    grad_checkpoint: bool = _knob(False, "recompute activations in backward: long blocks in little memory")
+    windows: str = _knob("random", "random: windows start anywhere, drawn with replacement (nanoGPT's); epoch: "
+                                   "each epoch's non-overlapping windows once, shuffled")
 
     def validate(self, model: GPTConfig) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,

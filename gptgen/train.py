@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gptgen import checkpoint
-from gptgen.config import ConfigError, GPTConfig, GptgenError, TrainConfig
+from gptgen.config import LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
 from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-LOSS_WINDOW = 50  # --target-loss compares the mean train loss of this many latest steps
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -5,6 +6,7 @@ import sys
 
 import pytest
 
+from gptgen.config import TrainConfig
 from tests.conftest import ROOT
 
 
@@ -105,6 +107,21 @@ def test_resume_takes_only_a_new_budget(tmp_path):
     assert r.returncode == 2 and "only --steps" in r.stderr
     r = gptgen("train", "--resume", tmp_path / "none")
     assert r.returncode == 2 and "no state.json" in r.stderr
+
+
+def test_train_help_describes_every_flag():
+    """Each flag has its line of help, and a knob with a default says it."""
+    r = subprocess.run([sys.executable, "-m", "gptgen", "train", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "10000"})  # no wrapping
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert "default: None" not in text
+    for field in dataclasses.fields(TrainConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        assert flag in text
+        if field.metadata:
+            assert field.metadata["help"] in text
+            assert field.default is None or "default" in field.metadata["help"] or f"(default: {field.default})" in text
 
 
 def test_quantize_generate_and_export(tmp_path):
