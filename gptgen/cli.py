@@ -11,6 +11,7 @@ import sys
 from gptgen.config import BUNDLED_MODELS, DEVICE_HELP, DTYPES, PRESETS, GptgenError, TrainConfig
 
 _BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
+_DEFAULT_STEPS = 2000
 
 
 def _train_parser(sub) -> None:
@@ -21,7 +22,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run; only --steps, --minutes, --epochs, --target-loss and --device may change")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
-    p.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--steps", type=int, help=f"stop after this many optimizer steps (default: {_DEFAULT_STEPS} when "
+                   "neither --minutes nor --epochs is given)")
     p.add_argument("--minutes", type=float, help="stop after this much training time")
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("data", "out", "preset", "steps", "minutes"):
@@ -166,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if required not in given:
                 raise GptgenError(f"--{required} is required (or --resume RUN_DIR to continue a run)")
         if not {"steps", "minutes", "epochs"} & set(given):
-            given["steps"] = 2000
+            given["steps"] = _DEFAULT_STEPS
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))
     print(json.dumps(summary, indent=1))
