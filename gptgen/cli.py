@@ -29,13 +29,13 @@ def _train_parser(sub) -> None:
         if field.name in ("data", "out", "preset", "steps", "minutes"):
             continue
         flag, kind = f"--{field.name.replace('_', '-')}", str(field.type).split(" ")[0]
-        help = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        if field.default is not None and "default" not in help:
-            help += f" (default: {field.default})"
+        text = field.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if field.default is not None and "default" not in text:
+            text += f" (default: {field.default})"
         if kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=help)
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], help=text)
 
 
 def _eval_parser(sub) -> None:

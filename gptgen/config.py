@@ -73,9 +73,9 @@ DEVICE_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"
 LOSS_WINDOW = 50  # --target-loss compares the mean train loss of this many latest steps
 
 
-def _knob(default, help: str):
+def _knob(default, text: str):
     """A training knob's default and the one line that `gptgen train --help` shows for it."""
-    return dataclasses.field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -92,8 +92,10 @@ class TrainConfig:
     lr: float = _knob(1e-3, "peak learning rate, reached after the warmup")
     min_lr: float | None = _knob(None, "learning rate at the end of the cosine (default: --lr / 10)")
     warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200)")
-    decay_steps: int | None = _knob(None, "cosine horizon in steps (default: the step budget; with --minutes "
-                                          "the cosine also ends when the time does, whichever comes first)")
+    decay_steps: int | None = _knob(None, "cosine horizon in steps, apart from the budget, so that a run resumed "
+                                          "with more steps keeps its schedule (default: the --steps/--epochs "
+                                          "budget; with --minutes the cosine also ends when the time does, "
+                                          "whichever comes first)")
     steps: int | None = None
     minutes: float | None = None
     epochs: float | None = _knob(None, "stop after this many passes over the train split (counted in tokens)")
