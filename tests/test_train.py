@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
 from gptgen.config import ConfigError, TrainConfig
-from gptgen.train import lr_at, resume_config, train
+from gptgen.train import lr_at, max_steps, resume_config, train
 
 
 def config(data, out, **overrides) -> TrainConfig:
@@ -94,6 +94,18 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(cfg, 1000, 0) == pytest.approx(0.1)
     timed = dataclasses.replace(cfg, steps=None, minutes=1.0)
     assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
+
+
+def test_the_cosine_ends_with_the_epochs_budget():
+    """The memorize recipe's schedule: --epochs sets the horizon; a --minutes cap only shapes it when nearer."""
+    cfg = TrainConfig(lr=1.0, epochs=10, warmup_steps=0)
+    total = max_steps(cfg, steps_per_epoch=37.1)
+    assert total == 371
+    assert lr_at(cfg, 185, 0, total) == pytest.approx(0.55, abs=0.01)
+    assert lr_at(cfg, total, 0, total) == pytest.approx(0.1)
+    capped = dataclasses.replace(cfg, minutes=10.0)
+    assert lr_at(capped, 185, 60.0, total) == lr_at(cfg, 185, 0, total)  # 10% of the time, 50% of the steps
+    assert lr_at(capped, 185, 540.0, total) == pytest.approx(lr_at(cfg, 334, 0, total), abs=0.01)  # 90% of the time
 
 
 def _state_is_whole(run) -> int:
