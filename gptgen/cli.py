@@ -8,9 +8,10 @@ import json
 import logging
 import sys
 
-from gptgen.config import BUNDLED_MODELS, DEVICE_HELP, DTYPES, PRESETS, GptgenError, TrainConfig
+from gptgen.config import BUNDLED_MODELS, DEVICE_HELP, DTYPES, LOSS_WINDOW, PRESETS, GptgenError, TrainConfig
 
 _BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
+_BUDGET_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _BUDGET[:-1]) + f" and --{_BUDGET[-1]}"
 _DEFAULT_STEPS = 2000
 
 
@@ -20,7 +21,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", help="UTF-8 text file to train on")
     p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a run; only --steps, --minutes, --epochs, --target-loss and --device may change")
+                   help=f"continue a run; only {_BUDGET_FLAGS} may change")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, help=f"stop after this many optimizer steps (default: {_DEFAULT_STEPS} when "
                    "neither --minutes nor --epochs is given)")
@@ -153,14 +154,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptgen.train import LOSS_WINDOW, resume_config, train
+    from gptgen.train import resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
     if args.resume:
         extra = sorted(set(given) - set(_BUDGET))
         if extra:
-            raise GptgenError(f"with --resume only --steps, --minutes, --epochs, --target-loss and --device may be "
-                              f"given, not "
+            raise GptgenError(f"with --resume only {_BUDGET_FLAGS} may be given, not "
                               f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         cfg = resume_config(args.resume, **given)
     else:

@@ -192,7 +192,7 @@ def _window_target(small_text, tmp_path) -> float:
 
 
 def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small_text, tmp_path):
-    from gptgen.train import LOSS_WINDOW
+    from gptgen.config import LOSS_WINDOW
 
     target = _window_target(small_text, tmp_path)
     common = dict(decay_steps=300, target_loss=target, dropout=0.1)
