@@ -8,9 +8,18 @@ import json
 import logging
 import sys
 
-from gptgen.config import BUNDLED_MODELS, DEVICE_HELP, DTYPES, LOSS_WINDOW, PRESETS, GptgenError, TrainConfig
+from gptgen.config import (
+    BUNDLED_MODELS,
+    DEVICE_HELP,
+    DTYPES,
+    LENGTH_BUDGET,
+    LOSS_WINDOW,
+    PRESETS,
+    GptgenError,
+    TrainConfig,
+)
 
-_BUDGET = ("steps", "minutes", "epochs", "target_loss", "device")
+_BUDGET = (*LENGTH_BUDGET, "target_loss", "device")
 _BUDGET_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _BUDGET[:-1]) + f" and --{_BUDGET[-1]}"
 _DEFAULT_STEPS = 2000
 
@@ -21,11 +30,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", help="UTF-8 text file to train on")
     p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help=f"continue a run; only {_BUDGET_FLAGS} may change")
+                   help=f"continue a run; only {_BUDGET_FLAGS} may change (a new --steps, --minutes or "
+                        "--epochs replaces all three saved ones)")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, help=f"stop after this many optimizer steps (default: {_DEFAULT_STEPS} when "
                    "neither --minutes nor --epochs is given)")
-    p.add_argument("--minutes", type=float, help="stop after this much training time")
+    p.add_argument("--minutes", type=float, help="stop after this much training time (a resumed run counts "
+                   "its earlier time too)")
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("data", "out", "preset", "steps", "minutes"):
             continue
@@ -163,11 +174,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise GptgenError(f"with --resume only {_BUDGET_FLAGS} may be given, not "
                               f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         cfg = resume_config(args.resume, **given)
+        limits = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _BUDGET[:-1] if getattr(cfg, k) is not None]
+        print(f"resuming {args.resume} with {' '.join(limits)}", file=sys.stderr)
     else:
         for required in ("data", "out"):
             if required not in given:
                 raise GptgenError(f"--{required} is required (or --resume RUN_DIR to continue a run)")
-        if not {"steps", "minutes", "epochs"} & set(given):
+        if not set(LENGTH_BUDGET) & set(given):
             given["steps"] = _DEFAULT_STEPS
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gptgen import checkpoint
-from gptgen.config import LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
+from gptgen.config import LENGTH_BUDGET, LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
 from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
@@ -163,12 +163,17 @@ def _setup_distributed(device_name: str) -> tuple[int, int]:
 
 
 def resume_config(run_dir: str | os.PathLike, **budget) -> TrainConfig:
-    """The saved config of a run, with a new budget (steps/minutes) where one is given."""
+    """The saved config of a run, with a new budget where one is given. A new --steps, --minutes or --epochs
+    replaces all three saved ones: a saved limit left in place may be the one already spent, which would
+    stop the resumed run at once (a run stopped by --minutes and resumed with more --steps)."""
     state = RunDir(run_dir).state()
     if state is None:
         raise ConfigError(f"--resume {str(run_dir)!r}: no {STATE} there, so no run to resume; start one with --out")
     cfg = TrainConfig(**state["train_config"])
-    return dataclasses.replace(cfg, **{k: v for k, v in budget.items() if v is not None})
+    given = {k: v for k, v in budget.items() if v is not None}
+    if given.keys() & set(LENGTH_BUDGET):
+        cfg = dataclasses.replace(cfg, **dict.fromkeys(LENGTH_BUDGET))
+    return dataclasses.replace(cfg, **given)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:

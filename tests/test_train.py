@@ -228,6 +228,18 @@ def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
     assert summary["epochs"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_a_new_length_budget_on_resume_replaces_the_spent_one(small_text, tmp_path):
+    """A run stopped by --epochs (or --minutes), resumed with more --steps, goes on to those steps."""
+    run = tmp_path / "run"
+    first = train(config(small_text, run, steps=None, epochs=0.05, eval_interval=1000))
+    assert first["stopped_by"] == "epochs"
+    assert resume_config(run, target_loss=0.5).epochs == 0.05  # no new length: the saved one holds
+    cfg = resume_config(run, steps=first["steps"] + 3)
+    assert (cfg.steps, cfg.epochs, cfg.minutes) == (first["steps"] + 3, None, None)
+    second = train(cfg, resume=True)
+    assert second["steps"] == first["steps"] + 3 and second["stopped_by"] == "steps"
+
+
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_state(small_text, tmp_path):
     """The disk fills (simulated as root can't be refused by permissions: a 1 MB file-size limit makes the
     next checkpoint write fail with EFBIG), then space comes back and the run resumes."""
