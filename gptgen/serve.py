@@ -21,7 +21,7 @@ from fastapi import Request  # at module level: FastAPI resolves the routes' ann
 from gptgen.checkpoint import ModelFileError, config_of, read_safetensors
 from gptgen.config import GptgenError
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
-from gptgen.generate import Stats, TextModel
+from gptgen.generate import Sampling, Stats, TextModel
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,17 @@ def _openai_error(message: str, param: str | None = None, status: int = 400, kin
                         status_code=status, headers={"Retry-After": "2"} if status == 429 else None)
 
 
+class BadParam(ValueError):
+    """A bad field of an OpenAI request body, named as the body names it (OpenAI's errors carry it as `param`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # a sampling parameter -> its name in the OpenAI body
+
+
 def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str, dict, bool]:
     """(model, prompt, sampling, stream) from an OpenAI completions body; ValueError says what is wrong."""
     if not isinstance(body, dict):
@@ -114,6 +125,12 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
                 "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0),
                 "repetition_penalty": body.get("repetition_penalty", 1.0), "seed": body.get("seed"),
                 "stop": () if stop is None else stop}
+    try:
+        Sampling(**sampling)  # checked here too, so that the error names the field the client sent
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        param = _OPENAI_NAMES.get(field, field)
+        raise BadParam(str(e).replace(field, param, 1), param) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError("stream must be true or false")
@@ -149,7 +166,7 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
         except ValueError as e:
-            return _openai_error(str(e))
+            return _openai_error(str(e), getattr(e, "param", None))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:

@@ -108,18 +108,19 @@ def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
     assert len(pieces) > 2 and "".join(pieces) == openai_client.completions.create(**kwargs).choices[0].text
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-1), "temperature must be 0 (greedy) or positive"),
-    (dict(max_tokens=0), "max_new_tokens must be between 1"),
-    (dict(n=2), "n=2 is not supported"),
-    (dict(model="../etc/passwd"), "unknown model"),
+@pytest.mark.parametrize("kwargs, message, param", [
+    (dict(temperature=-1), "temperature must be 0 (greedy) or positive", "temperature"),
+    (dict(max_tokens=0), "max_tokens must be between 1", "max_tokens"),  # the body's name, not the API's
+    (dict(extra_body={"top_k": 1.5}), "top_k must be an integer", "top_k"),
+    (dict(n=2), "n=2 is not supported", None),
+    (dict(model="../etc/passwd"), "unknown model", "model"),
 ])
-def test_openai_errors_are_openai_shaped(openai_client, kwargs, message):
+def test_openai_errors_are_openai_shaped(openai_client, kwargs, message, param):
     import openai
 
     with pytest.raises((openai.BadRequestError, openai.NotFoundError), match=re.escape(message)) as e:
         openai_client.completions.create(**{"model": BUNDLED.stem, "prompt": "Hi", **kwargs})
-    assert e.value.body["type"] == "invalid_request_error"
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
