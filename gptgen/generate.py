@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -339,6 +339,10 @@ class TextModel:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (only the "
                              f"last {self.config.block_size} tokens are used anyway)")
+        unknown = sorted(sampling.keys() - {f.name for f in fields(Sampling)})
+        if unknown:  # Sampling.__init__'s own TypeError names a class the caller never saw, and not the valid names
+            raise TypeError(f"unknown sampling parameter {', '.join(map(repr, unknown))}; they are: "
+                            f"{', '.join(f.name for f in fields(Sampling))}")
         s = Sampling(**sampling)
         return self.tokenizer.encode_ordinary(prompt), s
 

@@ -269,6 +269,8 @@ def test_text_model_generate_and_stream_agree():
     assert tm.generate("", max_new_tokens=3, seed=1) == tm.generate("", max_new_tokens=3, seed=1)
     with pytest.raises(ValueError, match="top_p"):
         tm.stream("x", top_p=2)
+    with pytest.raises(TypeError, match="unknown sampling parameter 'max_tokens'; they are: max_new_tokens, "):
+        tm.generate("x", max_tokens=3)  # OpenAI's name
 
 
 def test_load_float_and_int8_files_with_dtype(tmp_path):
