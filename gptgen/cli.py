@@ -74,11 +74,13 @@ def _generate_parser(sub) -> None:
     p.add_argument("model", help="model .safetensors file (float or int8)")
     p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from <|endoftext|>)")
     d = Sampling()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"1 to {MAX_NEW_TOKENS}")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"1 to {MAX_NEW_TOKENS} (default: {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default: {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default: {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default: {d.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"1 = off (default: {d.repetition_penalty})")
     p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -119,7 +121,8 @@ def _data_parser(sub) -> None:
     from gptgen.data import DATASETS
 
     p = sub.add_parser("data", help="download a known text corpus (checked by sha256)")
-    p.add_argument("name", choices=sorted(DATASETS))
+    p.add_argument("name", choices=sorted(DATASETS),
+                   help="the corpus; shakespeare is tiny shakespeare (1.1 MB), written as OUT/tinyshakespeare.txt")
     p.add_argument("--out", default="data", help="folder to write it to (default: data)")
 
 
