@@ -46,6 +46,7 @@ def main() -> None:
         if r.returncode != 0:
             sys.exit(f"training failed:\n{r.stderr[-2000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "val_nats_per_token" in r]  # the evals, not the train-loss lines
     best = min(rows, key=lambda r: r["val_nats_per_char"])
     result = {"recipe": recipe, "flags": " ".join(RECIPES[recipe]), "minutes": args.minutes,
               "steps": rows[-1]["step"], "tokens_seen": rows[-1]["tokens_seen"],

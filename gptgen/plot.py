@@ -1,4 +1,4 @@
-"""loss.png: train and val loss against tokens seen, redrawn after every eval."""
+"""loss.png: train and val loss against steps, redrawn after every eval."""
 
 from __future__ import annotations
 
@@ -6,18 +6,26 @@ import io
 import os
 
 from gptgen.checkpoint import atomic_write
+from gptgen.config import LOG_INTERVAL
 
 
 def plot_losses(rows: list[dict], path: str | os.PathLike) -> None:
+    """rows: metrics.jsonl's lines; the train curve is its train-loss lines, each the mean since the one before."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
+    evals = [r for r in rows if "val_nats_per_token" in r]
+    train = [r for r in rows if "val_nats_per_token" not in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [r["train_loss"] for r in rows], label="train (mean since last eval)", marker=".")
-    ax.plot(steps, [r["val_nats_per_token"] for r in rows], label="val (whole split)", marker=".")
+    ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label=f"train (mean of {LOG_INTERVAL} steps)",
+            linewidth=1)
+    ax.plot([r["step"] for r in evals], [r["val_nats_per_token"] for r in evals], label="val (whole split)",
+            marker=".")
+    losses = [r["train_loss"] for r in train] + [r["val_nats_per_token"] for r in evals]
+    if max(losses) > 10 * min(losses):  # a run to a small target loss: its end is only readable on a log scale
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

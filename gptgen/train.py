@@ -1,8 +1,9 @@
 """The training loop: one process, or one per device under torchrun (PyTorch DDP).
 
-Every eval scores the whole val split, logs a line to metrics.jsonl, keeps the best weights in
-model.safetensors and writes the training state (last weights, optimizer, RNG, data position) so
-that `--resume` continues exactly where the run stopped.
+Every LOG_INTERVAL steps the mean train loss goes to metrics.jsonl. Every eval scores the whole val
+split, logs a line there too, redraws loss.png, keeps the best weights in model.safetensors and writes
+the training state (last weights, optimizer, RNG, data position) so that `--resume` continues exactly
+where the run stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gptgen import checkpoint
-from gptgen.config import LENGTH_BUDGET, LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
+from gptgen.config import LENGTH_BUDGET, LOG_INTERVAL, LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
 from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
@@ -118,15 +119,25 @@ class RunDir:
             if old.name not in (weights, optim):
                 old.unlink(missing_ok=True)
 
-    def log_metrics(self, row: dict) -> None:
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def log_metrics(self, row: dict, durable: bool = True) -> None:
+        """Append a line; an eval's is fsynced (the state saved next refers to it), a train loss's is not."""
+        try:
+            with open(self.path / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        except OSError as e:  # a full disk or a directory gone read-only: stop cleanly, the last state is kept
+            raise _write_error(self.path, e) from None
 
     def metrics(self) -> list[dict]:
+        """Every line, train losses and evals (evals hold `val_nats_per_token`); a line cut by a kill is skipped."""
         f = self.path / METRICS
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+        rows = []
+        for line in f.read_text().splitlines() if f.is_file() else []:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+        return rows
 
     def remove_partial_writes(self) -> None:
         """Temporary files of a write that a kill interrupted; the state they were for was never committed."""
@@ -134,9 +145,14 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume, drop evals logged after the state we resume from (the run died before saving it)."""
+        """Drop lines logged after the state a run starts from (the run that wrote them died before saving it)."""
         rows = [r for r in self.metrics() if r["step"] <= step]
         checkpoint.atomic_write(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def _write_error(path: Path, e: OSError) -> GptgenError:
+    return GptgenError(f"training stopped: could not write to {str(path)!r} ({e.strerror or e}); the last complete "
+                       f"state there is kept. Free space, then: gptgen train --resume {path}")
 
 
 def _rng_bytes(t: torch.Tensor) -> str:
@@ -221,9 +237,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     progress = Progress()
     if resume:
         progress = _restore(run, model, optimizer, data_rng, rank, world, device)
-        if rank == 0:
-            run.remove_partial_writes()
-            run.truncate_metrics(progress.step)
+    if rank == 0:  # what a killed run wrote after its last saved state (or, new here, before its first)
+        run.remove_partial_writes()
+        run.truncate_metrics(progress.step)
     autocast = autocast_for(device, cfg.dtype)
     step_model = RegionalCompile(model) if use_compile(cfg, device) else model
     if world > 1:
@@ -270,9 +286,15 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
                                      world)
             bar.update(1)
-            if progress.step % 10 == 0 or progress.step == 1:
+            if progress.step % LOG_INTERVAL == 0 or progress.step == 1:
                 rate = session_tokens / (time.perf_counter() - session_start)
-                bar.set_postfix_str(_postfix(recent_sum.item() / recent_count, last_val, rate, cfg, progress))
+                recent = recent_sum.item() / recent_count
+                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
+                if rank == 0:
+                    run.log_metrics({"step": progress.step, "tokens_seen": progress.tokens_seen,
+                                     "elapsed_s": round(progress.elapsed_s, 2), "epoch":
+                                     round(progress.tokens_seen / len(corpus.train), 3), "lr": lr,
+                                     "train_loss": recent}, durable=False)
                 recent_sum.zero_()
                 recent_count = 0
             if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
@@ -456,18 +478,16 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
             row["target_reached"] = progress.target_reached
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
                  "world_size": world, "rng": rngs}
+        run.log_metrics(row)
+        metrics = run.metrics()
         try:
-            run.log_metrics(row)
-            metrics = run.metrics()
             if keep:
                 checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
                                       training=_provenance(cfg, corpus, progress, result, metrics))
             run.save_state(model, optimizer, state)
             plot_losses(metrics, run.path / "loss.png")
         except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
-            raise GptgenError(f"training stopped: could not write to {cfg.out!r} ({e.strerror or e}); the last "
-                              f"complete state there is kept. Free space, then: gptgen train --resume {cfg.out}"
-                              ) from None
+            raise _write_error(run.path, e) from None
     if dist.is_initialized():
         dist.barrier()
     return result.nats_per_token
@@ -485,7 +505,8 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
             "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},
             "target_loss": cfg.target_loss, "target_reached": progress.target_reached,
-            "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics]}
+            "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics
+                      if "val_nats_per_token" in m]}
 
 
 def _restore(run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,

@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
 from gptgen.config import ConfigError, TrainConfig
-from gptgen.train import lr_at, max_steps, resume_config, train
+from gptgen.train import RunDir, lr_at, max_steps, resume_config, train
+
+
+def evals(run) -> list[dict]:
+    """metrics.jsonl's eval lines (the others are train losses every LOG_INTERVAL steps)."""
+    return [r for r in RunDir(run).metrics() if "val_nats_per_token" in r]
 
 
 def config(data, out, **overrides) -> TrainConfig:
@@ -47,7 +52,10 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint):
 def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     summary = train(config(small_text, tmp_path / "run"))
     run = tmp_path / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(run).metrics()
+    assert [r["step"] for r in lines if "val_nats_per_token" not in r] == [1, 10, 20, 30]  # train losses
+    assert all(r["train_loss"] > 0 and r["lr"] > 0 for r in lines)
+    rows = evals(run)
     assert [r["step"] for r in rows] == [10, 20, 30]
     assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"] < math.log(50257)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -158,6 +166,7 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
     assert step < steps, "the run finished before all kills landed; give it more steps"
     train(resume_config(run), resume=True)
     assert _state_is_whole(run) == steps and not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    assert [r["step"] for r in evals(run)] == list(range(1, steps + 1))  # each eval's line once
     a, b = (json.loads((tmp_path / d / "state.json").read_text())["weights"] for d in ("one", "killed"))
     one, killed = load_file(tmp_path / "one" / a), load_file(run / b)
     assert all(torch.equal(one[k], killed[k]) for k in one)
@@ -172,8 +181,8 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [10, 20, 30]  # one writer: no duplicated lines
+    assert [row["step"] for row in RunDir(run).metrics()] == [1, 10, 10, 20, 20, 30, 30]  # one writer
+    rows = evals(run)
     assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"]
     assert rows[-1]["tokens_seen"] == 30 * 4 * 32 * 2  # both ranks' batches count
     state = json.loads((run / "state.json").read_text())
@@ -201,7 +210,7 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     assert one["stopped_by"] == "target_loss" and LOSS_WINDOW <= reached["step"] < 300
     assert reached["window_loss"] < target and one["steps"] == reached["step"]
     assert reached["tokens_seen"] == reached["step"] * 4 * 32 and reached["epoch"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    rows = evals(tmp_path / "one")
     assert rows[-1]["target_reached"] == reached and rows[-1]["step"] == one["steps"]
     _, metadata = load_model(tmp_path / "one" / "model.safetensors")
     assert json.loads(metadata["training"])["target_reached"] == reached  # the model at the target is saved
