@@ -69,6 +69,9 @@ class Sampling:
             number("seed", self.seed, integer=True)
 
 
+SAMPLING_PARAMS = tuple(f.name for f in fields(Sampling))
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty: logits of tokens already present are divided by it when positive, multiplied when not."""
     if penalty == 1.0 or seen.numel() == 0:
@@ -339,10 +342,10 @@ class TextModel:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (only the "
                              f"last {self.config.block_size} tokens are used anyway)")
-        unknown = sorted(sampling.keys() - {f.name for f in fields(Sampling)})
+        unknown = sorted(sampling.keys() - set(SAMPLING_PARAMS))
         if unknown:  # Sampling.__init__'s own TypeError names a class the caller never saw, and not the valid names
             raise TypeError(f"unknown sampling parameter {', '.join(map(repr, unknown))}; they are: "
-                            f"{', '.join(f.name for f in fields(Sampling))}")
+                            f"{', '.join(SAMPLING_PARAMS)}")
         s = Sampling(**sampling)
         return self.tokenizer.encode_ordinary(prompt), s
 

@@ -21,7 +21,7 @@ from fastapi import Request  # at module level: FastAPI resolves the routes' ann
 from gptgen.checkpoint import ModelFileError, config_of, read_safetensors
 from gptgen.config import GptgenError
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
-from gptgen.generate import Sampling, Stats, TextModel
+from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,17 @@ def _openai_error(message: str, param: str | None = None, status: int = 400, kin
                         status_code=status, headers={"Retry-After": "2"} if status == 429 else None)
 
 
-class BadParam(ValueError):
-    """A bad field of an OpenAI request body, named as the body names it (OpenAI's errors carry it as `param`)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # a sampling parameter -> its name in the OpenAI body
+
+
+def _named_as_the_body_names_it(message: str) -> tuple[str, str | None]:
+    """(message, param) of a bad request: a sampling parameter's error (which starts with its name) names the
+    field as the client sent it, in the message and as OpenAI's `param`."""
+    name = message.split(" ", 1)[0]
+    if name not in SAMPLING_PARAMS:
+        return message, None
+    param = _OPENAI_NAMES.get(name, name)
+    return message.replace(name, param, 1), param
 
 
 def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str, dict, bool]:
@@ -125,12 +127,6 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
                 "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0),
                 "repetition_penalty": body.get("repetition_penalty", 1.0), "seed": body.get("seed"),
                 "stop": () if stop is None else stop}
-    try:
-        Sampling(**sampling)  # checked here too, so that the error names the field the client sent
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        param = _OPENAI_NAMES.get(field, field)
-        raise BadParam(str(e).replace(field, param, 1), param) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError("stream must be true or false")
@@ -166,7 +162,7 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
         except ValueError as e:
-            return _openai_error(str(e), getattr(e, "param", None))
+            return _openai_error(*_named_as_the_body_names_it(str(e)))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:

@@ -291,10 +291,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
                 if rank == 0:
-                    run.log_metrics({"step": progress.step, "tokens_seen": progress.tokens_seen,
-                                     "elapsed_s": round(progress.elapsed_s, 2), "epoch":
-                                     round(progress.tokens_seen / len(corpus.train), 3), "lr": lr,
-                                     "train_loss": recent}, durable=False)
+                    run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
                 recent_sum.zero_()
                 recent_count = 0
             if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
@@ -457,6 +454,12 @@ def _postfix(train_loss: float, val: float | None, rate: float, cfg: TrainConfig
     return ", ".join(parts)
 
 
+def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: float) -> dict:
+    """A metrics.jsonl line's common part: where the run is, and its mean train loss since the line before."""
+    return {"step": progress.step, "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 2),
+            "epoch": round(progress.tokens_seen / len(corpus.train), 3), "lr": lr, "train_loss": train_loss}
+
+
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int) -> float:
@@ -469,9 +472,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
     if rank == 0:
-        row = {"step": progress.step, "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 2),
-               "epoch": round(progress.tokens_seen / len(corpus.train), 3), "lr": lr, "train_loss": train_loss,
-               **result.as_dict()}
+        row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
         if progress.recent_losses:
             row["window_loss"] = _window_mean(progress)
         if progress.target_reached is not None:
