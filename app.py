@@ -1,4 +1,4 @@
-"""Hugging Face Spaces entry point: the page on the bundled model(s).
+"""Hugging Face Spaces entry point: `gptgen serve` on the bundled model(s), with its address line and errors.
 
 Spaces routes traffic to the address in GRADIO_SERVER_NAME (0.0.0.0 there); run locally, it stays on
 127.0.0.1. The `__main__` guard matters: the engine process is started with multiprocessing's spawn,
@@ -6,10 +6,10 @@ which imports this file again in the new process.
 """
 
 import os
+import sys
 
-from gptgen.config import BUNDLED_MODELS
-from gptgen.serve import serve
+from gptgen.cli import main
 
 if __name__ == "__main__":
-    serve(BUNDLED_MODELS, host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-          port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    sys.exit(main(["serve", "--host", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   "--port", os.environ.get("GRADIO_SERVER_PORT", "7860")]))

@@ -89,6 +89,10 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file", with_ten
     """All tensors (or, with with_tensors=False, none: the header only) and the metadata of a safetensors file,
     with a plain error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "model.safetensors"
+        hint = f"; did you mean {str(inside)!r}?" if inside.is_file() else ""
+        raise ModelFileError(f"{what} {str(path)!r} is a directory, not a .safetensors file{hint}")
     if not path.is_file():
         raise ModelFileError(f"{what} {str(path)!r} does not exist")
     try:
@@ -114,8 +118,10 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
 
 def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     fmt = metadata.get("format")
-    if fmt is None:
-        raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model (no 'format' metadata)")
+    if fmt is None or not fmt.startswith("gptgen/"):
+        raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model ("
+                             f"{'no format metadata' if fmt is None else f'format {fmt!r}'}); a transformers GPT-2 "
+                             "directory becomes one with: gptgen import DIR OUT.safetensors")
     if fmt != FORMAT:
         raise ModelFileError(f"{str(path)!r} has format {fmt!r}; this gptgen reads {FORMAT!r} (upgrade gptgen?)")
     try:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from gptgen.config import (
@@ -19,8 +20,9 @@ from gptgen.config import (
     TrainConfig,
 )
 
-_BUDGET = (*LENGTH_BUDGET, "target_loss", "device")
-_BUDGET_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _BUDGET[:-1]) + f" and --{_BUDGET[-1]}"
+_BUDGET = (*LENGTH_BUDGET, "target_loss")
+_RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
+_RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABLE[:-1]) + f" and --{_RESUMABLE[-1]}"
 _DEFAULT_STEPS = 2000
 
 
@@ -30,8 +32,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--data", help="UTF-8 text file to train on")
     p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help=f"continue a run; only {_BUDGET_FLAGS} may change (a new --steps, --minutes or "
-                        "--epochs replaces all three saved ones)")
+                   help=f"continue a run; only {_RESUMABLE_FLAGS} may change (a new --steps, --minutes or "
+                        "--epochs replaces all three saved ones; --data: the same text, moved)")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default {TrainConfig.preset})")
     p.add_argument("--steps", type=int, help=f"stop after this many optimizer steps (default: {_DEFAULT_STEPS} when "
                    "neither --minutes nor --epochs is given)")
@@ -132,6 +134,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def _serve_parser(sub) -> None:
     from gptgen.engine import BATCH_ROWS
 
@@ -140,7 +148,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models the page offers "
                    "(default: the bundled ones)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--port", type=_port, default=7860, help="port to listen on (default: 7860)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
                    help=f"requests decoded together per model (default {BATCH_ROWS}); each holds a KV cache "
@@ -172,21 +180,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
     if args.resume:
-        extra = sorted(set(given) - set(_BUDGET))
+        extra = sorted(set(given) - set(_RESUMABLE))
         if extra:
-            raise GptgenError(f"with --resume only {_BUDGET_FLAGS} may be given, not "
+            raise GptgenError(f"with --resume only {_RESUMABLE_FLAGS} may be given, not "
                               f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         cfg = resume_config(args.resume, **given)
-        limits = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _BUDGET[:-1] if getattr(cfg, k) is not None]
+        limits = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _BUDGET if getattr(cfg, k) is not None]
         print(f"resuming {args.resume} with {' '.join(limits)}", file=sys.stderr)
     else:
         for required in ("data", "out"):
             if required not in given:
                 raise GptgenError(f"--{required} is required (or --resume RUN_DIR to continue a run)")
+        if "init" in given and "preset" in given:
+            raise GptgenError("give --preset or --init, not both: --init takes the model's size from its config")
         if not set(LENGTH_BUDGET) & set(given):
             given["steps"] = _DEFAULT_STEPS
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all
+        return 0
     print(json.dumps(summary, indent=1))
     if summary["interrupted"]:
         print(f"interrupted at step {summary['steps']}; continue with: gptgen train --resume {cfg.out}",
@@ -241,8 +253,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config, tensors, metadata = load_model_file(args.input)
     if metadata.get("quantization", "none") != "none":
         raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise GptgenError("the output must be another file than the input")
+    if Path(args.output).exists():
+        raise GptgenError(f"{args.output!r} exists; choose a new file name (nothing was overwritten)")
     save_model(args.output, quantize_state_dict(tensors), config, quantization="int8",
                training=training_info(metadata))
     before, after = Path(args.input).stat().st_size, Path(args.output).stat().st_size
@@ -349,3 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except GptgenError as e:
         print(f"gptgen: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen; training saves in its own handler
+        print("\ngptgen: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader left (`gptgen generate ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,8 @@ class TrainConfig:
     grad_accum: int = _knob(1, "micro-batches per optimizer step")
     lr: float = _knob(1e-3, "peak learning rate, reached after the warmup")
     min_lr: float | None = _knob(None, "learning rate at the end of the cosine (default: --lr / 10)")
-    warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200)")
+    warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200 steps; "
+                                           "with --minutes, also at most 5% of the time)")
     decay_steps: int | None = _knob(None, "cosine horizon in steps, apart from the budget, so that a run resumed "
                                           "with more steps keeps its schedule (default: the --steps/--epochs "
                                           "budget; with --minutes the cosine also ends when the time does, "
@@ -126,6 +128,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for field in dataclasses.fields(self):  # NaN and inf pass the range checks below
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -148,6 +154,13 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
         if self.block_size is not None and not 1 <= self.block_size <= model.block_size:

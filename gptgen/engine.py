@@ -41,6 +41,11 @@ MAX_WAITING = 64  # requests waiting for a row beyond this are refused with Serv
 MAX_RESTARTS = 3  # engine processes started again within a minute; more means something is wrong each time
 
 
+def _reason(e: Exception) -> str:
+    """A failure as the client reads it: a user's error in its own words, anything else with its type."""
+    return str(e) if isinstance(e, GptgenError) else f"{type(e).__name__}: {e}"
+
+
 class ServerBusy(GptgenError):
     """Too many requests are already waiting for a batch row; the client should retry shortly."""
 
@@ -210,7 +215,7 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
                     models[message["name"]], batches[message["name"]] = model, batch
                 send({"op": "done", "id": rid})
             except Exception as e:
-                send({"op": "failed", "id": rid, "error": f"{type(e).__name__}: {e}"})
+                send({"op": "failed", "id": rid, "error": _reason(e)})
         elif message["op"] == "generate":
             waiting.append(message)
         elif message["op"] == "cancel":  # its row is freed at the next step
@@ -233,7 +238,7 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
                     raise EngineError(f"model {name!r} is not loaded")
                 owners[batches[name].add(message["prompt"], Sampling(**message["sampling"]))] = message["id"]
             except Exception as e:
-                send({"op": "failed", "id": message["id"], "error": f"{type(e).__name__}: {e}"})
+                send({"op": "failed", "id": message["id"], "error": _reason(e)})
 
     def step(name: str, batch: Batch) -> None:
         size = len(batch.active)
@@ -242,7 +247,7 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
         except Exception as e:  # every request in the batch gets the error; the batch starts afresh
             for seq in batch.active:  # a cancelled one has no owner left
                 if (rid := owners.pop(seq, None)) is not None:
-                    send({"op": "failed", "id": rid, "error": f"{type(e).__name__}: {e}"})
+                    send({"op": "failed", "id": rid, "error": _reason(e)})
             del batches[name]
             return
         send({"op": "step", "batch": size, "events": [(owners[seq], token, seq.done) for seq, token in events]})

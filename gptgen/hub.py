@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def is_hub_id(text: str) -> bool:
-    return bool(REPO_ID.match(text)) and ".." not in text and not Path(text).exists()
+    """owner/name, unless it reads as a local path: it exists, ends in .safetensors, or its folder exists here
+    (a mistyped `runs/my-model` should say "no such file", not wait on the network)."""
+    path = Path(text)
+    local = path.exists() or path.suffix == ".safetensors" or path.parent.is_dir() and path.parent != Path(".")
+    return bool(REPO_ID.match(text)) and ".." not in text and not local
 
 
 def check_hub_id(repo_id: str) -> str:

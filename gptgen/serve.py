@@ -7,9 +7,13 @@ decodes concurrent requests together, up to BATCH_ROWS per model; more wait for 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 import uuid
@@ -37,7 +41,8 @@ class ModelShelf:
     def __init__(self, files: dict[str, Path], device: str = "auto", rows: int = BATCH_ROWS,
                  threads: int | None = None) -> None:
         if not files:
-            raise ModelFileError("no models to serve: give --model FILE or a --models folder with .safetensors files")
+            raise ModelFileError("no models to serve: give --model FILE or a --models folder with gptgen model files "
+                                 "(in it or in its run folders)")
         self.paths = dict(files)
         self._metadata = {name: read_safetensors(p, with_tensors=False)[1] for name, p in self.paths.items()}
         self._configs = {name: config_of(self.paths[name], m) for name, m in self._metadata.items()}
@@ -69,13 +74,50 @@ class ModelShelf:
         return model.text(self.engine.tokens(name, ids, s), s, len(ids))
 
 
+RUN_STATE = ("last-*.safetensors", "optim-*.safetensors")  # a run's resume checkpoint: training state, not models
+
+
+def served_name(folder: Path, file: Path) -> str:
+    """A file's name on the page and in the API: its stem in the folder itself; in a run folder SUB, `model` is
+    SUB and `model-REST` is SUB-REST (runs/my/model-int8.safetensors is my-int8), any other STEM SUB-STEM."""
+    if file.parent == folder:
+        return file.stem
+    return file.parent.name if file.stem == "model" else f"{file.parent.name}-{file.stem.removeprefix('model-')}"
+
+
+def find_models(folder: Path) -> dict[str, Path]:
+    """The gptgen model files in `folder` and in its subfolders (run folders), by served name, from their headers.
+
+    A run folder also holds training state and a folder may hold other safetensors files (a transformers export):
+    those are not offered, and the server still starts.
+    """
+    files: dict[str, Path] = {}
+    for f in [*sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*/*.safetensors"))]:
+        if any(f.match(pattern) for pattern in RUN_STATE):
+            continue
+        try:
+            config_of(f, read_safetensors(f, with_tensors=False)[1])
+        except ModelFileError as e:
+            log.warning("not served: %s", e)
+            continue
+        name = served_name(folder, f)
+        if name in files:
+            log.warning("not served: %r has the same name, %r, as %r", str(f), name, str(files[name]))
+            continue
+        files[name] = f
+    return files
+
+
 def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Path], str | None]:
     """The files to serve by name, and the name shown first: `model` is a name in the folder, a path to a
     file, or a Hub id (owner/name, fetched through the Hugging Face cache)."""
     from gptgen.hub import is_hub_id, pull
 
     folder = Path(models_dir)
-    files = {f.stem: f for f in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+    if not folder.is_dir() and model is None:
+        problem = "is not a folder (a file goes to --model)" if folder.exists() else "does not exist"
+        raise ModelFileError(f"no models to serve: the --models folder {str(folder)!r} {problem}")
+    files = find_models(folder) if folder.is_dir() else {}
     if model is None or model in files:
         return files, model
     if is_hub_id(model):
@@ -96,12 +138,17 @@ def _openai_error(message: str, param: str | None = None, status: int = 400, kin
 
 
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # a sampling parameter -> its name in the OpenAI body
+_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "frequency_penalty": 0,
+            "presence_penalty": 0}  # OpenAI fields accepted only at these values
+_BODY_FIELDS = {"prompt", "model", "stream", *_NEUTRAL}  # the body's other fields, named as they are
 
 
 def _named_as_the_body_names_it(message: str) -> tuple[str, str | None]:
-    """(message, param) of a bad request: a sampling parameter's error (which starts with its name) names the
-    field as the client sent it, in the message and as OpenAI's `param`."""
-    name = message.split(" ", 1)[0]
+    """(message, param) of a bad request: a field's error starts with the field's name; a sampling parameter is
+    named as the client sent it, in the message and as OpenAI's `param`."""
+    name = re.match(r"\w*", message).group()
+    if name in _BODY_FIELDS:
+        return message, name
     if name not in SAMPLING_PARAMS:
         return message, None
     param = _OPENAI_NAMES.get(name, name)
@@ -112,9 +159,7 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
     """(model, prompt, sampling, stream) from an OpenAI completions body; ValueError says what is wrong."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
-    unsupported = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None,
-                   "frequency_penalty": 0, "presence_penalty": 0}
-    for key, only in unsupported.items():
+    for key, only in _NEUTRAL.items():
         if key in body and body[key] != only:
             raise ValueError(f"{key}={body[key]!r} is not supported (only {only!r})")
     prompt = body.get("prompt", "")
@@ -187,6 +232,21 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                  "total_tokens": stats.prompt_tokens + stats.new_tokens}
         return {**chunk(text, finish()), "usage": usage}
 
+    offered = {route.path: method for route in api.routes if route.path.startswith("/v1/")
+               for method in getattr(route, "methods", ())}
+    routes = " and ".join(f"{method} {path}" for path, method in offered.items())
+
+    @api.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    async def elsewhere(request: Request):
+        """Other OpenAI routes (chat completions, embeddings, ...) answer as OpenAI does, not as the page's 404."""
+        path = request.url.path
+        if path not in offered:
+            return _openai_error(f"this server has no {path}; it offers {routes} only", status=404)
+        r = _openai_error(f"{path} takes {offered[path]}, not {request.method}; this server offers {routes} only",
+                          status=405)
+        r.headers["Allow"] = offered[path]
+        return r
+
 
 def build_server(shelf: ModelShelf, default: str | None = None):
     """The FastAPI app: OpenAI routes, and the Gradio page mounted at /."""
@@ -201,6 +261,21 @@ def build_server(shelf: ModelShelf, default: str | None = None):
     return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"])
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (as uvicorn binds it) before the model loads, so that a taken port is one
+    clear error and the address is printed only once it is ours."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise GptgenError(f"port {port} is already in use on {host}; choose another with --port") from None
+        raise GptgenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           device: str = "auto", max_batch: int = BATCH_ROWS, threads: int | None = None) -> None:
     """Load the first model (so the page is ready when the address is printed), then serve until stopped."""
@@ -208,9 +283,11 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline-first tool
     files, default = pick_models(models_dir, model)
-    app = build_server(ModelShelf(files, device, max_batch, threads), default)
-    if host in ("0.0.0.0", "::"):
-        log.warning("serving on %s: anyone who can reach this machine can use the page", host)
-    log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", host, port,
-             host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with bound_socket(host, port) as sock:
+        app = build_server(ModelShelf(files, device, max_batch, threads), default)
+        if host in ("0.0.0.0", "::"):
+            log.warning("serving on %s: anyone who can reach this machine can use the page", host)
+        log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", host, port,
+                 host, port)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

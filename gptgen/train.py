@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,10 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", ".*.tmp",
+             ".write-test-*")  # what a run writes in its directory
+EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
+WARMUP_FRACTION = 0.05  # of the schedule (steps or --minutes), for the default warmup
 
 
 @dataclass
@@ -50,7 +56,8 @@ class Progress:
     best_val: float = math.inf
     best_step: int = 0
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the last LOSS_WINDOW steps' losses
-    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] this epoch
+    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] not yet printed
+    epochs_unprinted: int = 0  # finished epochs that epoch_loss covers
     target_reached: dict | None = None
 
 
@@ -63,18 +70,26 @@ def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
 
 
 def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None = None) -> float:
-    """Linear warmup, then cosine to min_lr over the step horizon or the time budget, whichever is nearer."""
+    """Linear warmup, then cosine to min_lr over the step horizon or the time budget, whichever is nearer.
+
+    The default warmup is 5% of the schedule, at most 200 steps; with --minutes it also ends once 5% of the
+    time has passed, so that a short timed run with slow steps does not spend itself warming up."""
     horizon = cfg.decay_steps or total_steps or cfg.steps
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, (horizon or 2000) // 20)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+    budget_s = cfg.minutes * 60 if cfg.minutes else None
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = min(200, int(horizon * WARMUP_FRACTION)) if horizon else 200
+    warm = (step + 1) / warmup if warmup else 1.0
+    if cfg.warmup_steps is None and budget_s:
+        warm = max(warm, elapsed_s / (WARMUP_FRACTION * budget_s))
+    if warm < 1:
+        return cfg.lr * warm
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-    done = 0.0
-    if horizon:
-        done = (step - warmup) / max(1, horizon - warmup)
-    if cfg.minutes:
-        done = max(done, elapsed_s / (cfg.minutes * 60))
-    done = min(1.0, done)
+    done = (step - warmup) / max(1, horizon - warmup) if horizon else 0.0
+    if budget_s:
+        done = max(done, elapsed_s / budget_s)
+    done = min(1.0, max(0.0, done))
     return min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.lr - min_lr)
 
 
@@ -102,6 +117,12 @@ class RunDir:
         except OSError as e:
             raise ConfigError(f"cannot write to --out {str(self.path)!r} ({e.strerror}); choose a writable "
                               "directory") from None
+
+    def foreign_files(self) -> list[str]:
+        """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(f.name for f in self.path.iterdir() if not any(fnmatch(f.name, own) for own in RUN_FILES))
 
     def state(self) -> dict | None:
         f = self.path / STATE
@@ -208,21 +229,32 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         from gptgen.interop import read_hf
 
         base, pretrained = read_hf(cfg.init)
-        model_config = dataclasses.replace(base, dropout=cfg.dropout)
     else:
-        model_config = GPTConfig.from_name(cfg.preset, dropout=cfg.dropout)
-    cfg.validate(model_config)
+        base = GPTConfig.from_name(cfg.preset)
+    cfg.validate(base)
+    model_config = dataclasses.replace(base, dropout=cfg.dropout)
     cfg.block_size = cfg.block_size or model_config.block_size
     device = pick_device(cfg.device)
     allow_tf32(device)
+    run = RunDir(cfg.out)
+    if resume and not Path(cfg.data).is_file():
+        raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
+                          f"--resume {cfg.out} --data NEW_PATH")
     corpus = load_corpus(cfg.data, cfg.val_fraction)
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")
-    run = RunDir(cfg.out)
     if not resume and run.state() is not None:
         raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
                           "another --out")
+    foreign = run.foreign_files() if not resume else []
+    if foreign:
+        raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+    saved_text = (run.state() or {}).get("corpus_sha256") if resume else None
+    if saved_text not in (None, corpus.sha256):
+        raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "
+                          "that text, or start a new run with --out")
     if rank == 0:
         run.check_writable()
 
@@ -237,6 +269,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     progress = Progress()
     if resume:
         progress = _restore(run, model, optimizer, data_rng, rank, world, device)
+        if cfg.target_loss != run.state()["train_config"]["target_loss"]:
+            progress.target_reached = None  # a new target: the old one's step is not this one's
     if rank == 0:  # what a killed run wrote after its last saved state (or, new here, before its first)
         run.remove_partial_writes()
         run.truncate_metrics(progress.step)
@@ -252,11 +286,19 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     steps_per_epoch = len(corpus.train) / tokens_per_step
     total = max_steps(cfg, steps_per_epoch)
+    if resume and _out_of_budget(cfg, progress, total):
+        raise ConfigError(f"{cfg.out} already stopped by its --{_stopped_by(cfg, progress, total).replace('_', '-')}"
+                          f" at step {progress.step:,}; to go on, give a larger --steps, --epochs or --minutes"
+                          f"{' or a lower --target-loss' if cfg.target_loss is not None else ''}")
+    if rank == 0:
+        log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %.1f steps per "
+                 "epoch", _model_name(cfg), f"{model.num_params():,}", device, f"{len(corpus.train):,}",
+                 f"{len(corpus.val):,}", f"{tokens_per_step:,}", steps_per_epoch)
+        if len(corpus.val) < cfg.block_size:
+            log.warning("the val split has only %d tokens, less than one block: its loss says little; use a "
+                        "larger --val-fraction or a longer text", len(corpus.val))
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0)
-    log.info("training %s (%s params) on %s, %d train / %d val tokens, %d tokens per step, %.1f steps per epoch",
-             _model_name(cfg), f"{model.num_params():,}", device, len(corpus.train),
-             len(corpus.val), tokens_per_step, steps_per_epoch)
     start = time.perf_counter() - progress.elapsed_s
     loss_sum, loss_count, last_val = torch.zeros((), device=device), 0, None  # train loss since the last eval
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
@@ -331,6 +373,7 @@ class EpochLoss:
 
     def __init__(self, device: torch.device) -> None:
         self.sum, self.steps = torch.zeros((), device=device), 0
+        self.printed_at = -math.inf  # time.perf_counter() of the last epoch line
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
@@ -358,9 +401,14 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
     epoch_loss.add(loss)
     if int(progress.step // steps_per_epoch) > epoch:  # this step finished an epoch
         epoch_loss.fold(progress, world)
-        mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
-        bar.write(f"epoch {epoch + 1} done at step {progress.step:,}: mean train loss {mean:.4f}")
-        progress.epoch_loss = [0.0, 0]
+        progress.epochs_unprinted += 1
+        if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:
+            mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
+            first = epoch + 2 - progress.epochs_unprinted
+            epochs = f"epoch {epoch + 1}" if first == epoch + 1 else f"epochs {first}-{epoch + 1}"
+            _say(bar, f"{epochs} done at step {progress.step:,}: mean train loss {mean:.4f}")
+            progress.epoch_loss, progress.epochs_unprinted = [0.0, 0], 0
+            epoch_loss.printed_at = time.perf_counter()
     if cfg.target_loss is None:
         return
     if world > 1:
@@ -373,9 +421,16 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
         progress.target_reached = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 3),
                                    "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
                                    "window_loss": window}
-        bar.write(f"target train loss {cfg.target_loss} reached at step {progress.step:,} (epoch "
+        _say(bar, f"target train loss {cfg.target_loss} reached at step {progress.step:,} (epoch "
                   f"{progress.target_reached['epoch']}, {progress.tokens_seen:,} tokens, "
                   f"{progress.elapsed_s:.1f} s): mean of the last {LOSS_WINDOW} steps {window:.4f}")
+
+
+def _say(bar: tqdm, text: str) -> None:
+    """A line above the bar on stderr (stdout is for the summary), from rank 0 only (tqdm.write prints even for a
+    disabled bar)."""
+    if not bar.disable:
+        bar.write(text, file=sys.stderr)
 
 
 def _stopped_by(cfg: TrainConfig, progress: Progress, total: int | None) -> str:
@@ -478,7 +533,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
         if progress.target_reached is not None:
             row["target_reached"] = progress.target_reached
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
-                 "world_size": world, "rng": rngs}
+                 "world_size": world, "rng": rngs, "corpus_sha256": corpus.sha256}
         run.log_metrics(row)
         metrics = run.metrics()
         try:

@@ -7,6 +7,7 @@ request together, and each gets the text `TextModel.stream` (the CLI, the Python
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -14,10 +15,11 @@ import gradio as gr
 import pandas as pd
 
 from gptgen.checkpoint import training_info
-from gptgen.engine import EngineError, ServerBusy
+from gptgen.engine import EngineError
 from gptgen.generate import Sampling, Stats, TextModel
-from gptgen.serve import ModelShelf, UnknownModel
+from gptgen.serve import ModelShelf
 
+log = logging.getLogger(__name__)
 UPDATE_INTERVAL_S = 0.1  # at most ~10 page updates a second, however fast decoding runs
 QUEUE_SIZE = 64  # waiting requests beyond this are told the queue is full
 EXAMPLES = [
@@ -32,11 +34,12 @@ RANDOM_SEED = -1  # a number box cannot be left blank, so the form says "random"
 
 
 def _whole(name: str, value) -> int | None:
-    """Gradio sends numbers as floats; a sampling parameter that counts things must still be whole."""
+    """Gradio sends numbers as floats; a sampling parameter that counts things must still be whole (a ValueError,
+    as Sampling's own, for `generate` to report)."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return value  # Sampling reports the wrong type in its own words
     if value != value or value in (float("inf"), float("-inf")) or value != int(value):
-        raise gr.Error(f"{name} must be a whole number, got {value}")
+        raise ValueError(f"{name} must be a whole number, got {value}")
     return int(value)
 
 
@@ -89,8 +92,11 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
-        except (ValueError, UnknownModel, ServerBusy, EngineError) as e:
-            raise gr.Error(str(e)) from None
+        except EngineError as e:  # the server's own failure: Gradio prints it with its traceback
+            raise gr.Error(str(e)) from e
+        except ValueError as e:  # a user's bad value, an unknown model or a full queue: one line in the log
+            log.info("page request refused: %s", e)
+            raise gr.Error(str(e), print_exception=False) from None
         session = request.session_hash or ""
         stop_requests.discard(session)
         text, shown = "", 0.0

@@ -73,6 +73,15 @@ def test_missing_file_and_foreign_safetensors(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelFileError, match="not a gptgen model"):
         load_model(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "hf.safetensors", metadata={"format": "pt"})  # transformers' own
+    with pytest.raises(ModelFileError, match="format 'pt'.*gptgen import"):
+        load_model(tmp_path / "hf.safetensors")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ModelFileError, match="is a directory, not a .safetensors file$"):
+        load_model(tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="did you mean .*model.safetensors"):
+        load_model(tmp_path / "run")
     save_file({"w": torch.zeros(2)}, tmp_path / "v2.safetensors", metadata={"format": "gptgen/2"})
     with pytest.raises(ModelFileError, match="gptgen/2"):
         load_model(tmp_path / "v2.safetensors")

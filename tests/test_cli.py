@@ -174,3 +174,62 @@ def test_target_not_reached_says_so_plainly(small_text, tmp_path):
     err = r.stderr
     assert r.returncode == 0 and "--steps budget ran out at step 3 before the train loss reached 0.1" in err
     assert "epoch 1/" in err  # the bar counts epochs
+
+
+def test_quantize_never_overwrites(tmp_path):
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    f32, taken = tmp_path / "f32.safetensors", tmp_path / "taken.safetensors"
+    save_model(f32, m.state_dict(), m.config)
+    taken.write_bytes(b"keep me")
+    for out in (taken, f32, tmp_path):  # another file, the input itself, a directory
+        r = gptgen("quantize", f32, out)
+        assert r.returncode == 2 and "exists; choose a new file name" in r.stderr, r.stderr
+    assert taken.read_bytes() == b"keep me"
+
+
+def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_path):
+    import signal
+
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config)
+    cmd = [sys.executable, "-m", "gptgen", "generate", str(tmp_path / "m.safetensors"), "x", "--max-new-tokens", "4000"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for ending in ("pipe closed", "SIGINT"):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc.stdout.read(20)  # generation is under way
+        if ending == "pipe closed":  # `gptgen generate ... | head`
+            proc.stdout.close()
+        else:
+            proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == (141 if ending == "pipe closed" else 130)
+        assert "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--port", "99999"], "port number from 1 to 65535"),
+    (["train", "--data", "x.txt", "--out", "r", "--init", "gpt2", "--preset", "tiny"], "--preset or --init"),
+    (["train", "--data", "x.txt", "--out", "r", "--minutes", "inf"], "--minutes must be a finite number"),
+    (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", "-1"], "--seed must be 0 or more"),
+    (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--dropout", "1.5"], "--dropout must be in"),
+])
+def test_bad_flags_are_one_line_errors(args, message):
+    r = gptgen(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_train_refuses_an_out_directory_of_other_files(small_text, tmp_path):
+    """A transformers export (config.json, model.safetensors) was overwritten by a run's files."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"the export's weights")
+    r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
+    assert r.returncode == 2 and "not a training run's (config.json)" in r.stderr, r.stderr
+    assert (out / "model.safetensors").read_bytes() == b"the export's weights"

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 
@@ -31,6 +32,9 @@ def test_unknown_preset_names_the_choices():
     (dict(lr=0), "--lr"), (dict(lr=-1e-3), "--lr"), (dict(steps=0), "--steps"), (dict(minutes=-1), "--minutes"),
     (dict(steps=None), "budget"), (dict(block_size=2048), "context"), (dict(batch_size=0), "--batch-size"),
     (dict(val_fraction=1.0), "--val-fraction"), (dict(dtype="fp8"), "--dtype"), (dict(windows="all"), "--windows"),
+    (dict(minutes=math.inf), "--minutes must be a finite"), (dict(lr=math.nan), "--lr must be a finite"),
+    (dict(epochs=math.inf), "--epochs"), (dict(beta1=2.0), "--beta1"), (dict(beta2=1.0), "--beta2"),
+    (dict(weight_decay=-1.0), "--weight-decay"), (dict(seed=-1), "--seed"), (dict(dropout=1.5), "--dropout"),
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

@@ -110,3 +110,13 @@ def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
     with pytest.raises(ModelFileError):
         hub.push(junk, "owner/x")
     assert api.calls == []
+
+
+def test_a_path_that_reads_as_local_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """A mistyped `runs/my-model` used to wait ~25 s on the network before "not in the Hugging Face cache"."""
+    monkeypatch.chdir(tmp_path)
+    assert hub.is_hub_id("owner/name")
+    (tmp_path / "runs").mkdir()
+    assert not hub.is_hub_id("runs/model-int8") and not hub.is_hub_id("other/model.safetensors")
+    r = gptgen_offline(tmp_path / "empty-cache", "generate", "runs/model-int8", "hi")
+    assert r.returncode == 2 and "'runs/model-int8' does not exist" in r.stderr, r.stderr

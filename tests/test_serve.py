@@ -19,6 +19,31 @@ def test_pick_models_by_name_or_file(tmp_path):
     assert files["mine"] == other and default == "mine"
 
 
+def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(tmp_path, caplog):
+    """The README's steps (`gptgen train --out runs/my`, then quantize to runs/my/model-int8.safetensors) and
+    `gptgen serve --models runs/ --model my-int8`; a run folder itself works as --models too."""
+    import torch
+
+    from gptgen.checkpoint import write_safetensors
+
+    runs, my = tmp_path / "runs", tmp_path / "runs" / "my"
+    my.mkdir(parents=True)
+    for stem in ("model", "model-int8", "best", "last-0000101"):  # last-*: a resume checkpoint, a model file too
+        (my / f"{stem}.safetensors").symlink_to(BUNDLED)
+    write_safetensors(my / "optim-0000101.safetensors", {"state.0.exp_avg": torch.zeros(2)}, {"param_groups": "[]"})
+    (runs / "hf").mkdir()  # a transformers export
+    write_safetensors(runs / "hf" / "model.safetensors", {"wte.weight": torch.zeros(2)}, {"format": "pt"})
+    (runs / "mine.safetensors").symlink_to(BUNDLED)
+
+    files, default = pick_models(runs, "my-int8")
+    assert default == "my-int8" and files == {"mine": runs / "mine.safetensors", "my-best": my / "best.safetensors",
+                                              "my": my / "model.safetensors", "my-int8": my / "model-int8.safetensors"}
+    hf = runs / "hf" / "model.safetensors"
+    assert f"not served: '{hf}' is a safetensors file but not a gptgen model" in caplog.text
+    assert "optim-" not in caplog.text and "last-" not in caplog.text  # training state is skipped by name, quietly
+    assert set(pick_models(my, None)[0]) == {"best", "model", "model-int8"}
+
+
 def test_unknown_model_names_what_is_there(capsys):
     with pytest.raises(ModelFileError, match="shakespeare-mini-int8"):
         pick_models(BUNDLED.parent, "nope")
@@ -51,14 +76,38 @@ def test_the_spaces_entry_point_serves_the_bundled_model(tmp_path):
                 time.sleep(0.3)
         assert answer is not None and answer.status_code == 200, (tmp_path / "app.log").read_text()
         assert answer.json()["model"] == BUNDLED.stem
+        assert f"gptgen: the page is on http://127.0.0.1:{port}/ " in (tmp_path / "app.log").read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+def test_a_folder_without_models_is_a_clear_error(tmp_path, capsys):
+    import torch
+
+    from gptgen.checkpoint import write_safetensors
+
+    write_safetensors(tmp_path / "optim-0000101.safetensors", {"state.0.exp_avg": torch.zeros(2)}, {})
     assert main(["serve", "--models", str(tmp_path)]) == 2
-    assert "no models to serve" in capsys.readouterr().err
+    assert "no models to serve: give --model FILE or a --models folder" in capsys.readouterr().err
+    assert main(["serve", "--models", str(tmp_path / "runs")]) == 2
+    assert f"the --models folder '{tmp_path / 'runs'}' does not exist" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_one_clear_line_before_any_address():
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "gptgen", "serve", "--port", str(port)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert (run.stdout + run.stderr).splitlines() == [
+        f"gptgen: error: port {port} is already in use on 127.0.0.1; choose another with --port"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +161,10 @@ def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
     (dict(temperature=-1), "temperature must be 0 (greedy) or positive", "temperature"),
     (dict(max_tokens=0), "max_tokens must be between 1", "max_tokens"),  # the body's name, not the API's
     (dict(extra_body={"top_k": 1.5}), "top_k must be an integer", "top_k"),
-    (dict(n=2), "n=2 is not supported", None),
+    (dict(n=2), "n=2 is not supported", "n"),
+    (dict(logprobs=1), "logprobs=1 is not supported", "logprobs"),
+    (dict(prompt=["Hi", "Ho"]), "prompt must be a string", "prompt"),
+    (dict(extra_body={"stream": "yes"}), "stream must be true or false", "stream"),
     (dict(model="../etc/passwd"), "unknown model", "model"),
 ])
 def test_openai_errors_are_openai_shaped(openai_client, kwargs, message, param):
@@ -121,6 +173,22 @@ def test_openai_errors_are_openai_shaped(openai_client, kwargs, message, param):
     with pytest.raises((openai.BadRequestError, openai.NotFoundError), match=re.escape(message)) as e:
         openai_client.completions.create(**{"model": BUNDLED.stem, "prompt": "Hi", **kwargs})
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
+
+
+def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_client, web_server):
+    import httpx
+    import openai
+
+    offered = ("GET /v1/models", "POST /v1/completions")
+    with pytest.raises(openai.NotFoundError) as e:  # a chat client pointed at this server
+        openai_client.chat.completions.create(model=BUNDLED.stem, messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] is None
+    assert "no /v1/chat/completions" in e.value.body["message"] and all(o in e.value.body["message"] for o in offered)
+    r = httpx.get(f"{web_server}v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["type"] == "invalid_request_error" and all(o in r.json()["error"]["message"]
+                                                                         for o in offered)
+    assert httpx.get(web_server).status_code == 200 and httpx.get(f"{web_server}config").status_code == 200  # the page
 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from gptgen.checkpoint import load_model
 from gptgen.config import ConfigError, TrainConfig
 from gptgen.train import RunDir, lr_at, max_steps, resume_config, train
+from tests.conftest import CORPUS
 
 
 def evals(run) -> list[dict]:
@@ -104,6 +106,18 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
 
 
+def test_a_timed_run_warms_up_for_5_percent_of_its_time_at_most():
+    """A 1-minute run of slow steps used to spend all of its ~70 steps in a 100-step warmup."""
+    timed = TrainConfig(lr=1.0, minutes=1.0)
+    assert lr_at(timed, 0, 0.0) == pytest.approx(1 / 200)
+    assert lr_at(timed, 20, 1.5) == pytest.approx(0.5)  # half of the warmup's 3 s: ahead of 21/200 of its steps
+    assert lr_at(timed, 20, 3.0) == pytest.approx(1.0, abs=0.01)  # warm: the cosine starts
+    assert lr_at(timed, 60, 57.0) < 0.2  # and has nearly ended when the time has
+    fast = TrainConfig(lr=1.0, minutes=60.0)
+    assert lr_at(fast, 198, 10.0) < 0.999
+    assert lr_at(fast, 199, 10.0) == pytest.approx(1.0, abs=1e-4)  # 200 steps end it first
+
+
 def test_the_cosine_ends_with_the_epochs_budget():
     """The memorize recipe's schedule: --epochs sets the horizon; a --minutes cap only shapes it when nearer."""
     cfg = TrainConfig(lr=1.0, epochs=10, warmup_steps=0)
@@ -181,6 +195,8 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["steps"] == 30  # one summary: rank 0 speaks for all
+    assert r.stderr.count("training tiny") == 1
     assert [row["step"] for row in RunDir(run).metrics()] == [1, 10, 10, 20, 20, 30, 30]  # one writer
     rows = evals(run)
     assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"]
@@ -227,6 +243,10 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     exact = train(config(small_text, tmp_path / "three", steps=reached["step"], **common))
     assert exact["stopped_by"] == "target_loss" and exact["target_reached"]["step"] == reached["step"]
 
+    # A lower target on resume: the run goes on (the old target's step is not the new one's).
+    lower = train(resume_config(tmp_path / "one", target_loss=0.001, steps=reached["step"] + 5), resume=True)
+    assert lower["steps"] == reached["step"] + 5 and lower["target_reached"] is None  # a new target: a new search
+
 
 def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
     from gptgen.data import load_corpus
@@ -270,3 +290,50 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_state(smal
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
     train(resume_config(run, steps=8), resume=True)
     assert _state_is_whole(run) == 8
+
+
+def test_resume_checks_the_text_and_takes_it_moved(small_text, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(small_text.read_text())
+    run = tmp_path / "run"
+    first = train(config(text, run, steps=4))
+    text.write_text(small_text.read_text() + "more")
+    with pytest.raises(ConfigError, match="not the text the run was trained on"):
+        train(resume_config(run, steps=8), resume=True)
+    moved = tmp_path / "moved.txt"
+    moved.write_text(small_text.read_text())
+    text.unlink()
+    with pytest.raises(ConfigError, match="is gone; if it moved, give its new place"):
+        train(resume_config(run, steps=8), resume=True)
+    assert train(resume_config(run, steps=8, data=str(moved)), resume=True)["steps"] == 8
+    assert first["steps"] == 4
+
+
+def test_resuming_a_finished_run_says_its_budget_is_spent(small_text, tmp_path):
+    run = tmp_path / "run"
+    train(config(small_text, run, steps=4))
+    with pytest.raises(ConfigError, match="already stopped by its --steps at step 4; to go on, give a larger"):
+        train(resume_config(run), resume=True)
+
+
+def test_short_epochs_share_a_line_at_most_every_10_s(tmp_path, monkeypatch, capsys):
+    """A small text's epochs used to print a line each, dozens a minute."""
+    import re
+
+    import gptgen.train
+
+    class Clock:  # 0.1 s a reading: a few readings a step, ~14 steps an epoch, a few epochs a line
+        t = 0.0
+
+        def perf_counter(self):
+            self.t += 0.1
+            return self.t
+
+    monkeypatch.setattr(gptgen.train, "time", Clock())
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS.read_text()[:2500])
+    train(config(text, tmp_path / "run", steps=200, eval_interval=1000))
+    lines = re.findall(r"epochs? (\d+)(?:-(\d+))? done at step", capsys.readouterr().err)
+    ranges = [(int(a), int(b or a)) for a, b in lines]
+    assert ranges[0] == (1, 1) and any(b > a for a, b in ranges), ranges
+    assert all(nxt[0] == prev[1] + 1 for prev, nxt in itertools.pairwise(ranges)), ranges  # no epoch left out

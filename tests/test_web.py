@@ -59,6 +59,24 @@ def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, fie
     assert client.predict(*_args("Hi"), api_name="/generate")[0]
 
 
+@pytest.mark.parametrize("field, value, message", [
+    (6, 1.5, "seed must be a whole number, got 1.5"),  # the page's own check
+    (2, -1.0, "temperature must be 0 (greedy) or positive, got -1.0"),  # Sampling's
+])
+def test_a_bad_value_is_its_message_alone_and_one_line_in_the_server_log(client, tmp_path_factory, field, value,
+                                                                         message):
+    from gradio_client.exceptions import AppError
+
+    (log,) = tmp_path_factory.getbasetemp().glob("server[0-9]*/server.log")  # conftest's web_server writes it
+    before = log.stat().st_size
+    args = list(_args("Hi"))
+    args[field] = value
+    with pytest.raises(AppError) as e:
+        client.predict(*args, api_name="/generate")
+    assert e.value.message == message  # not repr'd into quotes
+    assert log.read_bytes()[before:].decode() == f"page request refused: {message}\n"  # no traceback
+
+
 @pytest.fixture(scope="module")
 def page(web_server):
     from playwright.sync_api import sync_playwright
