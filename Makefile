@@ -19,7 +19,7 @@ $(VENV)/.test: $(VENV)/.app requirements-test.txt
 	touch $@
 
 serve: $(VENV)/.app
-	$(PY) -m gptgen serve
+	$(PY) -m gptgen serve $(ARGS)
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

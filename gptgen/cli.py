@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gptgen.config import (
     BUNDLED_MODELS,
@@ -26,9 +27,14 @@ _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABL
 _DEFAULT_STEPS = 2000
 
 
+def _command(sub, name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose one line of help in `gptgen --help` also heads its own --help."""
+    return sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a GPT on a text file (or resume a run)",
-                       description="Train a GPT on a UTF-8 text file. Under torchrun it trains with DDP.")
+    p = _command(sub, "train", "train a GPT on a text file (or resume a run)",
+                 "Train a GPT on a UTF-8 text file. Under torchrun it trains with DDP.")
     p.add_argument("--data", help="UTF-8 text file to train on")
     p.add_argument("--out", help="run directory: model.safetensors, metrics.jsonl, loss.png, training state")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -53,8 +59,8 @@ def _train_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a model on the whole val split of a text file")
-    p.add_argument("model", help="model .safetensors file")
+    p = _command(sub, "eval", "score a model on the whole val split of a text file")
+    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is scored")
     p.add_argument("--val-fraction", type=float, default=0.1, help="as in training (default: 0.1)")
     p.add_argument("--block-size", type=int, help="window length (default: the block the model was trained with)")
@@ -64,7 +70,7 @@ def _eval_parser(sub) -> None:
 
 
 def _quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="int8 weights: a smaller file and faster CPU generation")
+    p = _command(sub, "quantize", "int8 weights: a smaller file and faster CPU generation")
     p.add_argument("input", help="float model .safetensors")
     p.add_argument("output", help="int8 model .safetensors to write")
 
@@ -72,9 +78,10 @@ def _quantize_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     from gptgen.generate import MAX_NEW_TOKENS, Sampling
 
-    p = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
-    p.add_argument("model", help="model .safetensors file (float or int8)")
+    p = _command(sub, "generate", "continue a prompt, streaming the text to stdout")
+    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
     p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from <|endoftext|>)")
+    p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file instead (- = stdin)")
     d = Sampling()
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help=f"1 to {MAX_NEW_TOKENS} (default: {d.max_new_tokens})")
@@ -94,27 +101,27 @@ def _generate_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write the model for another runtime (llama.cpp's GGUF, transformers)")
+    p = _command(sub, "export", "write the model for another runtime (llama.cpp's GGUF, transformers)")
     p.add_argument("model", help="model .safetensors file (float or int8)")
     p.add_argument("out", help="output: a new .gguf file, or a new (or empty) directory for --format hf")
     p.add_argument("--format", choices=["gguf", "hf"], default="gguf",
-                   help="gguf: one llama.cpp file; hf: a transformers directory")
-    p.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="GGUF weight type")
+                   help="gguf: one llama.cpp file; hf: a transformers directory (default: gguf)")
+    p.add_argument("--type", choices=["f16", "q8_0"], help="GGUF weight type (default: f16)")
 
 
 def _import_parser(sub) -> None:
-    p = sub.add_parser("import", help="a transformers GPT-2 directory as a gptgen model file")
+    p = _command(sub, "import", "a transformers GPT-2 directory as a gptgen model file")
     p.add_argument("source", help="directory with config.json and .safetensors weights")
     p.add_argument("out", help="gptgen model .safetensors to write (must not exist)")
 
 
 def _hub_parsers(sub) -> None:
-    p = sub.add_parser("push", help="upload a model (with a generated card) to the Hub, or the app as a Space")
+    p = _command(sub, "push", "upload a model (with a generated card) to the Hub, or the app as a Space")
     p.add_argument("model", nargs="?", help="model .safetensors file (for --space default: the bundled model)")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
     p.add_argument("--private", action="store_true", help="create the repo as private")
-    p = sub.add_parser("pull", help="download a model from the Hub into the Hugging Face cache; prints its path")
+    p = _command(sub, "pull", "download a model from the Hub into the Hugging Face cache; prints its path")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
 
@@ -122,7 +129,7 @@ def _hub_parsers(sub) -> None:
 def _data_parser(sub) -> None:
     from gptgen.data import DATASETS
 
-    p = sub.add_parser("data", help="download a known text corpus (checked by sha256)")
+    p = _command(sub, "data", "download a known text corpus (checked by sha256)")
     p.add_argument("name", choices=sorted(DATASETS),
                    help="the corpus; shakespeare is tiny shakespeare (1.1 MB), written as OUT/tinyshakespeare.txt")
     p.add_argument("--out", default="data", help="folder to write it to (default: data)")
@@ -143,11 +150,12 @@ def _port(text: str) -> int:
 def _serve_parser(sub) -> None:
     from gptgen.engine import BATCH_ROWS
 
-    p = sub.add_parser("serve", help="the web page and its API, on the bundled model or yours")
-    p.add_argument("--model", help="model to show first: a name in --models or a .safetensors file")
-    p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models the page offers "
-                   "(default: the bundled ones)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p = _command(sub, "serve", "the web page and its API, on the bundled model or yours")
+    p.add_argument("--model", help="model to show first: a name in --models, a .safetensors file or a Hub id")
+    p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models, and its run folders' "
+                   "(runs/my/model-int8.safetensors is my-int8), the page offers (default: the bundled ones)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=_port, default=7860, help="port to listen on (default: 7860)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
@@ -207,8 +215,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     stopped_by = summary.get("stopped_by")
     if cfg.target_loss is not None and stopped_by != "target_loss":
         last = summary["last_window_loss"] or float("nan")
+        window = min(LOSS_WINDOW, summary["steps"])
         print(f"the --{stopped_by} budget ran out at step {summary['steps']} before the train loss reached "
-              f"{cfg.target_loss}; the last {LOSS_WINDOW}-step mean was {last:.4f}. "
+              f"{cfg.target_loss}; the mean of the last {window} steps was {last:.4f}. "
               f"Continue with: gptgen train --resume {cfg.out} --steps N", file=sys.stderr)
     elif stopped_by == "minutes" and cfg.steps is not None:
         print(f"the --minutes budget ran out at step {summary['steps']} of {cfg.steps}", file=sys.stderr)
@@ -245,8 +254,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from gptgen.checkpoint import ModelFileError, load_model_file, save_model, training_info
     from gptgen.quantize import quantize_state_dict
 
@@ -274,11 +281,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Sampling(**sampling)
     except ValueError as e:
         raise GptgenError(str(e)) from None
+    prompt = _read_prompt(args)
     model = gptgen.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
         print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)
     pieces = []
-    for piece in model.stream(args.prompt, **sampling):
+    for piece in model.stream(prompt, **sampling):
         pieces.append(piece)
         if not args.json:
             sys.stdout.write(piece)
@@ -293,15 +301,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt argument, or --prompt-file's text (a prompt too long for a command line, or piped in)."""
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt:
+        raise GptgenError("give the prompt as an argument or with --prompt-file, not both")
+    try:
+        return sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptgenError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from gptgen.interop import export_gguf, export_hf
 
     if args.format == "hf":
+        if args.type is not None:
+            raise GptgenError("--type is for --format gguf; a transformers export keeps the model's float weights")
         export_hf(args.model, args.out)
         print(f"wrote {args.out} (transformers GPT-2 directory)")
     else:
-        export_gguf(args.model, args.out, args.type)
-        print(f"wrote {args.out} (GGUF {args.type})")
+        export_gguf(args.model, args.out, args.type or "f16")
+        print(f"wrote {args.out} (GGUF {args.type or 'f16'})")
     return 0
 
 

@@ -4,6 +4,7 @@ push the app as a Gradio Space. Network errors and offline misses become one pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from gptgen.checkpoint import ModelFileError, load_model_file, training_info
 MODEL_FILE = "model.safetensors"  # the name a gptgen model has in a Hub repository
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ROOT = Path(__file__).resolve().parent.parent
+NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")  # what huggingface_hub talks through
 
 
 def is_hub_id(text: str) -> bool:
@@ -30,20 +32,38 @@ def check_hub_id(repo_id: str) -> str:
     return repo_id
 
 
+@contextlib.contextmanager
+def _hub_call(repo_id: str):
+    """A call to the Hub with its failures in one plain sentence: a refusal (with a hint when it is the login),
+    or the network (huggingface_hub lets its HTTP library's errors through)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        yield
+    except HfHubHTTPError as e:
+        login = " (log in: `hf auth login`, or set HF_TOKEN)" if getattr(e.response, "status_code", None) in (
+            401, 403) else ""
+        raise ModelFileError(f"the Hub refused {repo_id}: {str(e).splitlines()[0]}{login}") from None
+    except Exception as e:
+        if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in NETWORK_LIBRARIES:
+            raise
+        raise ModelFileError(f"could not reach the Hugging Face Hub for {repo_id}: {e}") from None
+
+
 def _fetch(download, repo_id: str, revision: str | None, **kwargs) -> Path:
     """A huggingface_hub download (its cache, HF_HUB_OFFLINE honoured) with its failures in one plain sentence."""
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     check_hub_id(repo_id)
-    try:
-        return Path(download(repo_id, revision=revision, library_name="gptgen", **kwargs))
-    except LocalEntryNotFoundError:
-        raise ModelFileError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache and "
-                             "cannot be downloaded (offline, or HF_HUB_OFFLINE=1)") from None
-    except EntryNotFoundError:
-        raise ModelFileError(f"{repo_id} has no {kwargs.get('filename')}; is it a gptgen model repository?") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelFileError(f"could not fetch {repo_id} from the Hub: {e}") from None
+    with _hub_call(repo_id):
+        try:
+            return Path(download(repo_id, revision=revision, library_name="gptgen", **kwargs))
+        except LocalEntryNotFoundError:
+            raise ModelFileError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+                                 "and cannot be downloaded (offline, or HF_HUB_OFFLINE=1)") from None
+        except EntryNotFoundError:
+            raise ModelFileError(f"{repo_id} has no {kwargs.get('filename')}; is it a gptgen model repository?"
+                                 ) from None
 
 
 def pull(repo_id: str, revision: str | None = None) -> Path:
@@ -115,10 +135,11 @@ def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> 
     check_hub_id(repo_id)
     card = model_card(model_path, repo_id)  # also checks the file is a gptgen model before any upload
     api = _api()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.create_commit(repo_id, [CommitOperationAdd(MODEL_FILE, str(model_path)),
-                                CommitOperationAdd("README.md", card.encode())],
-                      commit_message=f"gptgen: upload {Path(model_path).name}")
+    with _hub_call(repo_id):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_commit(repo_id, [CommitOperationAdd(MODEL_FILE, str(model_path)),
+                                    CommitOperationAdd("README.md", card.encode())],
+                          commit_message=f"gptgen: upload {Path(model_path).name}")
     return str(url)
 
 
@@ -144,8 +165,9 @@ def push_space(model_path: str | os.PathLike, repo_id: str, private: bool = Fals
     check_hub_id(repo_id)
     load_model_file(model_path)
     api = _api()
-    url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     operations = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
                   for path, data in space_files(model_path).items()]
-    api.create_commit(repo_id, operations, repo_type="space", commit_message="gptgen: update the Space")
+    with _hub_call(repo_id):
+        url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        api.create_commit(repo_id, operations, repo_type="space", commit_message="gptgen: update the Space")
     return str(url)

@@ -233,3 +233,40 @@ def test_train_refuses_an_out_directory_of_other_files(small_text, tmp_path):
     r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
     assert r.returncode == 2 and "not a training run's (config.json)" in r.stderr, r.stderr
     assert (out / "model.safetensors").read_bytes() == b"the export's weights"
+
+
+def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    model = tmp_path / "m.safetensors"
+    save_model(model, m.state_dict(), m.config)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The king 👑 said\n")
+    flags = ["--max-new-tokens", "6", "--seed", "1", "--json"]
+    by_arg = json.loads(gptgen("generate", model, "The king 👑 said\n", *flags).stdout)
+    by_file = json.loads(gptgen("generate", model, "--prompt-file", prompt, *flags).stdout)
+    piped = subprocess.run([sys.executable, "-m", "gptgen", "generate", str(model), "--prompt-file", "-", *flags],
+                           input="The king 👑 said\n", capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert by_arg == {**by_file, **{k: by_arg[k] for k in ("first_token_s", "total_s", "tokens_per_s")}}
+    assert json.loads(piped.stdout)["text"] == by_arg["text"] and by_arg["prompt_tokens"] > 3
+    r = gptgen("generate", model, "--prompt-file", tmp_path / "none.txt")
+    assert r.returncode == 2 and "cannot read --prompt-file" in r.stderr and "No such file" in r.stderr
+
+
+def test_export_refuses_a_gguf_type_for_a_transformers_export(tmp_path):
+    r = gptgen("export", tmp_path / "unused.safetensors", tmp_path / "hf", "--format", "hf", "--type", "q8_0")
+    assert r.returncode == 2 and "--type is for --format gguf" in r.stderr and not (tmp_path / "hf").exists()
+
+
+def test_a_server_error_of_the_users_making_is_one_plain_line():
+    """`serve --device cuda` without CUDA: the engine's ConfigError, without its class name."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = gptgen("serve", "--device", "cuda", "--port", port)
+    assert r.returncode == 2 and "CUDA" in r.stderr and "ConfigError" not in r.stderr, r.stderr

@@ -120,3 +120,11 @@ def test_a_path_that_reads_as_local_is_not_looked_up_on_the_hub(tmp_path, monkey
     assert not hub.is_hub_id("runs/model-int8") and not hub.is_hub_id("other/model.safetensors")
     r = gptgen_offline(tmp_path / "empty-cache", "generate", "runs/model-int8", "hi")
     assert r.returncode == 2 and "'runs/model-int8' does not exist" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["push", str(BUNDLED), "you/model"], ["push", "--space", "you/space"]])
+def test_push_without_a_network_is_one_clear_line(args):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "could not reach the Hugging Face Hub for you/" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
