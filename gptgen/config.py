@@ -94,8 +94,8 @@ class TrainConfig:
     grad_accum: int = _knob(1, "micro-batches per optimizer step")
     lr: float = _knob(1e-3, "peak learning rate, reached after the warmup")
     min_lr: float | None = _knob(None, "learning rate at the end of the cosine (default: --lr / 10)")
-    warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200 steps; "
-                                           "with --minutes, also at most 5% of the time)")
+    warmup_steps: int | None = _knob(None, "linear warmup steps (default: 5% of the schedule, at most 200; 100 "
+                                           "with only --minutes, and at most a quarter of its time)")
     decay_steps: int | None = _knob(None, "cosine horizon in steps, apart from the budget, so that a run resumed "
                                           "with more steps keeps its schedule (default: the --steps/--epochs "
                                           "budget; with --minutes the cosine also ends when the time does, "

@@ -43,7 +43,7 @@ METRICS = "metrics.jsonl"
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", ".*.tmp",
              ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
-WARMUP_FRACTION = 0.05  # of the schedule (steps or --minutes), for the default warmup
+WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Progress:
     best_val: float = math.inf
     best_step: int = 0
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the last LOSS_WINDOW steps' losses
+    first_step_s: float = 0.0  # the first step's time (compiling, mostly), which a timed warmup leaves out
     epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] not yet printed
     epochs_unprinted: int = 0  # finished epochs that epoch_loss covers
     target_reached: dict | None = None
@@ -69,20 +70,19 @@ def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
     return min(limits) if limits else None
 
 
-def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None = None) -> float:
+def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None = None,
+          first_step_s: float = 0.0) -> float:
     """Linear warmup, then cosine to min_lr over the step horizon or the time budget, whichever is nearer.
 
-    The default warmup is 5% of the schedule, at most 200 steps; with --minutes it also ends once 5% of the
-    time has passed, so that a short timed run with slow steps does not spend itself warming up."""
+    The default warmup is 5% of the step schedule, at most 200 steps (100 when only --minutes bounds the run);
+    with --minutes it also ends once a quarter of the time after the first step (which compiles) has passed,
+    so that a short timed run of slow steps does not spend itself warming up."""
     horizon = cfg.decay_steps or total_steps or cfg.steps
     budget_s = cfg.minutes * 60 if cfg.minutes else None
-    if cfg.warmup_steps is not None:
-        warmup = cfg.warmup_steps
-    else:
-        warmup = min(200, int(horizon * WARMUP_FRACTION)) if horizon else 200
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, (horizon or 2000) // 20)
     warm = (step + 1) / warmup if warmup else 1.0
     if cfg.warmup_steps is None and budget_s:
-        warm = max(warm, elapsed_s / (WARMUP_FRACTION * budget_s))
+        warm = max(warm, (elapsed_s - first_step_s) / (WARMUP_TIME_FRACTION * max(1e-9, budget_s - first_step_s)))
     if warm < 1:
         return cfg.lr * warm
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
@@ -307,7 +307,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     interrupted = False
     try:
         while not _out_of_budget(cfg, progress, total):
-            lr = lr_at(cfg, progress.step, progress.elapsed_s, total)
+            lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if windows is None:
@@ -325,6 +325,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             progress.tokens_seen += tokens_per_step
             session_tokens += tokens_per_step
             progress.elapsed_s = time.perf_counter() - start
+            if progress.step == 1:
+                progress.first_step_s = progress.elapsed_s
             _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
                                      world)
             bar.update(1)
@@ -346,9 +348,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         interrupted = True
         if loss_count:  # keep what the run learned since the last eval
             epoch_loss.fold(progress, world)
-            _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
-                           lr_at(cfg, progress.step, progress.elapsed_s, total), data_rng, device, autocast, rank,
-                           world)
+            lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
+            _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count, lr, data_rng,
+                           device, autocast, rank, world)
     bar.close()
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),

@@ -106,16 +106,18 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
 
 
-def test_a_timed_run_warms_up_for_5_percent_of_its_time_at_most():
+def test_a_timed_run_warms_up_for_a_quarter_of_its_time_at_most():
     """A 1-minute run of slow steps used to spend all of its ~70 steps in a 100-step warmup."""
     timed = TrainConfig(lr=1.0, minutes=1.0)
-    assert lr_at(timed, 0, 0.0) == pytest.approx(1 / 200)
-    assert lr_at(timed, 20, 1.5) == pytest.approx(0.5)  # half of the warmup's 3 s: ahead of 21/200 of its steps
-    assert lr_at(timed, 20, 3.0) == pytest.approx(1.0, abs=0.01)  # warm: the cosine starts
-    assert lr_at(timed, 60, 57.0) < 0.2  # and has nearly ended when the time has
+    assert lr_at(timed, 0, 0.0) == pytest.approx(1 / 100)
+    assert lr_at(timed, 1, 4.0, first_step_s=4.0) == pytest.approx(2 / 100)  # the first step compiled: not counted
+    assert lr_at(timed, 8, 11.0, first_step_s=4.0) == pytest.approx(0.5)  # half of a quarter of the 56 s left
+    cosine_at_30_percent = 0.1 + 0.45 * (1 + math.cos(math.pi * 0.3))
+    assert lr_at(timed, 15, 18.0, first_step_s=4.0) == pytest.approx(cosine_at_30_percent)  # warm: on the cosine
+    assert lr_at(timed, 60, 57.0, first_step_s=4.0) < 0.2  # and has nearly ended when the time has
     fast = TrainConfig(lr=1.0, minutes=60.0)
-    assert lr_at(fast, 198, 10.0) < 0.999
-    assert lr_at(fast, 199, 10.0) == pytest.approx(1.0, abs=1e-4)  # 200 steps end it first
+    assert lr_at(fast, 98, 10.0) < 0.999
+    assert lr_at(fast, 99, 10.0) == pytest.approx(1.0, abs=1e-4)  # 100 steps end it first
 
 
 def test_the_cosine_ends_with_the_epochs_budget():
