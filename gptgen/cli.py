@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ _DEFAULT_STEPS = 2000
 
 def _command(sub, name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose one line of help in `gptgen --help` also heads its own --help."""
-    return sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+    p = sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+    p.set_defaults(subparser=p)  # so that a flag it does not know is reported with its usage, not gptgen's
+    return p
 
 
 def _train_parser(sub) -> None:
@@ -186,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from gptgen.train import resume_config, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "resume") and v is not None}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "subparser", "resume") and v is not None}
     if args.resume:
         extra = sorted(set(given) - set(_RESUMABLE))
         if extra:
@@ -374,7 +377,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
-    args = parser().parse_args(argv)
+    args, unknown = parser().parse_known_args(argv)
+    if unknown:
+        flags = [o for action in args.subparser._actions for o in action.option_strings]
+        near = difflib.get_close_matches(unknown[0], flags, n=1)
+        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                             f"{f' (did you mean {near[0]}?)' if near else ''}")
     try:
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
                     "export": cmd_export, "import": cmd_import, "serve": cmd_serve,

@@ -270,3 +270,9 @@ def test_a_server_error_of_the_users_making_is_one_plain_line():
         port = s.getsockname()[1]
     r = gptgen("serve", "--device", "cuda", "--port", port)
     assert r.returncode == 2 and "CUDA" in r.stderr and "ConfigError" not in r.stderr, r.stderr
+
+
+def test_a_mistyped_flag_gets_its_commands_usage_and_the_nearest_flag():
+    r = gptgen("train", "--stpes", "3")
+    assert r.returncode == 2 and "usage: gptgen train" in r.stderr, r.stderr
+    assert "unrecognized arguments: --stpes 3 (did you mean --steps?)" in r.stderr
