@@ -121,7 +121,7 @@ def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     if fmt is None or not fmt.startswith("gptgen/"):
         raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model ("
                              f"{'no format metadata' if fmt is None else f'format {fmt!r}'}); a transformers GPT-2 "
-                             "directory becomes one with: gptgen import DIR OUT.safetensors")
+                             f"directory becomes one with: gptgen import {str(Path(path).parent)!r} OUT.safetensors")
     if fmt != FORMAT:
         raise ModelFileError(f"{str(path)!r} has format {fmt!r}; this gptgen reads {FORMAT!r} (upgrade gptgen?)")
     try:

@@ -264,7 +264,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if metadata.get("quantization", "none") != "none":
         raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
     if Path(args.output).exists():
-        raise GptgenError(f"{args.output!r} exists; choose a new file name (nothing was overwritten)")
+        kind = "is a directory" if Path(args.output).is_dir() else "exists"
+        raise GptgenError(f"{args.output!r} {kind}; give a new file name for the int8 model (nothing was overwritten)")
     save_model(args.output, quantize_state_dict(tensors), config, quantization="int8",
                training=training_info(metadata))
     before, after = Path(args.input).stat().st_size, Path(args.output).stat().st_size
@@ -377,6 +378,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
+    logging.getLogger("huggingface_hub").propagate = False  # it prints its warnings itself: once, not twice
     args, unknown = parser().parse_known_args(argv)
     if unknown:
         flags = [o for action in args.subparser._actions for o in action.option_strings]

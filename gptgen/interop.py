@@ -154,6 +154,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
         config, tensors, metadata = _float_tensors(model_path)
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
         save_file(hf, tmp / "model.safetensors", metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", user_mode(0o666))  # as the directory's other files
         files = {
             "config.json": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                             "vocab_size": config.vocab_size, "n_positions": config.block_size,
@@ -195,6 +196,8 @@ def read_hf(source: str | os.PathLike):
     from gptgen.model import GPT
 
     folder = snapshot(str(source)) if is_hub_id(str(source)) else Path(source)
+    if not folder.is_dir():
+        raise ModelFileError(f"{str(folder)!r} does not exist: give a transformers model directory or a Hub id")
     if not (folder / "config.json").is_file():
         raise ModelFileError(f"{str(folder)!r} has no config.json: not a transformers model directory")
     hf = json.loads((folder / "config.json").read_text())

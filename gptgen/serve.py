@@ -118,6 +118,9 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
         problem = "is not a folder (a file goes to --model)" if folder.exists() else "does not exist"
         raise ModelFileError(f"no models to serve: the --models folder {str(folder)!r} {problem}")
     files = find_models(folder) if folder.is_dir() else {}
+    if not files and model is None:
+        raise ModelFileError(f"no models to serve: {str(folder)!r} has no gptgen model files (in it or in its run "
+                             "folders); give --model FILE or another --models folder")
     if model is None or model in files:
         return files, model
     if is_hub_id(model):
@@ -161,7 +164,7 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
         raise ValueError("the body must be a JSON object")
     for key, only in _NEUTRAL.items():
         if key in body and body[key] != only:
-            raise ValueError(f"{key}={body[key]!r} is not supported (only {only!r})")
+            raise ValueError(f"{key}={json.dumps(body[key])} is not supported (only {json.dumps(only)})")
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]

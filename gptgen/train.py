@@ -206,7 +206,7 @@ def resume_config(run_dir: str | os.PathLike, **budget) -> TrainConfig:
     state = RunDir(run_dir).state()
     if state is None:
         raise ConfigError(f"--resume {str(run_dir)!r}: no {STATE} there, so no run to resume; start one with --out")
-    cfg = TrainConfig(**state["train_config"])
+    cfg = dataclasses.replace(TrainConfig(**state["train_config"]), out=str(run_dir))  # moved or copied: here
     given = {k: v for k, v in budget.items() if v is not None}
     if given.keys() & set(LENGTH_BUDGET):
         cfg = dataclasses.replace(cfg, **dict.fromkeys(LENGTH_BUDGET))
@@ -351,6 +351,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
             _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count, lr, data_rng,
                            device, autocast, rank, world)
+    if progress.epochs_unprinted:  # the last short epochs, which waited for their line
+        epoch_loss.print_line(progress, int(progress.step // steps_per_epoch), bar)
     bar.close()
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
@@ -376,6 +378,15 @@ class EpochLoss:
     def __init__(self, device: torch.device) -> None:
         self.sum, self.steps = torch.zeros((), device=device), 0
         self.printed_at = -math.inf  # time.perf_counter() of the last epoch line
+
+    def print_line(self, progress: Progress, last: int, bar: tqdm) -> None:
+        """The finished epochs not yet printed, up to epoch `last` (1-based), on one line with their mean loss."""
+        mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
+        first = last + 1 - progress.epochs_unprinted
+        _say(bar, f"{f'epoch {last}' if first == last else f'epochs {first}-{last}'} done at step "
+                  f"{progress.step:,}: mean train loss {mean:.4f}")
+        progress.epoch_loss, progress.epochs_unprinted = [0.0, 0], 0
+        self.printed_at = time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
@@ -405,12 +416,7 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
         epoch_loss.fold(progress, world)
         progress.epochs_unprinted += 1
         if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:
-            mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
-            first = epoch + 2 - progress.epochs_unprinted
-            epochs = f"epoch {epoch + 1}" if first == epoch + 1 else f"epochs {first}-{epoch + 1}"
-            _say(bar, f"{epochs} done at step {progress.step:,}: mean train loss {mean:.4f}")
-            progress.epoch_loss, progress.epochs_unprinted = [0.0, 0], 0
-            epoch_loss.printed_at = time.perf_counter()
+            epoch_loss.print_line(progress, epoch + 1, bar)
     if cfg.target_loss is None:
         return
     if world > 1:

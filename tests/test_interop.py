@@ -139,6 +139,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
         source = BUNDLED  # int8: dequantized on export
     export_hf(source, tmp_path / "hf")
     assert (tmp_path / "hf").stat().st_mode & 0o777 == user_mode(0o777)  # not mkdtemp's private 0o700
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == user_mode(0o666)  # as config.json
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = IDS[:, :8]
     assert torch.allclose(hf(ids).logits, _float_gptgen(source)(ids)[0], atol=1e-4)
@@ -159,6 +160,8 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(GptgenError, match="not an empty directory"):
         export_hf(BUNDLED, busy)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    with pytest.raises(ModelFileError, match="'nothere' does not exist"):
+        import_hf("nothere", tmp_path / "x.safetensors")
     _, folder = _hf_random(tmp_path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))

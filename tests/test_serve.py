@@ -89,7 +89,7 @@ def test_a_folder_without_models_is_a_clear_error(tmp_path, capsys):
 
     write_safetensors(tmp_path / "optim-0000101.safetensors", {"state.0.exp_avg": torch.zeros(2)}, {})
     assert main(["serve", "--models", str(tmp_path)]) == 2
-    assert "no models to serve: give --model FILE or a --models folder" in capsys.readouterr().err
+    assert f"no models to serve: '{tmp_path}' has no gptgen model files" in capsys.readouterr().err
     assert main(["serve", "--models", str(tmp_path / "runs")]) == 2
     assert f"the --models folder '{tmp_path / 'runs'}' does not exist" in capsys.readouterr().err
 

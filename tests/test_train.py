@@ -334,8 +334,22 @@ def test_short_epochs_share_a_line_at_most_every_10_s(tmp_path, monkeypatch, cap
     monkeypatch.setattr(gptgen.train, "time", Clock())
     text = tmp_path / "text.txt"
     text.write_text(CORPUS.read_text()[:2500])
-    train(config(text, tmp_path / "run", steps=200, eval_interval=1000))
+    summary = train(config(text, tmp_path / "run", steps=200, eval_interval=1000))
     lines = re.findall(r"epochs? (\d+)(?:-(\d+))? done at step", capsys.readouterr().err)
     ranges = [(int(a), int(b or a)) for a, b in lines]
     assert ranges[0] == (1, 1) and any(b > a for a, b in ranges), ranges
+    assert ranges[-1][1] == int(summary["epochs"])  # the last epochs get their line when the run ends
     assert all(nxt[0] == prev[1] + 1 for prev, nxt in itertools.pairwise(ranges)), ranges  # no epoch left out
+
+
+def test_a_copied_run_resumes_in_its_own_folder(small_text, tmp_path):
+    """--resume used to write into the folder the run was started in (state.json's `out`), not the one given."""
+    import shutil
+
+    train(config(small_text, tmp_path / "run", steps=4))
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    before = sorted(os.listdir(tmp_path / "run"))
+    summary = train(resume_config(tmp_path / "copy", steps=6), resume=True)
+    assert summary["run_dir"] == str(tmp_path / "copy") and summary["steps"] == 6
+    assert sorted(os.listdir(tmp_path / "run")) == before and _state_is_whole(tmp_path / "run") == 4
+    assert _state_is_whole(tmp_path / "copy") == 6
