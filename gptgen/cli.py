@@ -379,13 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
     logging.getLogger("huggingface_hub").propagate = False  # it prints its warnings itself: once, not twice
-    args, unknown = parser().parse_known_args(argv)
-    if unknown:
-        flags = [o for action in args.subparser._actions for o in action.option_strings]
-        near = difflib.get_close_matches(unknown[0], flags, n=1)
-        args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
-                             f"{f' (did you mean {near[0]}?)' if near else ''}")
-    try:
+    try:  # the parser imports torch (for generate's defaults): a Ctrl-C then is an interrupt too
+        args, unknown = parser().parse_known_args(argv)
+        if unknown:
+            flags = [o for action in args.subparser._actions for o in action.option_strings]
+            near = difflib.get_close_matches(unknown[0], flags, n=1)
+            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                                 f"{f' (did you mean {near[0]}?)' if near else ''}")
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
                     "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
                     "push": cmd_push, "pull": cmd_pull,

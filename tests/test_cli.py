@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -201,9 +202,12 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
     cmd = [sys.executable, "-m", "gptgen", "generate", str(tmp_path / "m.safetensors"), "x", "--max-new-tokens", "4000",
            "--seed", "1"]  # a seed whose 4,000 tokens hold no <|endoftext|>, which would end the text before the signal
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for ending in ("pipe closed", "SIGINT"):
+    for ending in ("pipe closed", "SIGINT", "SIGINT while starting"):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        proc.stdout.read(20)  # generation is under way
+        if ending == "SIGINT while starting":
+            time.sleep(0.3)  # importing torch and the model's modules (a traceback of torch's imports, before)
+        else:
+            proc.stdout.read(20)  # generation is under way
         if ending == "pipe closed":  # `gptgen generate ... | head`
             proc.stdout.close()
         else:
