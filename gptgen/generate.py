@@ -67,6 +67,8 @@ class Sampling:
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None:
             number("seed", self.seed, integer=True)
+            if not 0 <= self.seed < 2**63:  # what torch.Generator takes
+                raise ValueError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
 
 SAMPLING_PARAMS = tuple(f.name for f in fields(Sampling))

@@ -48,10 +48,16 @@ def _seed(value) -> int | None:
     return None if value is None or (isinstance(value, int) and value == RANDOM_SEED) else value
 
 
-def stats_line(s: Stats, stopped: bool = False) -> str:
+def stats_line(s: Stats, context: int, stopped: bool = False) -> str:
     head = "Stopped after" if stopped else "Generated"
-    return (f"{head} **{s.new_tokens} tokens** in {s.total_s:.2f} s · **{s.tokens_per_s:.1f} tokens/s** · "
-            f"first token after {s.first_token_s * 1000:.0f} ms · prompt {s.prompt_tokens} tokens")
+    rate = f"**{s.tokens_per_s:.1f} tokens/s**" if s.new_tokens > 1 else "one token: no rate"
+    seen = f" (the model saw its last {context})" if s.prompt_tokens > context else ""
+    return (f"{head} **{_count(s.new_tokens, 'token')}** in {s.total_s:.2f} s · {rate} · "
+            f"first token after {s.first_token_s * 1000:.0f} ms · prompt {_count(s.prompt_tokens, 'token')}{seen}")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
 def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
@@ -86,6 +92,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     stop_requests: set[str] = set()  # sessions whose Stop was pressed; their stream ends at the next piece
 
+    def start(request: gr.Request) -> tuple[str, str]:
+        """On a click, before the queued stream: a Stop pressed from now on is this run's (and one pressed
+        while it waits for the queue is not lost), and the last run's text and stats leave the page."""
+        stop_requests.discard(request.session_hash or "")
+        return "", ""
+
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
         try:
@@ -93,12 +105,14 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
         except EngineError as e:  # the server's own failure: Gradio prints it with its traceback
+            yield "", f"⚠ {e}"
             raise gr.Error(str(e)) from e
         except ValueError as e:  # a user's bad value, an unknown model or a full queue: one line in the log
             log.info("page request refused: %s", e)
+            yield "", f"⚠ {e}"  # the page keeps the message after the toast has gone
             raise gr.Error(str(e), print_exception=False) from None
         session = request.session_hash or ""
-        stop_requests.discard(session)
+        context = shelf.get(model_name).config.block_size
         text, shown = "", 0.0
         for piece in pieces:
             text += piece
@@ -108,7 +122,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
                 shown = time.perf_counter()
                 yield text, "Generating…"
-        yield text, stats_line(stats, stopped=session in stop_requests)
+        yield text, stats_line(stats, context, stopped=session in stop_requests)
         stop_requests.discard(session)
 
     def stop(request: gr.Request) -> None:
@@ -116,11 +130,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         would drop them and mark the output as an error)."""
         stop_requests.add(request.session_hash or "")
 
-    def show_model(model_name):
+    def show_model(model_name, wanted):
+        """The picked model's card and curve; max_new_tokens keeps the user's value, within its context."""
         model = shelf.get(model_name)
         card, curve = model_card(model_name, model)
         context = model.config.block_size
-        slider = gr.Slider(maximum=context, value=min(DEFAULTS.max_new_tokens, context))
+        slider = gr.Slider(maximum=context, value=min(int(wanted or DEFAULTS.max_new_tokens), context))
         return card, gr.LinePlot(curve, visible=not curve.empty), slider
 
     card, curve = model_card(default, shelf.get(default))
@@ -128,14 +143,14 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         gr.Markdown("# gptgen\nA small GPT-2 trained by gptgen. Type the start of a text and it continues it.")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Type a beginning, or pick an example",
-                                    elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
+                                    placeholder="Type a beginning, or pick an example (Shift+Enter generates)")
+                gr.Examples(EXAMPLES, inputs=prompt, label="Examples (click one)")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                    stop_button = gr.Button("Stop", variant="secondary", elem_id="stop")
                 output = gr.Textbox(label="Continuation", lines=12, interactive=False, elem_id="output")
-                stats = gr.Markdown(elem_id="stats")
-                gr.Examples(EXAMPLES, inputs=prompt, label="Examples (click one)")
+                stats = gr.Markdown(label="Stats", elem_id="stats")
             with gr.Column(scale=2):
                 model_name = gr.Dropdown(shelf.names, value=default, label="Model", elem_id="model")
                 # Up to the longest context served, which bounds the API too; the page narrows it to the
@@ -156,10 +171,11 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name]
         # Gradio runs up to this many streams at once; the engine decodes them together (a batch row each)
         # or keeps them waiting for a row. Beyond that, Gradio's queue holds QUEUE_SIZE more.
-        gr.on([go.click, prompt.submit], generate, inputs, [output, stats], api_name="generate",
-              concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
+        clicked = gr.on([go.click, prompt.submit], start, None, [output, stats], queue=False, api_visibility="private")
+        clicked.then(generate, inputs, [output, stats], api_name="generate",
+                     concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
-            event(show_model, model_name, [card_md, plot, max_new_tokens], api_visibility="private")
+            event(show_model, [model_name, max_new_tokens], [card_md, plot, max_new_tokens], api_visibility="private")
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app

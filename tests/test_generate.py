@@ -50,7 +50,8 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=MAX_NEW_TOKENS + 1), "max_new_tokens"),
     (dict(max_new_tokens="10"), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"),
+    (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"), (dict(seed=-5), "seed must be between 0"),
+    (dict(seed=10**20), "seed must be between 0"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):

@@ -131,10 +131,22 @@ def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
     page.screenshot(path=ARTIFACTS / "page-generated.png", full_page=True)
 
 
+def test_a_refused_request_clears_the_last_run_and_keeps_its_message(page):
+    page.fill("#prompt textarea", "Hello")
+    page.fill("#seed input", "1.5")
+    page.click("#generate")
+    page.wait_for_selector("#stats:has-text('⚠ seed must be a whole number, got 1.5')", timeout=10_000)
+    assert _output(page) == ""  # not the previous run's text, as if these settings had made it
+    page.fill("#seed input", "-1")
+
+
 def test_page_picks_a_model_by_name_and_stop_ends_the_stream(page):
+    page.fill("#max_new_tokens input[type=number]", "64")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
     page.locator("#model input").click()
     page.locator("[role=option]", has_text="random-gpt2-int8").click()
     page.wait_for_selector("#model-card:has-text('124.4M parameters')")
+    assert page.input_value("#max_new_tokens input[type=number]") == "64"  # the user's value, not the default
     page.fill("#prompt textarea", "Hello")
     page.fill("#max_new_tokens input[type=number]", "1000")
     page.locator("#max_new_tokens input[type=number]").press("Enter")
@@ -160,3 +172,23 @@ def test_page_shows_a_bad_value_as_an_error(page):
     page.wait_for_selector("text=temperature must be 0 (greedy) or positive", timeout=10_000)
     page.screenshot(path=ARTIFACTS / "page-error.png", full_page=True)
     page.fill("#temperature input", "0.8")
+
+
+def test_stop_pressed_while_the_run_waits_to_start_is_not_lost(page):
+    """A Stop pressed before the first text (the run still queued) used to be wiped when the run started."""
+    page.fill("#prompt textarea", "Hello")
+    page.fill("#max_new_tokens input[type=number]", "5")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    page.click("#generate")
+    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+    page.fill("#max_new_tokens input[type=number]", "200")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    page.evaluate("""() => new Promise(resolve => {
+      document.querySelector('#generate').click();
+      const cleared = () => document.querySelector('#output textarea').value === ''
+        ? resolve(document.querySelector('#stop').click()) : requestAnimationFrame(cleared);
+      cleared();
+    })""")  # the click cleared the last run's text: the new run is on its way, and Stop comes before its text
+    page.wait_for_selector("#stats:has-text('Stopped after')", timeout=30_000)
+    tokens = int(page.inner_text("#stats").split("Stopped after")[1].split("token")[0])
+    assert tokens < 200
