@@ -140,7 +140,8 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     card, curve = model_card(default, shelf.get(default))
     with gr.Blocks(title="gptgen") as app:
-        gr.Markdown("# gptgen\nA small GPT-2 trained by gptgen. Type the start of a text and it continues it.")
+        gr.Markdown("# gptgen\nA small GPT-2 trained by gptgen. Type the start of a text and it continues it. "
+                    "Programs can use this server too: *Use via API* below, or the OpenAI-compatible API at `/v1`.")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
