@@ -138,16 +138,17 @@ def _data_parser(sub) -> None:
     p.add_argument("--out", default="data", help="folder to write it to (default: data)")
 
 
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+def _whole_number(what: str, low: int, high: int | None = None):
+    """An argparse type: a whole number from low to high, else "must be WHAT"."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or not low <= int(text) <= (high or int(text)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return int(text)
+    return parse
 
 
-def _port(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
-    return int(text)
+_positive_int = _whole_number("a whole number of at least 1", 1)
+_port = _whole_number("a port number from 1 to 65535", 1, 65535)
 
 
 def _serve_parser(sub) -> None:

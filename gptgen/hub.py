@@ -22,7 +22,7 @@ def is_hub_id(text: str) -> bool:
     """owner/name, unless it reads as a local path: it exists, ends in .safetensors, or its folder exists here
     (a mistyped `runs/my-model` should say "no such file", not wait on the network)."""
     path = Path(text)
-    local = path.exists() or path.suffix == ".safetensors" or path.parent.is_dir() and path.parent != Path(".")
+    local = path.exists() or path.suffix == ".safetensors" or (path.parent != Path(".") and path.parent.is_dir())
     return bool(REPO_ID.match(text)) and ".." not in text and not local
 
 

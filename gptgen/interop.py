@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptgen.checkpoint import ModelFileError, atomic_path, load_model_file, user_mode
+from gptgen.checkpoint import ModelFileError, atomic_path, load_model_file, user_mode, write_safetensors
 from gptgen.config import GptgenError
 from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
@@ -146,15 +146,12 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
     import json
     import shutil
 
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     tmp = _fresh_dir(out)
     try:
         config, tensors, metadata = _float_tensors(model_path)
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
-        save_file(hf, tmp / "model.safetensors", metadata={"format": "pt"})
-        os.chmod(tmp / "model.safetensors", user_mode(0o666))  # as the directory's other files
+        write_safetensors(tmp / "model.safetensors", hf, {"format": "pt"})  # the user's usual mode, as the rest
         files = {
             "config.json": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                             "vocab_size": config.vocab_size, "n_positions": config.block_size,

@@ -244,15 +244,15 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")
-    if not resume and run.state() is not None:
+    saved = run.state()  # the run's state.json, read once
+    if not resume and saved is not None:
         raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
                           "another --out")
     foreign = run.foreign_files() if not resume else []
     if foreign:
         raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
-    saved_text = (run.state() or {}).get("corpus_sha256") if resume else None
-    if saved_text not in (None, corpus.sha256):
+    if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
         raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "
                           "that text, or start a new run with --out")
     if rank == 0:
@@ -268,8 +268,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()
     if resume:
-        progress = _restore(run, model, optimizer, data_rng, rank, world, device)
-        if cfg.target_loss != run.state()["train_config"]["target_loss"]:
+        progress = _restore(run, saved, model, optimizer, data_rng, rank, world, device)
+        if cfg.target_loss != saved["train_config"]["target_loss"]:
             progress.target_reached = None  # a new target: the old one's step is not this one's
     if rank == 0:  # what a killed run wrote after its last saved state (or, new here, before its first)
         run.remove_partial_writes()
@@ -573,9 +573,8 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
                       if "val_nats_per_token" in m]}
 
 
-def _restore(run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,
+def _restore(run: RunDir, state: dict, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,
              rank: int, world: int, device: torch.device) -> Progress:
-    state = run.state()
     if state["world_size"] != world:
         raise ConfigError(f"the run was saved with {state['world_size']} processes; resume it with the same number")
     _, weights, _ = checkpoint.load_model_file(run.path / state["weights"])
