@@ -174,4 +174,6 @@ class TrainConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16")
-BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"  # the repo's models/ (a Space's too)
+_PACKAGE = Path(__file__).resolve().parent
+# gptgen/models in an installed wheel; the repo's models/ in a clone, an editable install or a Space.
+BUNDLED_MODELS = _PACKAGE / "models" if (_PACKAGE / "models").is_dir() else _PACKAGE.parent / "models"

@@ -1,9 +1,13 @@
 import dataclasses
 import math
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 from gptgen.config import PRESETS, ConfigError, GPTConfig, TrainConfig
+from tests.conftest import ROOT
 
 
 def test_gpt2_preset_is_the_reference_shape():
@@ -40,3 +44,28 @@ def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)
     with pytest.raises(ConfigError, match=message):
         cfg.validate(GPTConfig.from_name("gpt2"))
+
+
+def test_an_installed_wheel_carries_the_bundled_model_and_serves_it(tmp_path):
+    """`pip install .` (not -e) must work offline as a clone does: the model and tokenizer travel in the wheel."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "gptgen", src / "gptgen", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "models", src / "models")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src)
+    pip = [sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", src], check=True)
+    wheel = next((tmp_path / "wheel").glob("gptgen-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
+    shutil.rmtree(src)  # nothing may come from the source tree
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site"), "HOME": str(tmp_path)}
+    show = "import gptgen.config as c; print(c.__file__); print(c.BUNDLED_MODELS)"
+    where = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           check=True).stdout.split()
+    assert where == [str(tmp_path / "site/gptgen/config.py"), str(tmp_path / "site/gptgen/models")]
+    out = subprocess.run([sys.executable, "-m", "gptgen", "generate", tmp_path / "site/gptgen/models/"
+                          "shakespeare-mini-int8.safetensors", "ROMEO:", "--max-new-tokens", "8", "--json"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert '"new_tokens": 8' in out.stdout
