@@ -30,7 +30,9 @@ _DEFAULT_STEPS = 2000
 
 def _command(sub, name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose one line of help in `gptgen --help` also heads its own --help."""
-    p = sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".")
+    # No abbreviated flags: a script's `--max` would stop working the day a second --max-... flag arrives.
+    p = sub.add_parser(name, help=text, description=description or text[0].upper() + text[1:] + ".",
+                       allow_abbrev=False)
     p.set_defaults(subparser=p)  # so that a flag it does not know is reported with its usage, not gptgen's
     return p
 
@@ -170,7 +172,8 @@ def _serve_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptgen", description="Train, evaluate and run GPT-2 models on your text.")
+    p = argparse.ArgumentParser(prog="gptgen", description="Train, evaluate and run GPT-2 models on your text.",
+                                allow_abbrev=False)
     from gptgen import __version__
 
     p.add_argument("--version", action="version", version=f"gptgen {__version__}")

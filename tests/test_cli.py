@@ -281,3 +281,8 @@ def test_a_mistyped_flag_gets_its_commands_usage_and_the_nearest_flag():
     r = gptgen("train", "--stpes", "3")
     assert r.returncode == 2 and "usage: gptgen train" in r.stderr, r.stderr
     assert "unrecognized arguments: --stpes 3 (did you mean --steps?)" in r.stderr
+
+
+def test_flags_must_be_spelled_out():
+    r = gptgen("generate", "m.safetensors", "x", "--max-new", "3")
+    assert r.returncode == 2 and "unrecognized arguments: --max-new 3 (did you mean --max-new-tokens?)" in r.stderr
