@@ -291,9 +291,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                           f" at step {progress.step:,}; to go on, give a larger --steps, --epochs or --minutes"
                           f"{' or a lower --target-loss' if cfg.target_loss is not None else ''}")
     if rank == 0:
-        log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %.1f steps per "
+        log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %s steps per "
                  "epoch", _model_name(cfg), f"{model.num_params():,}", device, f"{len(corpus.train):,}",
-                 f"{len(corpus.val):,}", f"{tokens_per_step:,}", steps_per_epoch)
+                 f"{len(corpus.val):,}", f"{tokens_per_step:,}", _count(steps_per_epoch))
         if len(corpus.val) < cfg.block_size:
             log.warning("the val split has only %d tokens, less than one block: its loss says little; use a "
                         "larger --val-fraction or a longer text", len(corpus.val))
@@ -330,7 +330,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
                                      world)
             bar.update(1)
-            if progress.step % LOG_INTERVAL == 0 or progress.step == 1:
+            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
                 rate = session_tokens / (time.perf_counter() - session_start)
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
@@ -342,6 +342,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 epoch_loss.fold(progress, world)
                 last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
                                           lr, data_rng, device, autocast, rank, world)
+                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
                 loss_sum.zero_()
                 loss_count = 0
     except KeyboardInterrupt:
@@ -402,6 +403,11 @@ class EpochLoss:
         self.steps = 0
 
 
+def _count(steps: float) -> str:
+    """Steps per epoch as a user reads them: 2,641, but 1.3 (not 1) for a text that fills few steps."""
+    return f"{steps:,.0f}" if steps >= 100 else f"{steps:.1f}"
+
+
 def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, epoch_loss: EpochLoss,
                              steps_per_epoch: float, total: int | None, bar: tqdm, world: int) -> None:
     """Epoch bookkeeping for the bar and the log, and the --target-loss check.
@@ -410,7 +416,7 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
     agree); without one, only at an epoch's end."""
     epoch = int((progress.step - 1) // steps_per_epoch)  # 0-based epoch this step belonged to
     epochs = math.ceil(total / steps_per_epoch) if total else None
-    bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({steps_per_epoch:,.0f} steps each)", refresh=False)
+    bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({_count(steps_per_epoch)} steps each)", refresh=False)
     epoch_loss.add(loss)
     if int(progress.step // steps_per_epoch) > epoch:  # this step finished an epoch
         epoch_loss.fold(progress, world)

@@ -3,6 +3,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
 from gptgen.config import ConfigError, TrainConfig
-from gptgen.train import RunDir, lr_at, max_steps, resume_config, train
+from gptgen.train import RunDir, _count, lr_at, max_steps, resume_config, train
 from tests.conftest import CORPUS
 
 
@@ -118,6 +119,11 @@ def test_a_timed_run_warms_up_for_a_quarter_of_its_time_at_most():
     fast = TrainConfig(lr=1.0, minutes=60.0)
     assert lr_at(fast, 98, 10.0) < 0.999
     assert lr_at(fast, 99, 10.0) == pytest.approx(1.0, abs=1e-4)  # 100 steps end it first
+
+
+def test_steps_per_epoch_read_as_users_count_them():
+    """A small text's 1.3 steps an epoch showed as "(1 steps each)" on the bar."""
+    assert (_count(1.307), _count(37.06), _count(2640.6)) == ("1.3", "37.1", "2,641")
 
 
 def test_the_cosine_ends_with_the_epochs_budget():
@@ -250,6 +256,13 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     assert lower["steps"] == reached["step"] + 5 and lower["target_reached"] is None  # a new target: a new search
 
 
+def test_the_bar_shows_the_val_loss_as_soon_as_an_eval_ran(small_text, tmp_path, capsys):
+    """A run shorter than its eval interval ended with "val -" on its bar although it had just scored val."""
+    summary = train(config(small_text, tmp_path / "run", steps=3, eval_interval=1000))
+    final_bar = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]
+    assert f"val {summary['best_val_nats_per_token']:.3f}" in final_bar, final_bar
+
+
 def test_epochs_budget_counts_passes_over_the_train_split(small_text, tmp_path):
     from gptgen.data import load_corpus
 
@@ -320,7 +333,6 @@ def test_resuming_a_finished_run_says_its_budget_is_spent(small_text, tmp_path):
 
 def test_short_epochs_share_a_line_at_most_every_10_s(tmp_path, monkeypatch, capsys):
     """A small text's epochs used to print a line each, dozens a minute."""
-    import re
 
     import gptgen.train
 
