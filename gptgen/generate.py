@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import math
+import numbers
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,11 +42,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         def number(name, value, integer=False):
-            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            """Python's and numpy's numbers alike (np.int64(10) is an integer), stored as Python's."""
+            ok = isinstance(value, numbers.Integral if integer else numbers.Real)
             if isinstance(value, bool) or not ok:
                 raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
             if not integer and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, int(value) if integer else float(value))
 
         number("max_new_tokens", self.max_new_tokens, integer=True)
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
@@ -154,7 +158,10 @@ class Batch:
         if len(self.active) == self.rows:
             raise RuntimeError("no free row in the batch")
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(s.seed if s.seed is not None else torch.seed())
+        if s.seed is not None:
+            generator.manual_seed(s.seed)
+        else:
+            generator.seed()  # a fresh seed of its own: torch.seed() would reseed the caller's global generator
         seq = Sequence(list(prompt[-self.context:]) or [EOT_ID], s, generator)
         self.active.append(seq)
         seq.logits = self._prefill(seq, len(self.active) - 1, seq.tokens)
@@ -326,15 +333,32 @@ class TextModel:
         self.config = config or model.config
         self.tokenizer = get_tokenizer()
         self.last = Stats()
+        self._busy = threading.Lock()  # the model's KV caches serve one generation at a time
+        self._busy_thread: int | None = None
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         pieces, self.last = self.stream_with_stats(prompt, **sampling)
         return pieces
 
     def stream_with_stats(self, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:
-        """stream() and the Stats it fills in, for callers that share the model across threads."""
+        """stream() and the Stats it fills in, for callers that share the model across threads (they take
+        turns: one generation at a time)."""
         ids, s = self.prepare(prompt, **sampling)
-        return self.text(generate_tokens(self.model, ids, s), s, len(ids))
+        return self.text(self._one_at_a_time(generate_tokens(self.model, ids, s)), s, len(ids))
+
+    def _one_at_a_time(self, tokens: Iterator[int]) -> Iterator[int]:
+        """Two generations at once would write the same KV cache rows and silently corrupt each other's
+        text: another thread waits for its turn; a second stream in the same thread (which would wait for
+        ever) is an error."""
+        if self._busy_thread == threading.get_ident():
+            raise RuntimeError("this model is already generating in this thread: finish or close() the first "
+                               "stream before starting another (or gptgen.load the model twice)")
+        with self._busy:
+            self._busy_thread = threading.get_ident()
+            try:
+                yield from tokens
+            finally:
+                self._busy_thread = None
 
     def prepare(self, prompt: str, **sampling) -> tuple[list[int], Sampling]:
         """(prompt token ids, Sampling); ValueError names a bad parameter. The prompt's length is capped

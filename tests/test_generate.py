@@ -58,6 +58,16 @@ def test_bad_sampling_parameters_name_the_parameter(bad, name):
         Sampling(**bad)
 
 
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    s = Sampling(max_new_tokens=np.int64(10), temperature=np.float32(0.5), top_k=np.int32(3), seed=np.uint8(3))
+    assert (s.max_new_tokens, s.temperature, s.top_k, s.seed) == (10, 0.5, 3, 3)
+    assert type(s.max_new_tokens) is int and type(s.temperature) is float
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        Sampling(top_k=np.float64(3.0))
+
+
 def greedy_without_cache(model, prompt, n):
     tokens = list(prompt)
     for _ in range(n):
@@ -272,6 +282,45 @@ def test_text_model_generate_and_stream_agree():
         tm.stream("x", top_p=2)
     with pytest.raises(TypeError, match="unknown sampling parameter 'max_tokens'; they are: max_new_tokens, "):
         tm.generate("x", max_tokens=3)  # OpenAI's name
+
+
+def test_threads_sharing_a_model_take_turns_and_get_their_own_text(bundled):
+    """Two threads generating on one loaded model wrote the same cache rows: wrong text, no error."""
+    import threading
+
+    tm = TextModel(bundled, {})
+    prompts = ["ROMEO: hi", "KING: yes sir", "JULIET: O", "First Citizen:"]  # same lengths share a cache shape
+    alone = [tm.generate(p, max_new_tokens=40, temperature=0) for p in prompts]
+    together = [None] * len(prompts)
+
+    def run(i):
+        together[i] = tm.generate(prompts[i], max_new_tokens=40, temperature=0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_a_second_stream_in_the_same_thread_is_refused_until_the_first_is_closed(bundled):
+    tm = TextModel(bundled, {})
+    first = tm.stream("ROMEO: hi", max_new_tokens=40, temperature=0)
+    start = next(first)
+    with pytest.raises(RuntimeError, match="already generating in this thread: finish or close"):
+        tm.generate("KING: yes sir", max_new_tokens=5)
+    first.close()
+    assert tm.generate("ROMEO: hi", max_new_tokens=40, temperature=0).startswith(start)
+
+
+def test_an_unseeded_generation_leaves_the_callers_random_state_alone():
+    tm = TextModel(tiny_model().eval(), {})
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    tm.generate("x", max_new_tokens=3)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_load_float_and_int8_files_with_dtype(tmp_path):
