@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.2.0"
 
 
-def load(path: str, device: str = "auto", dtype: str = "auto", revision: str | None = None,
+def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", revision: str | None = None,
          compile: bool = False):
     """A model file (float or int8) ready to generate: `gptgen.load(p).generate("prompt", max_new_tokens=50)`.
 

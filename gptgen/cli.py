@@ -76,7 +76,7 @@ def _eval_parser(sub) -> None:
 
 def _quantize_parser(sub) -> None:
     p = _command(sub, "quantize", "int8 weights: a smaller file and faster CPU generation")
-    p.add_argument("input", help="float model .safetensors")
+    p.add_argument("input", help="float model: a .safetensors file or a Hub id (owner/name)")
     p.add_argument("output", help="int8 model .safetensors to write")
 
 
@@ -107,7 +107,7 @@ def _generate_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     p = _command(sub, "export", "write the model for another runtime (llama.cpp's GGUF, transformers)")
-    p.add_argument("model", help="model .safetensors file (float or int8)")
+    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
     p.add_argument("out", help="output: a new .gguf file, or a new (or empty) directory for --format hf")
     p.add_argument("--format", choices=["gguf", "hf"], default="gguf",
                    help="gguf: one llama.cpp file; hf: a transformers directory (default: gguf)")
@@ -237,13 +237,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.data import load_corpus
     from gptgen.device import pick_device
     from gptgen.evaluate import evaluate
+    from gptgen.hub import resolve
 
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
-    model, metadata = load_model(args.model, device)
+    model, metadata = load_model(resolve(args.model), device)
     block = args.block_size or training_info(metadata).get("recipe", {}).get("block_size") or model.config.block_size
     if not 1 <= block <= model.config.block_size:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
@@ -262,17 +263,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from gptgen.checkpoint import ModelFileError, load_model_file, save_model, training_info
+    from gptgen.hub import resolve
     from gptgen.quantize import quantize_state_dict
 
-    config, tensors, metadata = load_model_file(args.input)
-    if metadata.get("quantization", "none") != "none":
-        raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
     if Path(args.output).exists():
         kind = "is a directory" if Path(args.output).is_dir() else "exists"
         raise GptgenError(f"{args.output!r} {kind}; give a new file name for the int8 model (nothing was overwritten)")
+    source = resolve(args.input)
+    config, tensors, metadata = load_model_file(source)
+    if metadata.get("quantization", "none") != "none":
+        raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
     save_model(args.output, quantize_state_dict(tensors), config, quantization="int8",
                training=training_info(metadata))
-    before, after = Path(args.input).stat().st_size, Path(args.output).stat().st_size
+    before, after = source.stat().st_size, Path(args.output).stat().st_size
     print(f"wrote {args.output}: {after / 2**20:.1f} MiB ({after / before:.3f} of {before / 2**20:.1f} MiB)")
     return 0
 
@@ -323,15 +326,16 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from gptgen.hub import resolve
     from gptgen.interop import export_gguf, export_hf
 
     if args.format == "hf":
         if args.type is not None:
             raise GptgenError("--type is for --format gguf; a transformers export keeps the model's float weights")
-        export_hf(args.model, args.out)
+        export_hf(resolve(args.model), args.out)
         print(f"wrote {args.out} (transformers GPT-2 directory)")
     else:
-        export_gguf(args.model, args.out, args.type or "f16")
+        export_gguf(resolve(args.model), args.out, args.type or "f16")
         print(f"wrote {args.out} (GGUF {args.type or 'f16'})")
     return 0
 

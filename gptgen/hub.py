@@ -81,9 +81,17 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
                   allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
 
 
-def resolve(path_or_id: str, revision: str | None = None) -> Path:
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local model file as it is; `owner/name` through the Hub cache."""
-    return pull(path_or_id, revision) if is_hub_id(path_or_id) else Path(path_or_id)
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(f"a model is a file path or a Hub id (owner/name), got {type(path_or_id).__name__}")
+    path_or_id = os.fspath(path_or_id)
+    if not is_hub_id(path_or_id):
+        return Path(path_or_id)
+    try:
+        return pull(path_or_id, revision)
+    except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too
+        raise ModelFileError(f"{e} (nor is it a local file)") from None
 
 
 def model_card(model_path: str | os.PathLike, repo_id: str) -> str:

@@ -47,6 +47,25 @@ def test_pull_and_generate_by_hub_id_offline_with_revision_pinning(hf_cache):
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
+@pytest.mark.parametrize("command, expect", [
+    (["eval", "owner/tiny-shakespeare", "--data", "{text}"], "val loss"),
+    (["quantize", "owner/tiny-shakespeare", "{tmp}/q.safetensors"], "is already quantized (int8)"),
+    (["export", "owner/tiny-shakespeare", "{tmp}/m.gguf", "--type", "q8_0"], "wrote"),
+])
+def test_every_command_that_reads_a_model_takes_a_hub_id(hf_cache, small_text, tmp_path, command, expect):
+    """eval, quantize and export said "does not exist" for a Hub id, although their help offered it."""
+    r = gptgen_offline(hf_cache, *(a.format(text=small_text, tmp=tmp_path) for a in command))
+    assert expect in r.stdout + r.stderr and "does not exist" not in r.stderr, r.stderr
+
+
+def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_either(hf_cache):
+    assert hub.resolve(BUNDLED) == BUNDLED
+    with pytest.raises(TypeError, match="a model is a file path or a Hub id"):
+        hub.resolve(None)
+    r = gptgen_offline(hf_cache, "generate", "nothere/model", "hi")
+    assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr and "nor is it a local file" in r.stderr
+
+
 @pytest.mark.parametrize("repo_id, message", [
     ("owner/not-cached", "not in the Hugging Face cache"),
     ("owner/a/b", "not a Hub repository id"),
