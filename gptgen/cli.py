@@ -28,6 +28,11 @@ _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABL
 _DEFAULT_STEPS = 2000
 
 
+def _rank(variable: str) -> int:
+    """This process's RANK (in the job) or LOCAL_RANK (on its machine) under torchrun; 0 alone."""
+    return int(os.environ.get(variable, 0))
+
+
 def _command(sub, name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose one line of help in `gptgen --help` also heads its own --help."""
     # No abbreviated flags: a script's `--max` would stop working the day a second --max-... flag arrives.
@@ -201,7 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"{', '.join('--' + e.replace('_', '-') for e in extra)}")
         cfg = resume_config(args.resume, **given)
         limits = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in _BUDGET if getattr(cfg, k) is not None]
-        print(f"resuming {args.resume} with {' '.join(limits)}", file=sys.stderr)
+        if _rank("RANK") == 0:
+            print(f"resuming {args.resume} with {' '.join(limits)}", file=sys.stderr)
     else:
         for required in ("data", "out"):
             if required not in given:
@@ -212,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             given["steps"] = _DEFAULT_STEPS
         cfg = TrainConfig(**given)
     summary = train(cfg, resume=bool(args.resume))
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all
+    if _rank("RANK") != 0:  # under torchrun, rank 0 speaks for all
         return 0
     print(json.dumps(summary, indent=1))
     if summary["interrupted"]:
@@ -399,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                     "push": cmd_push, "pull": cmd_pull,
                     "data": cmd_data}
         return commands[args.command](args)
-    except GptgenError as e:
-        print(f"gptgen: error: {e}", file=sys.stderr)
+    except GptgenError as e:  # bad input: under torchrun every process of a machine finds the same, one says it
+        if _rank("LOCAL_RANK") == 0:
+            print(f"gptgen: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was streamed stays on screen; training saves in its own handler
         print("\ngptgen: interrupted", file=sys.stderr)

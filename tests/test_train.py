@@ -215,6 +215,10 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     model, _ = load_model(run / "model.safetensors")
     assert model.num_params() > 0
     assert (run / "loss.png").stat().st_size > 0
+    cmd = [*cmd[:4], "--nproc_per_node=3", "-m", "gptgen", "train", "--resume", str(run), "--steps", "40"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("resuming") == 1, r.stderr[-3000:]  # each rank said so
+    assert r.stderr.count("gptgen: error: the run was saved with 2 processes") == 1
 
 
 def _window_target(small_text, tmp_path) -> float:
