@@ -24,6 +24,18 @@ class ModelFileError(GptgenError):
     """A model file is missing, corrupt or not a gptgen model."""
 
 
+def new_file(out: str | os.PathLike, suffix: str) -> Path:
+    """Where a command writes its new file: never over an existing one, and with the suffix that tools look
+    for (`serve --models` lists .safetensors files)."""
+    out = Path(out)
+    if out.exists():
+        kind = "is a directory" if out.is_dir() else "exists"
+        raise GptgenError(f"{str(out)!r} {kind}; give a new file name (nothing was overwritten)")
+    if out.suffix != suffix:
+        raise GptgenError(f"{str(out)!r}: give the new file a name ending in {suffix}")
+    return out
+
+
 def user_mode(mode: int) -> int:
     """mode as the user's umask leaves it (0o666 -> 0o644 under the usual umask 022)."""
     umask = os.umask(0)

@@ -268,13 +268,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from gptgen.checkpoint import ModelFileError, load_model_file, save_model, training_info
+    from gptgen.checkpoint import ModelFileError, load_model_file, new_file, save_model, training_info
     from gptgen.hub import resolve
     from gptgen.quantize import quantize_state_dict
 
-    if Path(args.output).exists():
-        kind = "is a directory" if Path(args.output).is_dir() else "exists"
-        raise GptgenError(f"{args.output!r} {kind}; give a new file name for the int8 model (nothing was overwritten)")
+    new_file(args.output, ".safetensors")
     source = resolve(args.input)
     config, tensors, metadata = load_model_file(source)
     if metadata.get("quantization", "none") != "none":

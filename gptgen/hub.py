@@ -78,7 +78,7 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     return _fetch(snapshot_download, repo_id, revision,
-                  allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+                  allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "gptgen.json"])
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:

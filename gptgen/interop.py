@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptgen.checkpoint import ModelFileError, atomic_path, load_model_file, user_mode, write_safetensors
+from gptgen.checkpoint import (
+    ModelFileError,
+    atomic_path,
+    load_model_file,
+    new_file,
+    save_model,
+    user_mode,
+    write_safetensors,
+)
 from gptgen.config import GptgenError
 from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
@@ -80,7 +88,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
 
     if gguf_type not in GGUF_TYPES:
         raise GptgenError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    out = _new_file(out)
+    out = new_file(out, ".gguf")
     config, tensors, metadata = _float_tensors(model_path)
     names = _gguf_names(config.n_layer)
     with atomic_path(out) as tmp:
@@ -121,13 +129,6 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
 # transformers' GPT-2 keeps these four weights in Conv1D layout (in, out); gptgen uses nn.Linear's (out, in).
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's MLP uses
-
-
-def _new_file(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.exists():
-        raise GptgenError(f"{str(out)!r} exists; choose a new file name (nothing was overwritten)")
-    return out
 
 
 def _fresh_dir(out: Path) -> Path:
@@ -181,6 +182,12 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hf_folder(source: str | os.PathLike) -> Path:
+    from gptgen.hub import is_hub_id, snapshot
+
+    return snapshot(str(source)) if is_hub_id(str(source)) else Path(source)
+
+
 def read_hf(source: str | os.PathLike):
     """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory or Hub id (safetensors
     only)."""
@@ -189,10 +196,9 @@ def read_hf(source: str | os.PathLike):
     from safetensors import safe_open
 
     from gptgen.config import GPTConfig
-    from gptgen.hub import is_hub_id, snapshot
     from gptgen.model import GPT
 
-    folder = snapshot(str(source)) if is_hub_id(str(source)) else Path(source)
+    folder = _hf_folder(source)
     if not folder.is_dir():
         raise ModelFileError(f"{str(folder)!r} does not exist: give a transformers model directory or a Hub id")
     if not (folder / "config.json").is_file():
@@ -231,8 +237,16 @@ def read_hf(source: str | os.PathLike):
 
 
 def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> None:
-    from gptgen.checkpoint import save_model
+    import json
 
-    out = _new_file(out)
-    config, tensors = read_hf(source)
-    save_model(out, tensors, config, training={"imported_from": str(source)})
+    out = new_file(out, ".safetensors")
+    folder = _hf_folder(source)
+    config, tensors = read_hf(folder)
+    training, made_by_gptgen = {}, folder / "gptgen.json"  # an export of a gptgen model: keep how it was trained
+    if made_by_gptgen.is_file():
+        try:
+            training = dict(json.loads(made_by_gptgen.read_text())["training"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{str(made_by_gptgen)!r} is not the gptgen.json that an export writes ({e!r}); "
+                                 "remove it to import the weights alone") from None
+    save_model(out, tensors, config, training={**training, "imported_from": str(source)})

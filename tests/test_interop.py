@@ -176,6 +176,23 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_an_exported_gptgen_model_comes_back_with_how_it_was_trained(tmp_path):
+    """import kept only {"imported_from": ...}: the page then showed no corpus, val loss or curve."""
+    from gptgen.checkpoint import ModelFileError, load_model_file, training_info
+    from gptgen.interop import export_hf, import_hf
+    from tests.conftest import BUNDLED
+
+    export_hf(BUNDLED, tmp_path / "hf")
+    with pytest.raises(GptgenError, match="a name ending in .safetensors"):
+        import_hf(tmp_path / "hf", tmp_path / "newdir")
+    import_hf(tmp_path / "hf", tmp_path / "back.safetensors")
+    before, after = (training_info(load_model_file(p)[2]) for p in (BUNDLED, tmp_path / "back.safetensors"))
+    assert after == {**before, "imported_from": str(tmp_path / "hf")} and after["curve"]
+    (tmp_path / "hf" / "gptgen.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="is not the gptgen.json that an export writes"):
+        import_hf(tmp_path / "hf", tmp_path / "again.safetensors")
+
+
 def test_train_init_fine_tunes_a_transformers_gpt2(small_text, tmp_path):
     from gptgen.checkpoint import training_info
 
