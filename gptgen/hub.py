@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from gptgen.checkpoint import ModelFileError, load_model_file, training_info
+from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
 
 MODEL_FILE = "model.safetensors"  # the name a gptgen model has in a Hub repository
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -152,17 +152,30 @@ def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> 
 
 
 def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
-    """What a Space needs, by path in the Space: the app, the package, requirements, README header, model."""
-    files: dict[str, Path | bytes] = {"app.py": ROOT / "app.py", "requirements.txt": ROOT / "requirements.txt",
-                                      "pyproject.toml": ROOT / "pyproject.toml"}
+    """What a Space needs, by path in the Space: the app, the package, requirements, README header, model.
+
+    The model is named as `gptgen serve --models` names it in its run folder (runs/my/model-int8.safetensors
+    is my-int8), and the header's one-line description says what it was trained on."""
+    from gptgen.serve import served_name
+
+    if not (ROOT / "app.py").is_file():
+        raise ModelFileError("push --space uploads the gptgen repository's app.py, requirements.txt and README "
+                             "header, which an installed wheel does not have: run it from a clone (pip install -e .)")
+    files: dict[str, Path | bytes] = {"app.py": ROOT / "app.py", "requirements.txt": ROOT / "requirements.txt"}
     package = ROOT / "gptgen"
     for f in sorted(package.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             files[f"gptgen/{f.relative_to(package).as_posix()}"] = f
+    model = Path(model_path).resolve()
+    name = served_name(model.parent.parent, model) if model.stem.split("-")[0] == "model" else model.stem
+    _, metadata = read_safetensors(model, with_tensors=False)
+    about = f"A GPT-2 trained by gptgen on {Path(training_info(metadata).get('corpus', 'a text')).name}"
+    about += ", int8" if metadata.get("quantization") == "int8" else ""
     readme = (ROOT / "README.md").read_text()
     header = readme[:readme.index("\n---\n", 4) + 5] if readme.startswith("---\n") else ""
+    header = re.sub(r"^short_description: .*$", f"short_description: {json.dumps(about[:60])}", header, flags=re.M)
     files["README.md"] = (header + "\nThe gptgen page on this model; see the gptgen README for more.\n").encode()
-    files[f"models/{Path(model_path).name}"] = Path(model_path)
+    files[f"models/{name}.safetensors"] = model
     return files
 
 

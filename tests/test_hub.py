@@ -119,6 +119,25 @@ def test_push_space_sends_app_package_requirements_header_and_model(api):
             f"models/{BUNDLED.name}"} <= set(files)
     readme = files["README.md"].decode()
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+    assert 'short_description: "A GPT-2 trained by gptgen on tinyshakespeare.txt, int8"' in readme
+    assert "pyproject.toml" not in files  # the Space imports the package from its folder
+
+
+def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learned(api, tmp_path, monkeypatch):
+    """runs/my/model-int8.safetensors was served in the Space as `model-int8`, described as tiny shakespeare."""
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    run = tmp_path / "runs" / "my"
+    run.mkdir(parents=True)
+    m = tiny_model()
+    save_model(run / "model-int8.safetensors", m.state_dict(), m.config, training={"corpus": "/data/poems.txt"})
+    files = hub.space_files(run / "model-int8.safetensors")
+    assert "models/my-int8.safetensors" in files
+    assert 'short_description: "A GPT-2 trained by gptgen on poems.txt"' in files["README.md"].decode()
+    monkeypatch.setattr(hub, "ROOT", tmp_path)  # an installed wheel: no app.py beside the package
+    with pytest.raises(ModelFileError, match="run it from a clone"):
+        hub.space_files(BUNDLED)
 
 
 def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
