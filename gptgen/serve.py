@@ -141,9 +141,21 @@ def _openai_error(message: str, param: str | None = None, status: int = 400, kin
 
 
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # a sampling parameter -> its name in the OpenAI body
+_SAMPLING_FIELDS = {_OPENAI_NAMES.get(p, p): p for p in SAMPLING_PARAMS}  # the body's name -> the parameter
+_OPENAI_DEFAULTS = {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0}  # OpenAI's, where Sampling's differ
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "frequency_penalty": 0,
-            "presence_penalty": 0}  # OpenAI fields accepted only at these values
-_BODY_FIELDS = {"prompt", "model", "stream", *_NEUTRAL}  # the body's other fields, named as they are
+            "presence_penalty": 0, "logit_bias": {}}  # OpenAI fields accepted only at these values
+# The body's other fields, named as they are; `user` (an end-user id for OpenAI's abuse monitoring) changes no text.
+_BODY_FIELDS = {"prompt", "model", "stream", "stream_options", "user", *_NEUTRAL}
+
+
+class UnknownFields(ValueError):
+    """Body fields that OpenAI's completions do not have: refused in OpenAI's words, as a misspelt field would
+    otherwise be ignored without a word."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"Unrecognized request argument{'s' * (len(names) > 1)} supplied: {', '.join(names)}")
+        self.param = names[0]
 
 
 def _named_as_the_body_names_it(message: str) -> tuple[str, str | None]:
@@ -158,10 +170,14 @@ def _named_as_the_body_names_it(message: str) -> tuple[str, str | None]:
     return message.replace(name, param, 1), param
 
 
-def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str, dict, bool]:
-    """(model, prompt, sampling, stream) from an OpenAI completions body; ValueError says what is wrong."""
+def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]:
+    """(model, prompt, sampling, stream, include_usage) from an OpenAI completions body; ValueError says what
+    is wrong. A null field is one not given, as OpenAI reads it (clients send null for "the default")."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
+    body = {key: value for key, value in body.items() if value is not None}
+    if unknown := sorted(body.keys() - _BODY_FIELDS - _SAMPLING_FIELDS.keys()):
+        raise UnknownFields(unknown)
     for key, only in _NEUTRAL.items():
         if key in body and body[key] != only:
             raise ValueError(f"{key}={json.dumps(body[key])} is not supported (only {json.dumps(only)})")
@@ -170,22 +186,25 @@ def _completion_request(body, shelf: ModelShelf, default: str) -> tuple[str, str
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ValueError("prompt must be a string (one prompt per request)")
-    stop = body.get("stop")
-    sampling = {"max_new_tokens": body.get("max_tokens", 16), "temperature": body.get("temperature", 1.0),
-                "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0),
-                "repetition_penalty": body.get("repetition_penalty", 1.0), "seed": body.get("seed"),
-                "stop": () if stop is None else stop}
+    sampling = {**_OPENAI_DEFAULTS, **{p: body[f] for f, p in _SAMPLING_FIELDS.items() if f in body}}
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ValueError("stream must be true or false")
+    options = body.get("stream_options", {})
+    if "stream_options" in body and not stream:
+        raise ValueError("stream_options is only allowed when stream is true")
+    if not (isinstance(options, dict) and options.keys() <= {"include_usage"}
+            and isinstance(options.get("include_usage"), bool | None)):
+        raise ValueError('stream_options must be {"include_usage": true} or {"include_usage": false}')
     model = body.get("model") or default
     if not isinstance(model, str):
         raise ValueError("model must be a string (GET /v1/models lists them)")
-    return model, prompt, sampling, stream
+    return model, prompt, sampling, stream, bool(options.get("include_usage"))
 
 
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
     from fastapi.responses import StreamingResponse
+    from starlette.background import BackgroundTask
 
     started = int(time.time())
 
@@ -200,8 +219,10 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             body = await request.json()
         except ValueError:
             return _openai_error("the body is not valid JSON")
+        except RecursionError:  # json's parser recurses once per level of nesting
+            return _openai_error("the body's JSON is nested too deeply")
         try:
-            name, prompt, sampling, stream = _completion_request(body, shelf, default)
+            name, prompt, sampling, stream, include_usage = _completion_request(body, default)
             pieces, stats = shelf.stream(name, prompt, **sampling)
         except UnknownModel as e:
             return _openai_error(str(e), "model", 404)
@@ -209,37 +230,50 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             return _openai_error(str(e), status=429, kind="server_busy")
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
+        except UnknownFields as e:
+            return _openai_error(str(e), e.param)
         except ValueError as e:
             return _openai_error(*_named_as_the_body_names_it(str(e)))
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str, finish: str | None) -> dict:
+        def chunk(text: str, finish: str | None, **rest) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **rest}
 
         def finish() -> str:
             return "length" if stats.new_tokens >= sampling["max_new_tokens"] else "stop"
 
+        def usage() -> dict:
+            return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+                    "total_tokens": stats.prompt_tokens + stats.new_tokens}
+
         if stream:
+            asked = {"usage": None} if include_usage else {}  # as OpenAI: usage: null in each chunk, when asked
+
             def events() -> Iterator[str]:
                 for piece in pieces:
-                    yield f"data: {json.dumps(chunk(piece, None))}\n\n"
-                yield f"data: {json.dumps(chunk('', finish()))}\n\n"
+                    yield f"data: {json.dumps(chunk(piece, None, **asked))}\n\n"
+                yield f"data: {json.dumps(chunk('', finish(), **asked))}\n\n"
+                if include_usage:  # then one more chunk, with no choices and the counts
+                    yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            # A client gone ends the response early; Starlette then runs the background task, and closing the
+            # pieces cancels the request in the engine, freeing its row (else it decoded on until garbage collected).
+            return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.close))
         from starlette.concurrency import run_in_threadpool
 
         text = await run_in_threadpool(lambda: "".join(pieces))
-        usage = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-                 "total_tokens": stats.prompt_tokens + stats.new_tokens}
-        return {**chunk(text, finish()), "usage": usage}
+        return chunk(text, finish(), usage=usage())
 
     offered = {route.path: method for route in api.routes if route.path.startswith("/v1/")
                for method in getattr(route, "methods", ())}
     routes = " and ".join(f"{method} {path}" for path, method in offered.items())
 
-    @api.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+    @api.api_route("/v1", methods=methods, include_in_schema=False)  # the API's own root, as any other path
+    @api.api_route("/v1/{rest:path}", methods=methods, include_in_schema=False)
     async def elsewhere(request: Request):
         """Other OpenAI routes (chat completions, embeddings, ...) answer as OpenAI does, not as the page's 404."""
         path = request.url.path

@@ -157,12 +157,80 @@ def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
     assert len(pieces) > 2 and "".join(pieces) == openai_client.completions.create(**kwargs).choices[0].text
 
 
+def test_an_abandoned_stream_frees_its_row_at_once(tmp_path):
+    """One row, and a client that closes a 4,096-token stream after 3 chunks (the gpt2-size model decodes ~120
+    tokens/s on 2 cores, so the rest would take ~30 s): the next request must get the row at once. Before, the
+    request decoded on until the garbage collector freed its stream: seconds, and longer each time as the server's
+    heap grew (hence 3 rounds)."""
+    import time
+
+    import openai
+
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="not-needed", timeout=10, max_retries=0)
+        for _ in range(3):
+            stream = client.completions.create(model="gpt2", prompt="A", max_tokens=4096, stream=True)
+            assert len([next(stream) for _ in range(3)]) == 3
+            stream.close()
+            start = time.monotonic()
+            assert client.completions.create(model="gpt2", prompt="A", max_tokens=1).usage.completion_tokens == 1
+            assert time.monotonic() - start < 2  # ~0.02 s alone
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_openai_stream_usage_comes_last_when_asked(openai_client):
+    """stream_options={"include_usage": true}, as OpenAI answers it: usage null in every chunk, then one chunk
+    with no choices and the counts."""
+    kwargs = dict(model=BUNDLED.stem, prompt="JULIET:", max_tokens=12, temperature=0.8, seed=5)
+    *chunks, last = openai_client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks) and last.choices == []
+    assert last.usage == openai_client.completions.create(**kwargs).usage
+
+
+def test_openai_null_fields_mean_their_defaults(web_server):
+    """Clients send null for "not given" (OpenAI reads it so): the answer is the one without those fields."""
+    import httpx
+
+    optional = ["model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "n", "best_of",
+                "echo", "logprobs", "suffix", "frequency_penalty", "presence_penalty", "logit_bias", "stream",
+                "stream_options", "user"]
+    answers = [httpx.post(f"{web_server}v1/completions", json={"prompt": "ROMEO:", "seed": 3, **nulls}, timeout=60)
+               for nulls in ({}, dict.fromkeys(optional))]
+    assert [r.status_code for r in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("raw", [DEEP, f'{{"prompt": "hi", "n": {DEEP}}}'])
+def test_deeply_nested_json_is_a_400(web_server, raw):
+    """json's parser recurses per level: too deep a body is the client's error, not a 500 with a traceback."""
+    import httpx
+
+    r = httpx.post(f"{web_server}v1/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the body's JSON is nested too deeply"
+
+
 @pytest.mark.parametrize("kwargs, message, param", [
     (dict(temperature=-1), "temperature must be 0 (greedy) or positive", "temperature"),
     (dict(max_tokens=0), "max_tokens must be between 1", "max_tokens"),  # the body's name, not the API's
     (dict(extra_body={"top_k": 1.5}), "top_k must be an integer", "top_k"),
     (dict(n=2), "n=2 is not supported", "n"),
     (dict(logprobs=1), "logprobs=1 is not supported", "logprobs"),
+    (dict(logit_bias={"262": 100}), 'logit_bias={"262": 100} is not supported', "logit_bias"),
+    (dict(stream_options={"include_usage": True}), "stream_options is only allowed when stream is true",
+     "stream_options"),
+    (dict(extra_body={"foo": 1}), "Unrecognized request argument supplied: foo", "foo"),  # OpenAI's words
+    (dict(extra_body={"max_new_tokens": 5}), "Unrecognized request argument supplied: max_new_tokens",
+     "max_new_tokens"),  # the Python API's name is not the body's
     (dict(prompt=["Hi", "Ho"]), "prompt must be a string", "prompt"),
     (dict(extra_body={"stream": "yes"}), "stream must be true or false", "stream"),
     (dict(model="../etc/passwd"), "unknown model", "model"),
@@ -188,6 +256,8 @@ def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_clien
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["type"] == "invalid_request_error" and all(o in r.json()["error"]["message"]
                                                                          for o in offered)
+    r = httpx.get(f"{web_server}v1")  # the API's root, not the page's
+    assert r.status_code == 404 and all(o in r.json()["error"]["message"] for o in offered)
     assert httpx.get(web_server).status_code == 200 and httpx.get(f"{web_server}config").status_code == 200  # the page
 
 
@@ -197,7 +267,7 @@ from hypothesis import strategies as st  # noqa: E402
 JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats()
                           | st.text(max_size=20), lambda inner: st.lists(inner, max_size=3), max_leaves=5)
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream", "model",
-          "repetition_penalty", "echo"]
+          "repetition_penalty", "echo", "logit_bias", "stream_options", "user"]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
