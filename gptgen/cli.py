@@ -73,8 +73,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is scored")
     p.add_argument("--val-fraction", type=float, default=0.1, help="as in training (default: 0.1)")
-    p.add_argument("--block-size", type=int, help="window length (default: the block the model was trained with)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--block-size", type=_positive_int,
+                   help="window length (default: the block the model was trained with)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (default: 8)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -247,8 +248,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     model, metadata = load_model(resolve(args.model), device)
     block = args.block_size or training_info(metadata).get("recipe", {}).get("block_size") or model.config.block_size
@@ -294,8 +293,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from gptgen.generate import Sampling
 
         Sampling(**sampling)
-    except ValueError as e:
-        raise GptgenError(str(e)) from None
+    except ValueError as e:  # "top_k must be ..." names the parameter; here its flag: "--top-k must be ..."
+        name, rest = str(e).split(" ", 1)
+        raise GptgenError(f"--{name.replace('_', '-')} {rest}" if name in sampling else str(e)) from None
     prompt = _read_prompt(args)
     model = gptgen.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser().parse_known_args(argv)
         if unknown:
             flags = [o for action in args.subparser._actions for o in action.option_strings]
-            near = difflib.get_close_matches(unknown[0], flags, n=1)
+            near = difflib.get_close_matches(unknown[0], flags, n=1, cutoff=0.7)  # 0.6 offered --out for --bogus
             args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
                                  f"{f' (did you mean {near[0]}?)' if near else ''}")
         commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,

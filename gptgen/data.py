@@ -34,7 +34,8 @@ def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     if not raw.strip():
         raise DataError(f"data file {str(path)!r} is empty; pass a UTF-8 text file with some text in it")
     if b"\x00" in raw:
-        raise DataError(f"data file {str(path)!r} looks binary (it contains NUL bytes); pass a UTF-8 text file")
+        raise DataError(f"data file {str(path)!r} looks binary (it contains NUL bytes; UTF-16 text "
+                        "does too: convert it to UTF-8); pass a UTF-8 text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -152,9 +152,9 @@ def test_quantize_generate_and_export(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "-1"], "temperature"), (["--temperature", "nan"], "temperature"), (["--top-k", "-2"], "top_k"),
-    (["--top-p", "0"], "top_p"), (["--max-new-tokens", "0"], "max_new_tokens"),
-    (["--max-new-tokens", "100000"], "max_new_tokens"),
+    (["--temperature", "-1"], "--temperature must be"), (["--temperature", "nan"], "--temperature must be"),
+    (["--top-k", "-2"], "--top-k must be"), (["--top-p", "0"], "--top-p must be"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be"), (["--max-new-tokens", "100000"], "--max-new-tokens must"),
 ])
 def test_generate_rejects_bad_parameters(tmp_path, flags, message):
     r = gptgen("generate", tmp_path / "unused.safetensors", "hi", *flags)
@@ -223,6 +223,7 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
     (["train", "--data", "x.txt", "--out", "r", "--minutes", "inf"], "--minutes must be a finite number"),
     (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", "-1"], "--seed must be 0 or more"),
     (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--dropout", "1.5"], "--dropout must be in"),
+    (["eval", "m.safetensors", "--data", "x.txt", "--block-size", "0"], "--block-size: must be a whole number"),
 ])
 def test_bad_flags_are_one_line_errors(args, message):
     r = gptgen(*args)
@@ -281,6 +282,11 @@ def test_a_mistyped_flag_gets_its_commands_usage_and_the_nearest_flag():
     r = gptgen("train", "--stpes", "3")
     assert r.returncode == 2 and "usage: gptgen train" in r.stderr, r.stderr
     assert "unrecognized arguments: --stpes 3 (did you mean --steps?)" in r.stderr
+
+
+def test_a_flag_not_close_to_any_gets_no_suggestion():
+    r = gptgen("train", "--bogus", "3")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus 3\n" in r.stderr, r.stderr
 
 
 def test_flags_must_be_spelled_out():
