@@ -192,6 +192,7 @@ def test_quantize_never_overwrites(tmp_path):
 
 
 def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_path):
+    import fcntl
     import signal
 
     from gptgen.checkpoint import save_model
@@ -206,16 +207,24 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
     # was swallowed (exit 0, the whole text), became an ImportError (exit 1) or killed the process.
     starting = [f"SIGINT {s} s after start" for s in (0.15, 0.2, 0.22, 0.24, 0.26, 0.3)]
     for ending in ("pipe closed", "SIGINT", *starting):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        # A one-page pipe: the text (~25 KB) cannot all be written before the signal, even when this process is
+        # slow to send it (in a full test run, the whole text once fitted a default 64 KB pipe: exit 0).
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        proc = subprocess.Popen(cmd, stdout=write_end, stderr=subprocess.PIPE, env=env)
+        os.close(write_end)
+        stdout = os.fdopen(read_end, "rb")
         if ending in starting:
             time.sleep(float(ending.split()[1]))
         else:
-            proc.stdout.read(20)  # generation is under way
+            stdout.read(20)  # generation is under way
         if ending == "pipe closed":  # `gptgen generate ... | head`
-            proc.stdout.close()
+            stdout.close()
         else:
             proc.send_signal(signal.SIGINT)
         err = proc.stderr.read().decode()
+        if not stdout.closed:
+            stdout.close()
         assert proc.wait(timeout=60) == (141 if ending == "pipe closed" else 130), (ending, err[-2000:])
         assert "Traceback" not in err and "Error" not in err, err
 
