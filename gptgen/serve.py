@@ -46,7 +46,6 @@ class ModelShelf:
         self.paths = dict(files)
         self._metadata = {name: read_safetensors(p, with_tensors=False)[1] for name, p in self.paths.items()}
         self._configs = {name: config_of(self.paths[name], m) for name, m in self._metadata.items()}
-        self.longest_context = max(c.block_size for c in self._configs.values())
         self.engine = Engine(rows, device=device, threads=threads)
         self._loaded: dict[str, TextModel] = {}
         self._lock = threading.Lock()

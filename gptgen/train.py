@@ -552,7 +552,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
         metrics = run.metrics()
         try:
             if keep:
-                checkpoint.save_model(run.path / MODEL, model.state_dict(), model.config,
+                checkpoint.save_model(run.path / MODEL, *_as_trained(model, cfg),
                                       training=_provenance(cfg, corpus, progress, result, metrics))
             run.save_state(model, optimizer, state)
             plot_losses(metrics, run.path / "loss.png")
@@ -561,6 +561,17 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
     if dist.is_initialized():
         dist.barrier()
     return result.nats_per_token
+
+
+def _as_trained(model: GPT, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """The model file's weights and config, its context the --block-size it was trained at: trained from scratch,
+    the positions past it never were (their embeddings stay random), and generating there cost 0.4-0.7 nats a
+    token (measured on the bundled model). A fine-tuned model keeps its pretrained positions."""
+    state = model.state_dict()
+    if cfg.init or cfg.block_size == model.config.block_size:
+        return state, model.config
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]
+    return state, dataclasses.replace(model.config, block_size=cfg.block_size)
 
 
 def _model_name(cfg: TrainConfig) -> str:

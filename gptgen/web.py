@@ -16,7 +16,7 @@ import pandas as pd
 
 from gptgen.checkpoint import training_info
 from gptgen.engine import EngineError
-from gptgen.generate import Sampling, Stats, TextModel
+from gptgen.generate import MAX_NEW_TOKENS, Sampling, Stats, TextModel
 from gptgen.serve import ModelShelf
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,10 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         would drop them and mark the output as an error)."""
         stop_requests.add(request.session_hash or "")
 
-    def show_model(model_name, wanted):
-        """The picked model's card and curve; max_new_tokens keeps the user's value, within its context."""
-        model = shelf.get(model_name)
-        card, curve = model_card(model_name, model)
-        context = model.config.block_size
-        slider = gr.Slider(maximum=context, value=min(int(wanted or DEFAULTS.max_new_tokens), context))
-        return card, gr.LinePlot(curve, visible=not curve.empty), slider
+    def show_model(model_name):
+        """The picked model's card and curve."""
+        card, curve = model_card(model_name, shelf.get(model_name))
+        return card, gr.LinePlot(curve, visible=not curve.empty)
 
     card, curve = model_card(default, shelf.get(default))
     with gr.Blocks(title="gptgen") as app:
@@ -154,9 +151,9 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                 stats = gr.Markdown(label="Stats", elem_id="stats")
             with gr.Column(scale=2):
                 model_name = gr.Dropdown(shelf.names, value=default, label="Model", elem_id="model")
-                # Up to the longest context served, which bounds the API too; the page narrows it to the
-                # picked model's context (generation can run past a context, keeping its latest tokens).
-                max_new_tokens = gr.Slider(1, shelf.longest_context, value=DEFAULTS.max_new_tokens, step=1,
+                # The cap of the CLI, the Python and the OpenAI API: generation runs past a model's context,
+                # keeping its latest tokens, so a model's context does not bound it.
+                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULTS.max_new_tokens, step=1,
                                            label="max_new_tokens", elem_id="max_new_tokens")
                 temperature = gr.Number(DEFAULTS.temperature, label="temperature (0 = greedy)", elem_id="temperature")
                 top_k = gr.Number(DEFAULTS.top_k, label="top_k (0 = off)", elem_id="top_k")
@@ -177,6 +174,6 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                      concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
-            event(show_model, [model_name, max_new_tokens], [card_md, plot, max_new_tokens], api_visibility="private")
+            event(show_model, [model_name], [card_md, plot], api_visibility="private")
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app

@@ -72,6 +72,10 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert {"val_nats_per_char", "wall_time_s", "date"} <= set(training)
     assert metadata["gptgen_version"]
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    # trained at block 32 of the preset's 256: the file's context is 32, the positions it learnt
+    assert model.config.block_size == 32 and model.transformer.wpe.weight.shape[0] == 32
+    last = load_model(run / "last-0000030.safetensors")[0]
+    assert torch.equal(model.transformer.wpe.weight, last.transformer.wpe.weight[:32])  # resume keeps all 256
 
 
 @pytest.mark.parametrize("windows", ["random", "epoch"])

@@ -46,7 +46,7 @@ def test_api_streams_growing_text_that_ends_as_the_plain_call(client):
     (2, -1.0, "temperature must be 0 (greedy) or positive"),
     (3, 0.5, "top_k must be a whole number"),
     (4, 0.0, "top_p must be in (0, 1]"),
-    (1, 10**6, "greater than maximum value 1024"),  # the longest context served bounds the API
+    (1, 10**6, "greater than maximum value 4096"),  # the cap of every other way in
     (7, "../../etc/passwd", "is not in the list of choices"),  # names only, never paths
 ])
 def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, field, value, message):
