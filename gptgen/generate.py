@@ -83,7 +83,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     picked = logits.gather(-1, seen)
-    return logits.scatter(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    finite = torch.finfo(logits.dtype)  # a tiny penalty would make inf, and then the softmax NaN
+    penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(finite.min, finite.max)
+    return logits.scatter(-1, seen, penalized)
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -109,7 +111,8 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator:
         values, candidates = torch.topk(logits, s.top_k)
     else:
         values, candidates = logits, None
-    values = apply_top_p(values / s.temperature, s.top_p)
+    # From the top, in float64: a tiny temperature then gives -inf and 0, never inf - inf = NaN in the softmax.
+    values = apply_top_p((values.double() - values.max()) / s.temperature, s.top_p)
     choice = int(torch.multinomial(values.softmax(-1), 1, generator=generator))
     return choice if candidates is None else int(candidates[choice])
 

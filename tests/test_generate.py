@@ -31,6 +31,19 @@ def test_top_k_draws_only_among_the_k_largest():
     assert next_token(logits, torch.empty(0), Sampling(temperature=1.0, top_k=1), g) == 1
 
 
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-45), dict(temperature=1e-320), dict(temperature=1e300),
+                                     dict(repetition_penalty=1e-45), dict(repetition_penalty=1e300)])
+def test_extreme_but_valid_values_sample_without_nan(extreme):
+    """temperature=1e-45 overflowed to inf, the softmax gave NaN and multinomial raised (in the server: for every
+    request decoding in the same batch)."""
+    logits, g = torch.tensor([1.0, 5.0, 3.0, 4.0, -2.0]), torch.Generator().manual_seed(0)
+    s = Sampling(**{"temperature": 1.0, "top_k": 0, **extreme})
+    draws = {next_token(logits, torch.tensor([1, 4]), s, g) for _ in range(20)}
+    assert draws <= set(range(5))
+    if s.temperature < 1e-30:  # the limit of a temperature going to 0: greedy
+        assert draws == {1}
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.isfinite(apply_top_p(logits, 0.7)).tolist() == [True, True, False, False]
