@@ -112,26 +112,27 @@ class Engine:
             raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few seconds")
         rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
 
+        def cancel() -> None:
+            """Closed early (Stop, a stop string, a client gone): forget it, free its row. Once the request has
+            ended, its reply is gone already and there is nothing to do."""
+            if self._replies.pop(rid, None) is not None:
+                with contextlib.suppress(EngineError):  # an engine that has stopped has nothing to cancel
+                    self._send({"op": "cancel", "id": rid})
+
         def receive() -> Iterator[int]:
-            finished = False
             try:
                 while True:
                     kind, value = reply.get()
                     if kind == "token":
                         yield value
                     elif kind == "failed":
-                        finished = True
                         raise EngineError(value)
                     else:
-                        finished = True
                         return
             finally:
-                if not finished:  # closed early (Stop, a stop string, a client gone): forget it, free its row
-                    self._replies.pop(rid, None)
-                    with contextlib.suppress(EngineError):  # an engine that has stopped has nothing to cancel
-                        self._send({"op": "cancel", "id": rid})
+                cancel()
 
-        return receive()
+        return _Tokens(receive(), cancel)
 
     def _request(self, message: dict) -> tuple[int, queue.Queue]:
         """(request id, the queue its answers arrive in)."""
@@ -166,7 +167,7 @@ class Engine:
                             reply.put(("token", token))
                         if done:
                             reply.put(("done", None))
-                            del self._replies[rid]
+                            self._replies.pop(rid, None)  # its reader may have closed it on the token just put
                 elif (reply := self._replies.pop(message["id"], None)) is not None:  # a request's or load's end
                     reply.put((message["op"], message.get("error")))
         except (EOFError, OSError):
@@ -187,6 +188,25 @@ class Engine:
                 return
             log.error("%s; starting a new one", what)
             self._start()
+
+
+class _Tokens:
+    """A request's token ids. Closing it cancels the request whether it was read or not: a generator closed
+    before its first next() skips its `finally` (a client gone before the first token left its request
+    decoding to the end)."""
+
+    def __init__(self, tokens: Iterator[int], cancel) -> None:
+        self._tokens, self._cancel = tokens, cancel
+
+    def __iter__(self) -> _Tokens:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._tokens)
+
+    def close(self) -> None:
+        self._tokens.close()
+        self._cancel()
 
 
 def _engine_main(conn, rows: int, device: str, threads: int) -> None:

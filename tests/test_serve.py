@@ -344,8 +344,37 @@ def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
         assert len([next(endless) for _ in range(3)]) == 3
         endless.close()
     assert not engine._replies
+    for _ in range(20):  # closed before its first token was read (a client gone at once): cancelled too
+        engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0)).close()
+    assert not engine._replies
     prompt, s = _requests(1)[0]
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_a_stream_closed_on_its_last_token_leaves_the_reader_thread_running():
+    """The reader put a request's last token, its client closed the stream at once (dropping the request), and the
+    reader's own `del` of it raised KeyError: the thread died and every later request waited for ever."""
+    import queue
+    from types import SimpleNamespace
+
+    engine = Engine.__new__(Engine)  # the reader alone, no process
+
+    class ClosedAtOnce(queue.Queue):
+        def put(self, item, *args):
+            super().put(item, *args)
+            engine._replies.pop(7, None)  # what the client's close does, between the reader's two lines
+
+    messages = [json.dumps({"op": "step", "batch": 1, "events": [[7, 42, True]]}).encode()]
+    engine._replies, engine.peak_batch, stops = {7: ClosedAtOnce()}, 0, []
+    engine._restart = stops.append
+
+    def recv_bytes():
+        if not messages:
+            raise EOFError
+        return messages.pop()
+
+    engine._receive(SimpleNamespace(recv_bytes=recv_bytes), SimpleNamespace(join=lambda timeout: None, exitcode=0))
+    assert stops == ["the engine process stopped (exit code 0)"]  # it read on until the pipe closed
 
 
 def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
