@@ -132,11 +132,15 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
     return {**files, path.stem: path}, path.stem
 
 
+def _error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def _openai_error(message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers={"Retry-After": "2"} if status == 429 else None)
+    return JSONResponse(_error_body(message, param, kind), status_code=status,
+                        headers={"Retry-After": "2"} if status == 429 else None)
 
 
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # a sampling parameter -> its name in the OpenAI body
@@ -204,6 +208,7 @@ def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
     from fastapi.responses import StreamingResponse
     from starlette.background import BackgroundTask
+    from starlette.concurrency import run_in_threadpool
 
     started = int(time.time())
 
@@ -222,7 +227,9 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             return _openai_error("the body's JSON is nested too deeply")
         try:
             name, prompt, sampling, stream, include_usage = _completion_request(body, default)
-            pieces, stats = shelf.stream(name, prompt, **sampling)
+            # In a thread: a model's first request loads it in the engine (tens of seconds compiling on CUDA), and
+            # the event loop serves every other request and the page meanwhile.
+            pieces, stats = await run_in_threadpool(shelf.stream, name, prompt, **sampling)
         except UnknownModel as e:
             return _openai_error(str(e), "model", 404)
         except ServerBusy as e:  # the openai client retries these by itself
@@ -250,8 +257,12 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             asked = {"usage": None} if include_usage else {}  # as OpenAI: usage: null in each chunk, when asked
 
             def events() -> Iterator[str]:
-                for piece in pieces:
-                    yield f"data: {json.dumps(chunk(piece, None, **asked))}\n\n"
+                try:
+                    for piece in pieces:
+                        yield f"data: {json.dumps(chunk(piece, None, **asked))}\n\n"
+                except EngineError as e:  # the engine failed mid-stream: an error event, as OpenAI's streams end
+                    yield f"data: {json.dumps(_error_body(str(e), kind='server_error'))}\n\n"
+                    return
                 yield f"data: {json.dumps(chunk('', finish(), **asked))}\n\n"
                 if include_usage:  # then one more chunk, with no choices and the counts
                     yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage()})}\n\n"
@@ -260,9 +271,10 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             # A client gone ends the response early; Starlette then runs the background task, and closing the
             # pieces cancels the request in the engine, freeing its row (else it decoded on until garbage collected).
             return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.close))
-        from starlette.concurrency import run_in_threadpool
-
-        text = await run_in_threadpool(lambda: "".join(pieces))
+        try:
+            text = await run_in_threadpool(lambda: "".join(pieces))
+        except EngineError as e:
+            return _openai_error(str(e), status=500, kind="server_error")
         return chunk(text, finish(), usage=usage())
 
     offered = {route.path: method for route in api.routes if route.path.startswith("/v1/")

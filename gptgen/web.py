@@ -100,29 +100,27 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
+        text, shown, session = "", 0.0, request.session_hash or ""
         try:
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
-        except EngineError as e:  # the server's own failure: Gradio prints it with its traceback
-            yield "", f"⚠ {e}"
+            for piece in pieces:
+                text += piece
+                if session in stop_requests:
+                    pieces.close()
+                    break
+                if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
+                    shown = time.perf_counter()
+                    yield text, "Generating…"
+        except EngineError as e:  # the server's own failure, before or during the text: Gradio prints its traceback
+            yield text, f"⚠ {e}"
             raise gr.Error(str(e)) from e
         except ValueError as e:  # a user's bad value, an unknown model or a full queue: one line in the log
             log.info("page request refused: %s", e)
-            yield "", f"⚠ {e}"  # the page keeps the message after the toast has gone
+            yield text, f"⚠ {e}"  # the page keeps the message after the toast has gone
             raise gr.Error(str(e), print_exception=False) from None
-        session = request.session_hash or ""
-        context = shelf.get(model_name).config.block_size
-        text, shown = "", 0.0
-        for piece in pieces:
-            text += piece
-            if session in stop_requests:
-                pieces.close()
-                break
-            if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
-                shown = time.perf_counter()
-                yield text, "Generating…"
-        yield text, stats_line(stats, context, stopped=session in stop_requests)
+        yield text, stats_line(stats, shelf.get(model_name).config.block_size, stopped=session in stop_requests)
         stop_requests.discard(session)
 
     def stop(request: gr.Request) -> None:

@@ -420,6 +420,33 @@ def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, 
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
+def test_an_engine_that_fails_mid_request_is_an_openai_error_not_a_500_page_or_a_silent_end():
+    """An EngineError raised while the text was read (the engine process died, a decoding step failed) gave a
+    plain-text 500, or a 200 stream that just stopped, without an error or [DONE]."""
+    import os
+    import signal
+
+    from fastapi.testclient import TestClient
+
+    from gptgen.serve import ModelShelf, build_server
+
+    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu", rows=1)
+    long = {"prompt": "Hi", "max_tokens": 4096, "temperature": 1.0, "seed": 1}
+    with TestClient(build_server(shelf)) as client:
+        with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            lines = iter(line for line in r.iter_lines() if line)
+            assert json.loads(next(lines)[6:])["choices"][0]["text"] is not None
+            os.kill(shelf.engine._process.pid, signal.SIGKILL)
+            rest = list(lines)
+        error = json.loads(rest[-1][6:])["error"]
+        assert error["type"] == "server_error" and "send it again" in error["message"], rest[-3:]
+        shelf.engine._restarts.clear()  # the same test again, without counting towards the restart limit
+        done = threading.Timer(0.3, lambda: os.kill(shelf.engine._process.pid, signal.SIGKILL))
+        done.start()
+        r = client.post("/v1/completions", json=long)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+
+
 def test_busy_is_a_429_with_retry_after_for_openai_clients():
     from fastapi.testclient import TestClient
 
