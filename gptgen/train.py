@@ -193,7 +193,8 @@ def _setup_distributed(device_name: str) -> tuple[int, int]:
     if "RANK" not in os.environ or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     use_nccl = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    # NCCL carries CUDA tensors only: the loop's stop flag and all_gather_object's buffers are CPU tensors (gloo)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo")
     if use_nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
