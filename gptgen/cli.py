@@ -8,7 +8,6 @@ import difflib
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from gptgen.config import (
     GptgenError,
     TrainConfig,
 )
+from gptgen.signals import sigint_held
 
 _BUDGET = (*LENGTH_BUDGET, "target_loss")
 _RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
@@ -388,27 +388,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_torch_whole() -> None:
-    """Every command imports torch (the parser, for generate's defaults). A Ctrl-C that lands inside torch's C
-    initialisation was swallowed (the command ran on to its end), became an ImportError or killed the process
-    (measured: 0.2-0.3 s after start, about one Ctrl-C in three there); so SIGINT waits until torch has loaded,
-    under a second, and then interrupts as anywhere else."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        import torch  # noqa: F401
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        import torch  # noqa: F401
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
     logging.getLogger("huggingface_hub").propagate = False  # it prints its warnings itself: once, not twice
     try:
-        _import_torch_whole()
+        # Every command imports torch (the parser, for generate's defaults). A Ctrl-C that landed in torch's C
+        # initialisation was swallowed (the command ran on to its end), became an ImportError or killed the process
+        # (measured: 0.2-0.3 s after start, about one Ctrl-C in three there); held, it acts once torch has loaded.
+        with sigint_held():
+            import torch  # noqa: F401
         args, unknown = parser().parse_known_args(argv)
         if unknown:
             flags = [o for action in args.subparser._actions for o in action.option_strings]

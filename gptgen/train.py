@@ -35,6 +35,7 @@ from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.model import GPT
 from gptgen.plot import plot_losses
+from gptgen.signals import sigint_held
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -307,52 +308,59 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     epoch_loss = EpochLoss(device)
     interrupted = False
     try:
-        while not _out_of_budget(cfg, progress, total):
-            lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if windows is None:
-                batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
-                           for _ in range(cfg.grad_accum)]
-            else:
-                batches = windows.batches(progress.step, cfg.grad_accum)
-            loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
-                                  grad_clip=cfg.grad_clip)
-            loss_sum += loss
-            recent_sum += loss
-            loss_count += cfg.grad_accum
-            recent_count += cfg.grad_accum
-            progress.step += 1
-            progress.tokens_seen += tokens_per_step
-            session_tokens += tokens_per_step
-            progress.elapsed_s = time.perf_counter() - start
-            if progress.step == 1:
-                progress.first_step_s = progress.elapsed_s
-            _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
-                                     world)
-            bar.update(1)
-            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
-                rate = session_tokens / (time.perf_counter() - session_start)
-                recent = recent_sum.item() / recent_count
-                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
-                if rank == 0:
-                    run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
-                recent_sum.zero_()
-                recent_count = 0
-            if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
-                epoch_loss.fold(progress, world)
-                last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
-                                          lr, data_rng, device, autocast, rank, world)
-                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
-                loss_sum.zero_()
-                loss_count = 0
+        while True:
+            # A Ctrl-C lands between steps: the RNG, the optimizer and the files then agree on one step, and
+            # resuming is exact (mid-step, the batches were drawn and the step not taken; mid-save, the best
+            # weights could be named and not written).
+            with sigint_held():
+                if _out_of_budget(cfg, progress, total):
+                    break
+                lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if windows is None:
+                    batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
+                               for _ in range(cfg.grad_accum)]
+                else:
+                    batches = windows.batches(progress.step, cfg.grad_accum)
+                loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
+                                      grad_clip=cfg.grad_clip)
+                loss_sum += loss
+                recent_sum += loss
+                loss_count += cfg.grad_accum
+                recent_count += cfg.grad_accum
+                progress.step += 1
+                progress.tokens_seen += tokens_per_step
+                session_tokens += tokens_per_step
+                progress.elapsed_s = time.perf_counter() - start
+                if progress.step == 1:
+                    progress.first_step_s = progress.elapsed_s
+                _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
+                                         world)
+                bar.update(1)
+                if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
+                    rate = session_tokens / (time.perf_counter() - session_start)
+                    recent = recent_sum.item() / recent_count
+                    bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
+                    if rank == 0:
+                        run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
+                    recent_sum.zero_()
+                    recent_count = 0
+                if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
+                    epoch_loss.fold(progress, world)
+                    last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
+                                              loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank, world)
+                    bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
+                    loss_sum.zero_()
+                    loss_count = 0
     except KeyboardInterrupt:
         interrupted = True
         if loss_count:  # keep what the run learned since the last eval
             epoch_loss.fold(progress, world)
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
-            _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count, lr, data_rng,
-                           device, autocast, rank, world)
+            with sigint_held():
+                _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count, lr,
+                               data_rng, device, autocast, rank, world)
     if progress.epochs_unprinted:  # the last short epochs, which waited for their line
         epoch_loss.print_line(progress, int(progress.step // steps_per_epoch), bar)
     bar.close()

@@ -1,0 +1,27 @@
+"""Ctrl-C, held back from the moments that must not be cut in two."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during the block is noted and delivered when the block is done, where it interrupts as
+    usual. A handler, not a signal mask: the kernel gives a signal to any thread that does not mask it (tqdm's
+    monitor, torch's pool), and Python then interrupts the main thread all the same. Only the main thread
+    handles signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there (an outer block's, or Python's)
