@@ -37,7 +37,12 @@ def new_file(out: str | os.PathLike, suffix: str) -> Path:
 
 
 def user_mode(mode: int) -> int:
-    """mode as the user's umask leaves it (0o666 -> 0o644 under the usual umask 022)."""
+    """mode as the user's umask leaves it (0o666 -> 0o644 under the usual umask 022). Linux shows the umask in
+    /proc; elsewhere reading it means setting it for a moment, which can race with a thread creating a file."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return mode & ~int(line.split()[1], 8)
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask

@@ -94,6 +94,15 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
         raise ModelFileError(f"{e} (nor is it a local file)") from None
 
 
+def _flag(name: str, value) -> str:
+    """A recipe entry as `gptgen train` takes it: --steps 2000, and --grad-checkpoint / --no-grad-checkpoint
+    for a switch (not `--grad-checkpoint False`, which the CLI refuses)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{flag}"
+    return f"--{flag} {value}"
+
+
 def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
     """README.md for a model repository: YAML metadata the Hub indexes, then how it was made and how to run it."""
     config, _, metadata = load_model_file(model_path)
@@ -108,7 +117,7 @@ def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
                  f"    - {{type: loss, name: val nats/token, value: {info['val_nats_per_token']:.4f}}}",
                  f"    - {{type: loss, name: val nats/char, value: {info['val_nats_per_char']:.4f}}}"]
     yaml.append("---")
-    recipe = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in info.get("recipe", {}).items() if v is not None)
+    recipe = " ".join(_flag(k, v) for k, v in info.get("recipe", {}).items() if v is not None)
     body = f"""
 # {repo_id.split('/')[-1]}
 

@@ -183,3 +183,13 @@ def test_any_metadata_is_loaded_or_a_clear_error(small_file, tmp_path, changes):
         load_model(path)
     except ModelFileError:
         pass
+
+
+def test_the_umask_is_read_without_being_set(monkeypatch):
+    """Setting it to read it (and back) could race with another thread creating a file, which then got mode 666."""
+    from gptgen.checkpoint import user_mode
+
+    current = os.umask(0o022)
+    os.umask(current)
+    monkeypatch.setattr(os, "umask", lambda *args: pytest.fail("os.umask was called"))
+    assert user_mode(0o666) == 0o666 & ~current

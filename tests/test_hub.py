@@ -110,6 +110,18 @@ def test_push_sends_the_model_and_a_card_in_one_commit(api):
     assert 'gptgen.load("owner/tiny-shakespeare")' in card
 
 
+def test_the_card_gives_the_recipe_as_flags_the_cli_takes(tmp_path):
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    recipe = {"steps": 10, "grad_checkpoint": False, "compile": "auto", "dropout": 0.0, "min_lr": None}
+    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config, training={"recipe": recipe})
+    card = hub.model_card(tmp_path / "m.safetensors", "owner/m")
+    recipe_line = next(line for line in card.splitlines() if "Recipe:" in line)
+    assert recipe_line == "- Recipe: `gptgen train --compile auto --dropout 0.0 --no-grad-checkpoint --steps 10`"
+
+
 def test_push_space_sends_app_package_requirements_header_and_model(api):
     hub.push_space(BUNDLED, "owner/gptgen-demo")
     (_, _, repo_kwargs), (_, _, files, commit_kwargs) = api.calls
