@@ -167,7 +167,11 @@ class Batch:
             generator.seed()  # a fresh seed of its own: torch.seed() would reseed the caller's global generator
         seq = Sequence(list(prompt[-self.context:]) or [EOT_ID], s, generator)
         self.active.append(seq)
-        seq.logits = self._prefill(seq, len(self.active) - 1, seq.tokens)
+        try:
+            seq.logits = self._prefill(seq, len(self.active) - 1, seq.tokens)
+        except BaseException:  # a row left without logits would fail every later step of the batch
+            self.active.pop()
+            raise
         return seq
 
     @torch.inference_mode()
@@ -175,6 +179,8 @@ class Batch:
     def _prefill(self, seq: Sequence, row: int, tokens: list[int]) -> torch.Tensor:
         """Write tokens to cache row `row` from position 0; the logits after the last of them."""
         seq.cached = len(tokens)
+        if not tokens:  # a context of 1 keeps only the token about to be decoded
+            return None
         return self.model(torch.tensor([tokens], device=self.device), row=row, last_only=True)[0][0, -1]
 
     @torch.inference_mode()
@@ -197,7 +203,7 @@ class Batch:
         self._free_rows()
         for row, seq in enumerate(self.active):
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
-                seq.tokens = seq.tokens[-(3 * self.context // 4):]
+                seq.tokens = seq.tokens[-max(1, 3 * self.context // 4):]
                 self._prefill(seq, row, seq.tokens[:-1])
         if not self.active:
             return out

@@ -248,6 +248,26 @@ def test_decoding_keeps_cudnn_attention_off_and_restores_it():
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
+@pytest.mark.parametrize("context", [1, 2, 3])
+def test_the_smallest_contexts_generate_past_their_end(context):
+    """3/4 of a context of 1 kept nothing (tokens[-0:] kept them all) and a context of 2 prefilled no tokens."""
+    model = tiny_model(block_size=context).eval()
+    assert len(list(generate_tokens(model, [1, 2, 3], Sampling(max_new_tokens=12, temperature=0)))) == 12
+
+
+def test_a_prompt_that_fails_its_prefill_leaves_no_row_behind():
+    """Its row stayed active without logits, and every later step of the batch failed."""
+    model = tiny_model().eval()
+    batch = Batch(model, rows=2)
+    with pytest.raises(IndexError):
+        batch.add([10**6], Sampling(max_new_tokens=4))  # a token id past the vocabulary
+    assert batch.active == []
+    seq = batch.add([1, 2], Sampling(max_new_tokens=4, temperature=0))
+    while not seq.done:
+        batch.step()
+    model.clear_caches()
+
+
 def test_batched_sequences_run_past_the_context_as_alone():
     model = tiny_model().eval()  # context 16: every sequence rebuilds its cache several times
     requests = [(list(range(100, 100 + n)), Sampling(max_new_tokens=40, temperature=0)) for n in (3, 10, 20)]

@@ -8,7 +8,7 @@ from gptgen.model import GPT
 
 def tiny_model(**overrides) -> GPT:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, **overrides))
+    model = GPT(GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, **overrides}))
     model.init_weights()
     return model
 
