@@ -129,6 +129,8 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
 # transformers' GPT-2 keeps these four weights in Conv1D layout (in, out); gptgen uses nn.Linear's (out, in).
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's MLP uses
+HF_AS_GPTGEN = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "layer_norm_epsilon": 1e-5}  # transformers' GPT-2 options that change the maths, as gptgen computes
 
 
 def _fresh_dir(out: Path) -> Path:
@@ -208,6 +210,9 @@ def read_hf(source: str | os.PathLike):
         raise ModelFileError(f"{str(folder)!r} holds a {hf.get('model_type')!r} model; gptgen imports GPT-2 only")
     if hf.get("activation_function", "gelu_new") not in HF_GELU or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ModelFileError(f"{str(folder)!r}: only GPT-2's own MLP (tanh GELU, 4x width) can be imported")
+    other = {k: hf[k] for k, ours in HF_AS_GPTGEN.items() if hf.get(k, ours) != ours}
+    if other:  # imported anyway, it would compute something else than the model it came from
+        raise ModelFileError(f"{str(folder)!r} sets {json.dumps(other)}; gptgen's GPT-2 has {json.dumps(HF_AS_GPTGEN)}")
     config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                        block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
     weights = sorted(folder.glob("*.safetensors"))

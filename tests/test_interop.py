@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -167,6 +169,10 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ModelFileError, match="'llama' model; gptgen imports GPT-2 only"):
         import_hf(folder, tmp_path / "x.safetensors")
+    for option in ({"tie_word_embeddings": False}, {"layer_norm_epsilon": 1e-6}, {"scale_attn_weights": False}):
+        (folder / "config.json").write_text(json.dumps({**config, **option}))
+        with pytest.raises(ModelFileError, match=f"sets {re.escape(json.dumps(option))}; gptgen's GPT-2 has"):
+            import_hf(folder, tmp_path / "x.safetensors")
     (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     with pytest.raises(ModelFileError, match="missing"):
         import_hf(folder, tmp_path / "x.safetensors")
