@@ -226,8 +226,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
+    run = RunDir(cfg.out)
+    saved = run.state()  # the run's state.json, read once
     pretrained = None
-    if cfg.init:
+    if cfg.init and resume:  # the weights come from the state: the --init source may have moved, or be offline
+        weights = run.path / saved["weights"]
+        base = dataclasses.replace(checkpoint.config_of(weights, checkpoint.read_safetensors(
+            weights, "training state", with_tensors=False)[1]), dropout=GPTConfig.dropout)
+    elif cfg.init:
         from gptgen.interop import read_hf
 
         base, pretrained = read_hf(cfg.init)
@@ -238,7 +244,6 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     cfg.block_size = cfg.block_size or model_config.block_size
     device = pick_device(cfg.device)
     allow_tf32(device)
-    run = RunDir(cfg.out)
     if resume and not Path(cfg.data).is_file():
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")
@@ -246,7 +251,6 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")
-    saved = run.state()  # the run's state.json, read once
     if not resume and saved is not None:
         raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
                           "another --out")

@@ -208,3 +208,8 @@ def test_train_init_fine_tunes_a_transformers_gpt2(small_text, tmp_path):
     assert training_info(metadata)["preset"] == f"from {folder}"
     with torch.no_grad():
         assert torch.allclose(model(IDS)[0], hf(IDS).logits, atol=1e-3)  # started from the pretrained weights
+    assert model.config.block_size == hf.config.n_positions  # its pretrained positions stay, beyond block 32
+    folder.rename(tmp_path / "moved")  # resuming reads the weights from the run, not the --init source
+    from gptgen.train import resume_config
+
+    assert train(resume_config(tmp_path / "run", steps=4), resume=True)["steps"] == 4
