@@ -181,7 +181,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
                              f"unexpected {sorted(unexpected)[:5]}")
     for name, t in tensors.items():
         shape, dtype = expected[name]
-        if tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+        if tuple(t.shape) != shape or (t.dtype != dtype if dtype is not None else not t.is_floating_point()):
             raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
                                  f"{dtype or 'float'} {shape}")
     if quantization == "int8":

@@ -193,3 +193,15 @@ def test_the_umask_is_read_without_being_set(monkeypatch):
     os.umask(current)
     monkeypatch.setattr(os, "umask", lambda *args: pytest.fail("os.umask was called"))
     assert user_mode(0o666) == 0o666 & ~current
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64])
+def test_a_float_model_tensor_of_another_dtype_is_a_clear_error(tmp_path, dtype):
+    """An int8 wpe in a float file reached the meta device ("Cannot copy out of meta tensor"), an int64 one
+    load_state_dict's traceback."""
+
+    m = tiny_model()
+    state = {**m.state_dict(), "transformer.wpe.weight": m.transformer.wpe.weight.to(dtype)}
+    save_model(tmp_path / "m.safetensors", state, m.config)
+    with pytest.raises(ModelFileError, match=f"tensor transformer.wpe.weight is {dtype}.*expected float"):
+        load_model(tmp_path / "m.safetensors")
