@@ -23,6 +23,14 @@ def small_text(tmp_path_factory) -> Path:
     return path
 
 
+def sigint_as_usual() -> None:
+    """A Popen preexec_fn for a child that a test sends Ctrl-C: a test run started in the background (`make test
+    &` from a script) ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_random_int8_model(path: Path, preset: str) -> Path:
     """A randomly initialised int8 model file of a preset (what a server or benchmark needs to load)."""
     import torch

@@ -196,6 +196,7 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
     import signal
 
     from gptgen.checkpoint import save_model
+    from tests.conftest import sigint_as_usual
     from tests.test_model import tiny_model
 
     m = tiny_model()
@@ -211,7 +212,7 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
         # slow to send it (in a full test run, the whole text once fitted a default 64 KB pipe: exit 0).
         read_end, write_end = os.pipe()
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-        proc = subprocess.Popen(cmd, stdout=write_end, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(cmd, stdout=write_end, stderr=subprocess.PIPE, env=env, preexec_fn=sigint_as_usual)
         os.close(write_end)
         stdout = os.fdopen(read_end, "rb")
         if ending in starting:

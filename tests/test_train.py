@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from gptgen.checkpoint import load_model
 from gptgen.config import ConfigError, TrainConfig
 from gptgen.train import RunDir, _count, lr_at, max_steps, resume_config, train
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, sigint_as_usual
 
 
 def evals(run) -> list[dict]:
@@ -213,7 +213,8 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
     while stops < 6:
         args = ["--resume", str(run)] if (run / "state.json").exists() else ["--data", str(small_text), "--out",
                                                                               str(run), *flags]
-        proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=sigint_as_usual)
         time.sleep(rng.uniform(2.0, 3.0))  # ~2 s of start-up, then a few steps
         proc.send_signal(signal.SIGINT)
         err = proc.stderr.read().decode()
