@@ -22,6 +22,8 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", rev
     from gptgen.generate import TextModel, compile_decoding
     from gptgen.hub import resolve
 
+    if not isinstance(compile, bool):  # compile="no" would be true
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     device = pick_device(device)
     weights = inference_dtype(device, dtype)
     model, metadata = load_model(resolve(path, revision), device)

@@ -15,7 +15,7 @@ import numbers
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -290,10 +290,11 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
             model.clear_caches()
 
 
-def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterator[str]:
+def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Generator[str, None, bool]:
     """Text pieces from token ids: whole UTF-8 characters only, ending before the first stop string.
 
-    Text that could be the start of a stop string is held back until it is known not to be one.
+    Text that could be the start of a stop string is held back until it is known not to be one. Returns
+    whether a stop string ended the text (it may complete on the very last token allowed).
     """
     enc = get_tokenizer()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -304,7 +305,7 @@ def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterato
         if hits:
             if min(hits):
                 yield pending[:min(hits)]
-            return
+            return True
         hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
         if len(pending) > hold:
             yield pending[:len(pending) - hold]
@@ -312,6 +313,7 @@ def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Iterato
     pending += decoder.decode(b"", final=True)
     if pending:
         yield pending
+    return False
 
 
 @dataclass
@@ -322,6 +324,7 @@ class Stats:
     new_tokens: int = 0
     first_token_s: float = 0.0
     total_s: float = 0.0
+    stopped_by_string: bool = False  # a stop string ended the text (OpenAI's finish_reason "stop")
 
     @property
     def tokens_per_s(self) -> float:
@@ -402,7 +405,7 @@ class TextModel:
 
         def pieces() -> Iterator[str]:
             with contextlib.closing(counted()) as ids:
-                yield from stream_text(ids, s.stop)
+                stats.stopped_by_string = yield from stream_text(ids, s.stop)
 
         return pieces(), stats
 

@@ -247,7 +247,8 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **rest}
 
         def finish() -> str:
-            return "length" if stats.new_tokens >= sampling["max_new_tokens"] else "stop"
+            ended = stats.stopped_by_string or stats.new_tokens < sampling["max_new_tokens"]
+            return "stop" if ended else "length"
 
         def usage() -> dict:
             return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,

@@ -356,6 +356,14 @@ def test_an_unseeded_generation_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_load_refuses_a_compile_flag_that_is_not_a_bool():
+    import gptgen
+    from tests.conftest import BUNDLED
+
+    with pytest.raises(TypeError, match="compile must be True or False, got 'no'"):
+        gptgen.load(BUNDLED, compile="no")
+
+
 def test_load_float_and_int8_files_with_dtype(tmp_path):
     import gptgen
     from gptgen.checkpoint import load_model_file, save_model

@@ -447,6 +447,23 @@ def test_an_engine_that_fails_mid_request_is_an_openai_error_not_a_500_page_or_a
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
 
 
+def test_a_stop_string_on_the_last_allowed_token_is_finish_reason_stop():
+    """finish_reason was "length" whenever max_tokens tokens were made, even when a stop string had ended the text
+    on the last of them."""
+    from fastapi.testclient import TestClient
+
+    from gptgen.serve import ModelShelf, build_server
+
+    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu", rows=1)
+    greedy = {"prompt": "JULIET:", "max_tokens": 8, "temperature": 0}
+    with TestClient(build_server(shelf)) as client:
+        whole = client.post("/v1/completions", json=greedy).json()["choices"][0]
+        assert whole["text"] == "\nI'll tell thee, my lord" and whole["finish_reason"] == "length"
+        cut = client.post("/v1/completions", json={**greedy, "stop": [" lord"]}).json()  # the 8th token is " lord"
+        assert cut["choices"][0]["text"] == "\nI'll tell thee, my" and cut["usage"]["completion_tokens"] == 8
+        assert cut["choices"][0]["finish_reason"] == "stop"
+
+
 def test_busy_is_a_429_with_retry_after_for_openai_clients():
     from fastapi.testclient import TestClient
 
