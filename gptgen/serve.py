@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
-from gptgen.checkpoint import ModelFileError, config_of, read_safetensors
+from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
 from gptgen.config import GptgenError
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
@@ -95,7 +95,7 @@ def find_models(folder: Path) -> dict[str, Path]:
         if any(f.match(pattern) for pattern in RUN_STATE):
             continue
         try:
-            config_of(f, read_safetensors(f, with_tensors=False)[1])
+            read_config(f)
         except ModelFileError as e:
             log.warning("not served: %s", e)
             continue

@@ -230,9 +230,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     saved = run.state()  # the run's state.json, read once
     pretrained = None
     if cfg.init and resume:  # the weights come from the state: the --init source may have moved, or be offline
-        weights = run.path / saved["weights"]
-        base = dataclasses.replace(checkpoint.config_of(weights, checkpoint.read_safetensors(
-            weights, "training state", with_tensors=False)[1]), dropout=GPTConfig.dropout)
+        base = checkpoint.read_config(run.path / saved["weights"])
     elif cfg.init:
         from gptgen.interop import read_hf
 

@@ -24,10 +24,19 @@ def evals(run) -> list[dict]:
     return [r for r in RunDir(run).metrics() if "val_nats_per_token" in r]
 
 
-def config(data, out, **overrides) -> TrainConfig:
+def _base(data, out, **overrides) -> dict:
     base = dict(data=str(data), out=str(out), preset="tiny", batch_size=4, block_size=32, lr=3e-3, steps=30,
                 eval_interval=10, compile="off", dtype="float32", device="cpu")
-    return TrainConfig(**{**base, **overrides})
+    return {**base, **overrides}
+
+
+def config(data, out, **overrides) -> TrainConfig:
+    return TrainConfig(**_base(data, out, **overrides))
+
+
+def cli_flags(data, out, **overrides) -> list[str]:
+    """config()'s run as `gptgen train` flags, for runs in a process of their own."""
+    return [arg for k, v in _base(data, out, **overrides).items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
@@ -163,9 +172,7 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
     train(config(small_text, tmp_path / "one", **flags))
     run = tmp_path / "killed"
     cli = [sys.executable, "-m", "gptgen", "train"]
-    first = [*cli, "--data", str(small_text), "--out", str(run), "--preset", "tiny", "--batch-size", "4",
-             "--block-size", "32", "--lr", "3e-3", "--steps", str(steps), "--decay-steps", str(steps),
-             "--eval-interval", "1", "--dropout", "0.1", "--compile", "off", "--dtype", "float32", "--device", "cpu"]
+    first = [*cli, *cli_flags(small_text, run, **flags)]
     rng, kills, inside_writes, step = random.Random(0), 0, 0, 0
     while kills < 20:
         proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
@@ -204,15 +211,12 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
     lands between steps; each stop's eval is logged once and the model file is the best step's."""
     import random
 
-    flags = ["--preset", "tiny", "--batch-size", "4", "--block-size", "32", "--lr", "3e-3", "--steps", "80",
-             "--decay-steps", "80", "--eval-interval", "1000", "--dropout", "0.1", "--compile", "off", "--dtype",
-             "float32", "--device", "cpu"]
-    train(config(small_text, tmp_path / "one", steps=80, decay_steps=80, eval_interval=1000, dropout=0.1))
+    flags = dict(steps=80, decay_steps=80, eval_interval=1000, dropout=0.1)
+    train(config(small_text, tmp_path / "one", **flags))
     run, rng, stops = tmp_path / "stopped", random.Random(1), 0
     cli = [sys.executable, "-m", "gptgen", "train"]
     while stops < 6:
-        args = ["--resume", str(run)] if (run / "state.json").exists() else ["--data", str(small_text), "--out",
-                                                                              str(run), *flags]
+        args = ["--resume", str(run)] if (run / "state.json").exists() else cli_flags(small_text, run, **flags)
         proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 preexec_fn=sigint_as_usual)
         time.sleep(rng.uniform(2.0, 3.0))  # ~2 s of start-up, then a few steps
@@ -236,9 +240,7 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
 def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptgen",
-           "train", "--data", str(small_text), "--out", str(run), "--preset", "tiny", "--batch-size", "4",
-           "--block-size", "32", "--lr", "3e-3", "--steps", "30", "--eval-interval", "10", "--compile", "off",
-           "--dtype", "float32"]
+           "train", *cli_flags(small_text, run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
