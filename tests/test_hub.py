@@ -143,7 +143,7 @@ def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learne
     run = tmp_path / "runs" / "my"
     run.mkdir(parents=True)
     m = tiny_model()
-    save_model(run / "model-int8.safetensors", m.state_dict(), m.config, training={"corpus": "/data/poems.txt"})
+    save_model(run / "model-int8.safetensors", m.state_dict(), m.config, training={"corpus": "texts/poems.txt"})
     files = hub.space_files(run / "model-int8.safetensors")
     assert "models/my-int8.safetensors" in files
     assert 'short_description: "A GPT-2 trained by gptgen on poems.txt"' in files["README.md"].decode()
