@@ -5,23 +5,30 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
-def sigint_held() -> Iterator[None]:
-    """A Ctrl-C (SIGINT) during the block is noted and delivered when the block is done, where it interrupts as
-    usual. A handler, not a signal mask: the kernel gives a signal to any thread that does not mask it (tqdm's
+def sigint_noted() -> Iterator[Callable[[], bool]]:
+    """A Ctrl-C (SIGINT) during the block is only noted; the block asks whether one came and stops where it is
+    safe to. A handler, not a signal mask: the kernel gives a signal to any thread that does not mask it (tqdm's
     monitor, torch's pool), and Python then interrupts the main thread all the same. Only the main thread
-    handles signals; elsewhere the block runs as it is."""
+    handles signals; elsewhere none is noted."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: False
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        yield
+        yield lambda: bool(caught)
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
-            signal.raise_signal(signal.SIGINT)  # to the handler that was there (an outer block's, or Python's)
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """A Ctrl-C during the block is delivered when the block is done, where it interrupts as usual."""
+    with sigint_noted() as came:
+        yield
+    if came():
+        signal.raise_signal(signal.SIGINT)  # to the handler that was there (an outer block's, or Python's)

@@ -35,7 +35,7 @@ from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.model import GPT
 from gptgen.plot import plot_losses
-from gptgen.signals import sigint_held
+from gptgen.signals import sigint_noted
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     steps_per_epoch = len(corpus.train) / tokens_per_step
     total = max_steps(cfg, steps_per_epoch)
-    if resume and _out_of_budget(cfg, progress, total):
+    if resume and _should_stop(cfg, progress, total)[0]:
         raise ConfigError(f"{cfg.out} already stopped by its --{_stopped_by(cfg, progress, total).replace('_', '-')}"
                           f" at step {progress.step:,}; to go on, give a larger --steps, --epochs or --minutes"
                           f"{' or a lower --target-loss' if cfg.target_loss is not None else ''}")
@@ -308,61 +308,53 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
     session_tokens, session_start = 0, time.perf_counter()
     epoch_loss = EpochLoss(device)
-    interrupted = False
-    try:
+    # A Ctrl-C stops the run at the end of a step, saved (the RNG, the optimizer and the files then agree on one
+    # step, so resuming is exact), and under torchrun every process at the same step: it reaches them at
+    # slightly different moments, and processes that stop at different steps wait for each other forever.
+    with sigint_noted() as ctrl_c:
         while True:
-            # A Ctrl-C lands between steps: the RNG, the optimizer and the files then agree on one step, and
-            # resuming is exact (mid-step, the batches were drawn and the step not taken; mid-save, the best
-            # weights could be named and not written).
-            with sigint_held():
-                if _out_of_budget(cfg, progress, total):
-                    break
-                lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if windows is None:
-                    batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
-                               for _ in range(cfg.grad_accum)]
-                else:
-                    batches = windows.batches(progress.step, cfg.grad_accum)
-                loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
-                                      grad_clip=cfg.grad_clip)
-                loss_sum += loss
-                recent_sum += loss
-                loss_count += cfg.grad_accum
-                recent_count += cfg.grad_accum
-                progress.step += 1
-                progress.tokens_seen += tokens_per_step
-                session_tokens += tokens_per_step
-                progress.elapsed_s = time.perf_counter() - start
-                if progress.step == 1:
-                    progress.first_step_s = progress.elapsed_s
-                _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
-                                         world)
-                bar.update(1)
-                if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
-                    rate = session_tokens / (time.perf_counter() - session_start)
-                    recent = recent_sum.item() / recent_count
-                    bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
-                    if rank == 0:
-                        run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
-                    recent_sum.zero_()
-                    recent_count = 0
-                if progress.step % cfg.eval_interval == 0 or _out_of_budget(cfg, progress, total):
-                    epoch_loss.fold(progress, world)
-                    last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
-                                              loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank, world)
-                    bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
-                    loss_sum.zero_()
-                    loss_count = 0
-    except KeyboardInterrupt:
-        interrupted = True
-        if loss_count:  # keep what the run learned since the last eval
-            epoch_loss.fold(progress, world)
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
-            with sigint_held():
-                _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count, lr,
-                               data_rng, device, autocast, rank, world)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if windows is None:
+                batches = [sample_batch(corpus.train, cfg.batch_size, cfg.block_size, data_rng)
+                           for _ in range(cfg.grad_accum)]
+            else:
+                batches = windows.batches(progress.step, cfg.grad_accum)
+            loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
+                                  grad_clip=cfg.grad_clip)
+            loss_sum += loss
+            recent_sum += loss
+            loss_count += cfg.grad_accum
+            recent_count += cfg.grad_accum
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            session_tokens += tokens_per_step
+            progress.elapsed_s = time.perf_counter() - start
+            if progress.step == 1:
+                progress.first_step_s = progress.elapsed_s
+            _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
+                                     world)
+            bar.update(1)
+            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
+                rate = session_tokens / (time.perf_counter() - session_start)
+                recent = recent_sum.item() / recent_count
+                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
+                if rank == 0:
+                    run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
+                recent_sum.zero_()
+                recent_count = 0
+            done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
+            if progress.step % cfg.eval_interval == 0 or done or interrupted:
+                epoch_loss.fold(progress, world)
+                last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
+                                          loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank, world)
+                bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
+                loss_sum.zero_()
+                loss_count = 0
+            if done or interrupted:
+                interrupted = interrupted and not done  # a Ctrl-C on the last step: the run is complete anyway
+                break
     if progress.epochs_unprinted:  # the last short epochs, which waited for their line
         epoch_loss.print_line(progress, int(progress.step // steps_per_epoch), bar)
     bar.close()
@@ -516,14 +508,16 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cfg.batch_size * cfg.block_size >= 512)
 
 
-def _out_of_budget(cfg: TrainConfig, progress: Progress, total: int | None) -> bool:
+def _should_stop(cfg: TrainConfig, progress: Progress, total: int | None, ctrl_c: bool = False) -> tuple[bool, bool]:
+    """(budget spent, Ctrl-C pressed), the same on every rank: the ranks' clocks differ, and a Ctrl-C may reach
+    one rank only, or each at a different step."""
     done = progress.target_reached is not None or (total is not None and progress.step >= total)
     done = done or (cfg.minutes is not None and progress.elapsed_s >= cfg.minutes * 60)
-    if dist.is_initialized():  # the ranks' clocks differ: rank 0 decides for all
-        flag = torch.tensor([float(done)])
-        dist.broadcast(flag, src=0)
-        done = bool(flag.item())
-    return done
+    if dist.is_initialized():
+        flags = torch.tensor([float(done), float(ctrl_c)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        done, ctrl_c = bool(flags[0]), bool(flags[1])
+    return done, ctrl_c
 
 
 def _postfix(train_loss: float, val: float | None, rate: float, cfg: TrainConfig, progress: Progress) -> str:

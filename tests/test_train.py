@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +261,41 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and r.stderr.count("resuming") == 1, r.stderr[-3000:]  # each rank said so
     assert r.stderr.count("gptgen: error: the run was saved with 2 processes") == 1
+
+
+def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
+    """A Ctrl-C reaches torchrun's processes at different moments, or one only (here: rank 1's). Each used to stop
+    at its own next step and save with the others still training: they waited on each other forever. Now they
+    agree on the step, save it, and the resumed run ends bit-identical to one uninterrupted run."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptgen",
+                "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = dict(steps=60, eval_interval=20)
+    one = subprocess.run([*torchrun, *cli_flags(small_text, tmp_path / "one", **flags)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([*torchrun, *cli_flags(small_text, run, **flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_as_usual)
+    deadline = time.monotonic() + 120
+    while not evals(run) and time.monotonic() < deadline:  # the first eval (step 20): both ranks are training
+        time.sleep(0.05)
+    ranks = sorted(int(pid) for pid in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                   .read_text().split())
+    os.kill(ranks[1], signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the processes hung after a Ctrl-C reached one of them")
+    step = json.loads((run / "state.json").read_text())["progress"]["step"]
+    assert 20 < step < 60 and json.loads(out)["interrupted"], err[-3000:]
+    assert f"interrupted at step {step}; continue with" in err
+    r = subprocess.run([*torchrun, "--resume", str(run)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 60, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "state.json").read_text())["weights"] for d in ("one", "stopped"))
+    weights_one, weights_stopped = load_file(tmp_path / "one" / a), load_file(run / b)
+    assert all(torch.equal(weights_one[k], weights_stopped[k]) for k in weights_one)
 
 
 def _window_target(small_text, tmp_path) -> float:
