@@ -206,7 +206,7 @@ def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]
 
 
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
     from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
 
@@ -272,11 +272,19 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             # A client gone ends the response early; Starlette then runs the background task, and closing the
             # pieces cancels the request in the engine, freeing its row (else it decoded on until garbage collected).
             return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.close))
+        # Read piece by piece, so that a client gone (a timeout, a Ctrl-C) cancels the request and frees its row:
+        # else the text decoded on to its end, for no one, while others waited for the row.
+        text = []
         try:
-            text = await run_in_threadpool(lambda: "".join(pieces))
+            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                text.append(piece)
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nginx's "client closed request": no one reads it
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
-        return chunk(text, finish(), usage=usage())
+        finally:
+            pieces.close()
+        return chunk("".join(text), finish(), usage=usage())
 
     offered = {route.path: method for route in api.routes if route.path.startswith("/v1/")
                for method in getattr(route, "methods", ())}

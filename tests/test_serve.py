@@ -184,6 +184,31 @@ def test_an_abandoned_stream_frees_its_row_at_once(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_a_plain_request_whose_client_left_frees_its_row(tmp_path):
+    """One row, and a client that gives up on a plain (not streamed) 4,096-token request after 1 s: the next
+    request must get the row at once. Before, the text decoded on to its end (~30 s) for no one."""
+    import time
+
+    import openai
+
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="not-needed", timeout=10, max_retries=0)
+        assert client.completions.create(model="gpt2", prompt="A", max_tokens=1).usage.completion_tokens == 1
+        for _ in range(2):
+            with pytest.raises(openai.APITimeoutError):
+                client.with_options(timeout=1).completions.create(model="gpt2", prompt="A", max_tokens=4096)
+            start = time.monotonic()
+            assert client.completions.create(model="gpt2", prompt="A", max_tokens=1).usage.completion_tokens == 1
+            assert time.monotonic() - start < 2  # ~0.02 s alone
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_openai_stream_usage_comes_last_when_asked(openai_client):
     """stream_options={"include_usage": true}, as OpenAI answers it: usage null in every chunk, then one chunk
     with no choices and the counts."""
