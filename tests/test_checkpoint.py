@@ -1,7 +1,9 @@
+import errno
 import json
 import os
 import pickle
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,12 +97,26 @@ def test_tensors_that_do_not_match_the_config(model_file, tmp_path):
         load_model(tmp_path / "x.safetensors")
 
 
-def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+@pytest.mark.parametrize("fails", ["mid-write", "at fsync"])
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch, fails):
+    """A disk that fills up part-way through the data, or whose fsync reports a lost write: the old file stays
+    whole and no temporary file is left."""
     path = tmp_path / "f.bin"
     atomic_write(path, b"old")
 
-    with pytest.raises(TypeError):
-        atomic_write(path, object())  # type: ignore[arg-type]
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "mid-write":
+        def write_bytes(self, data):
+            self.open("wb").write(data[:2])
+            full_disk()
+
+        monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    else:
+        monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, b"new data")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 

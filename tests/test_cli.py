@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 import json
 import os
@@ -111,7 +112,14 @@ def test_resume_takes_only_a_new_budget(tmp_path):
 
 
 def test_train_help_describes_every_flag():
-    """Each flag has its line of help, and a knob with a default says it."""
+    """Each flag, the hand-written ones too, has its own line of help, and a knob with a default says it."""
+    from gptgen.cli import parser
+
+    train = parser().parse_args(["train"]).subparser
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.dest != "help"}
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)} | {"--resume"} <= set(helps)
+    for flag, help_text in helps.items():
+        assert isinstance(help_text, str) and help_text.strip() and help_text != argparse.SUPPRESS, flag
     r = subprocess.run([sys.executable, "-m", "gptgen", "train", "--help"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "10000"})  # no wrapping
     assert r.returncode == 0, r.stderr

@@ -26,6 +26,12 @@ def test_sum_equals_scoring_each_token_by_hand():
 
 
 def test_eval_leaves_training_mode_as_it_was():
-    model = tiny_model().train()
-    evaluate(model, np.arange(40, dtype=np.uint16), chars=40, block_size=16)
+    """Scores without dropout (a model in training mode scores as in eval mode, the same each time) and hands
+    the model back in the mode it came in."""
+    model = tiny_model(dropout=0.5).train()
+    tokens = np.arange(40, dtype=np.uint16)
+    first = evaluate(model, tokens, chars=40, block_size=16).nats
     assert model.training
+    assert evaluate(model, tokens, chars=40, block_size=16).nats == first
+    assert evaluate(model.eval(), tokens, chars=40, block_size=16).nats == first
+    assert not model.training

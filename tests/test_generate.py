@@ -16,7 +16,7 @@ from gptgen.generate import (
     next_token,
     stream_text,
 )
-from gptgen.tokenizer import get_tokenizer
+from gptgen.tokenizer import EOT_ID, get_tokenizer
 from tests.test_model import tiny_model
 
 
@@ -81,25 +81,45 @@ def test_numpy_numbers_are_numbers():
         Sampling(top_k=np.float64(3.0))
 
 
+def lively_model(**overrides):
+    """tiny_model with its matrices 10x: at init scale its greedy text is one token repeated whatever the context
+    (so a wrong context went unseen); these weights' greedy choices depend on what they see."""
+    model = tiny_model(**overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
 def greedy_without_cache(model, prompt, n):
-    tokens = list(prompt)
+    """Greedy tokens, each from a whole forward over the window the README describes: the prompt's last
+    context's worth, then, each time the window is full, its most recent 3/4 (at least one token)."""
+    context, out = model.config.block_size, []
+    window = list(prompt[-context:]) or [EOT_ID]
     for _ in range(n):
-        logits, _ = model(torch.tensor([tokens[-model.config.block_size:]]))
-        tokens.append(int(logits[0, -1].argmax()))
-    return tokens[len(prompt):]
+        logits, _ = model(torch.tensor([window]))
+        out.append(int(logits[0, -1].argmax()))
+        window.append(out[-1])
+        if len(window) > context:
+            window = window[-max(1, 3 * context // 4):]
+    return out
 
 
 def test_kv_cache_matches_full_recompute():
-    model = tiny_model().eval()  # context 16
+    model = lively_model()  # context 16
     prompt = [464, 3290, 318]
     cached = list(generate_tokens(model, prompt, Sampling(max_new_tokens=10, temperature=0)))
     assert cached == greedy_without_cache(model, prompt, 10)
 
 
 def test_generation_runs_past_the_context():
-    model = tiny_model().eval()
-    out = list(generate_tokens(model, list(range(100, 140)), Sampling(max_new_tokens=40, temperature=0)))
-    assert len(out) == 40
+    """40 tokens after a prompt longer than the context of 16: the cache is rebuilt from the kept tokens 4 times,
+    and every token is the one a whole forward over the same window gives."""
+    model = lively_model()
+    prompt = list(range(100, 140))
+    out = list(generate_tokens(model, prompt, Sampling(max_new_tokens=40, temperature=0)))
+    assert out == greedy_without_cache(model, prompt, 40)
 
 
 def test_same_seed_same_tokens():
@@ -251,8 +271,9 @@ def test_decoding_keeps_cudnn_attention_off_and_restores_it():
 @pytest.mark.parametrize("context", [1, 2, 3])
 def test_the_smallest_contexts_generate_past_their_end(context):
     """3/4 of a context of 1 kept nothing (tokens[-0:] kept them all) and a context of 2 prefilled no tokens."""
-    model = tiny_model(block_size=context).eval()
-    assert len(list(generate_tokens(model, [1, 2, 3], Sampling(max_new_tokens=12, temperature=0)))) == 12
+    model = lively_model(block_size=context)
+    out = list(generate_tokens(model, [1, 2, 3], Sampling(max_new_tokens=12, temperature=0)))
+    assert out == greedy_without_cache(model, [1, 2, 3], 12)
 
 
 def test_a_prompt_that_fails_its_prefill_leaves_no_row_behind():
@@ -269,7 +290,7 @@ def test_a_prompt_that_fails_its_prefill_leaves_no_row_behind():
 
 
 def test_batched_sequences_run_past_the_context_as_alone():
-    model = tiny_model().eval()  # context 16: every sequence rebuilds its cache several times
+    model = lively_model()  # context 16: every sequence rebuilds its cache several times
     requests = [(list(range(100, 100 + n)), Sampling(max_new_tokens=40, temperature=0)) for n in (3, 10, 20)]
     got = run_batch(model, requests, rows=3, join_every=2)
     assert [got[i] for i in range(3)] == [list(generate_tokens(model, *r)) for r in requests]
@@ -411,6 +432,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                      st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 5e-324]),  # often, not by chance
                       st.text(max_size=5), st.lists(st.integers(), max_size=2))
 
 
@@ -418,10 +440,19 @@ ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.f
 @given(st.fixed_dictionaries({}, optional={k: ANY_VALUE for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                                    "repetition_penalty", "stop", "seed")}))
 def test_any_sampling_values_are_accepted_or_rejected_by_name(params):
+    """Accepted values are in range, of the stored type; a refusal starts with the name of a parameter given."""
     try:
-        Sampling(**params)
+        s = Sampling(**params)
     except ValueError as e:
-        assert any(name in str(e) for name in params)
+        assert str(e).split()[0] in params, e
+        return
+    assert type(s.max_new_tokens) is int and 1 <= s.max_new_tokens <= MAX_NEW_TOKENS
+    assert type(s.temperature) is float and math.isfinite(s.temperature) and s.temperature >= 0
+    assert type(s.top_k) is int and s.top_k >= 0
+    assert type(s.top_p) is float and 0 < s.top_p <= 1
+    assert type(s.repetition_penalty) is float and math.isfinite(s.repetition_penalty) and s.repetition_penalty > 0
+    assert type(s.stop) is tuple and all(type(x) is str and x for x in s.stop)
+    assert s.seed is None or (type(s.seed) is int and 0 <= s.seed < 2**63)
 
 
 @pytest.fixture(scope="module")
@@ -439,6 +470,10 @@ def test_any_unicode_prompt_generates_whole_text(small_model, prompt):
     assert small_model.last.prompt_tokens == len(small_model.tokenizer.encode_ordinary(prompt))
 
 
-def test_a_megabyte_prompt_is_refused_before_tokenizing(small_model):
+def test_a_megabyte_prompt_is_refused_before_tokenizing(small_model, monkeypatch):
+    def tokenize(text):
+        raise AssertionError("the prompt was tokenized before its length was checked")
+
+    monkeypatch.setattr(small_model.tokenizer, "encode_ordinary", tokenize)
     with pytest.raises(ValueError, match="the limit is 100,000"):
         small_model.generate("x" * 2**20, max_new_tokens=1)
