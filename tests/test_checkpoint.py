@@ -221,3 +221,10 @@ def test_a_float_model_tensor_of_another_dtype_is_a_clear_error(tmp_path, dtype)
     save_model(tmp_path / "m.safetensors", state, m.config)
     with pytest.raises(ModelFileError, match=f"tensor transformer.wpe.weight is {dtype}.*expected float"):
         load_model(tmp_path / "m.safetensors")
+
+
+def test_a_quantization_this_version_does_not_know_is_refused(model_file, tmp_path):
+    model, _ = model_file
+    save_model(tmp_path / "q4.safetensors", model.state_dict(), model.config, quantization="int4")
+    with pytest.raises(ModelFileError, match="reads none or int8"):
+        load_model(tmp_path / "q4.safetensors")

@@ -35,3 +35,10 @@ def test_eval_leaves_training_mode_as_it_was():
     assert evaluate(model, tokens, chars=40, block_size=16).nats == first
     assert evaluate(model.eval(), tokens, chars=40, block_size=16).nats == first
     assert not model.training
+
+
+def test_the_metrics_row_names_each_figure_as_it_is():
+    """as_dict feeds metrics.jsonl, the model card and the page: a figure under another's name goes unseen."""
+    r = evaluate(tiny_model().eval(), np.arange(40, dtype=np.uint16), chars=100, block_size=16)
+    assert r.as_dict() == {"val_nats_per_token": r.nats / r.tokens, "val_perplexity": math.exp(r.nats / r.tokens),
+                           "val_nats_per_char": r.nats / 100, "val_tokens": r.tokens, "val_chars": 100}
