@@ -194,6 +194,8 @@ def main() -> None:
                     continue
                 cmd = [sys.executable, __file__, "--one", system, "--files", json.dumps(files), "--device", args.device]
                 r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                if r.stderr.strip():  # its warnings (a compiled step that fell back to eager, say) and logs
+                    print(f"{system} said:\n{r.stderr.rstrip()}", file=sys.stderr, flush=True)
                 if r.returncode != 0:
                     errors[system] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
                     continue

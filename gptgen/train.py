@@ -486,8 +486,9 @@ class RegionalCompile(nn.Module):
     first compiles and the others reuse it) and the head with the loss (fused, they made CPU steps 1.7-2x
     faster). On 2 cores, compile caches off, the first step (compiling) took 13.8-14.4 s instead of 25.1 s
     for the whole gpt2 preset at batch 1 x 512 (13.2 instead of 20.0 s for `small` at 8 x 256), later steps
-    the same (1.03-1.06 vs 1.02-1.03 s; 0.89 vs 0.91 s). `model` itself stays eager: evaluation and
-    generation use it."""
+    the same (1.03-1.06 vs 1.02-1.03 s; 0.89 vs 0.91 s). On an H200 at 16 x 1024 too (38.1 vs 37.2 ms, 14.5 vs
+    24.5 s to compile), but at 8 x 1024 launching the regions bound the step (32.8 vs 22.8 ms): a GPU wants
+    batches that keep it busy (README). `model` itself stays eager: evaluation and generation use it."""
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
