@@ -98,6 +98,22 @@ def test_eval_windows_score_every_token_exactly_once(n, block):
     assert windows[0][0][0] == 50256  # the first token is predicted from <|endoftext|>
 
 
+def test_random_windows_start_anywhere_from_the_first_token_to_the_last_whole_window():
+    tokens = np.arange(35, dtype=np.uint16)  # block 32: a window and its targets fit at starts 0, 1 and 2
+    rng = np.random.default_rng(0)
+    starts = {int(x[0, 0]) for x, _ in (sample_batch(tokens, 1, 32, rng) for _ in range(100))}
+    assert starts == {0, 1, 2}
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it is no part of the text to learn."""
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + b"abcdefghij" * 20)
+    (tmp_path / "plain.txt").write_bytes(b"abcdefghij" * 20)
+    with_bom, plain = load_corpus(tmp_path / "bom.txt"), load_corpus(tmp_path / "plain.txt")
+    np.testing.assert_array_equal(with_bom.train, plain.train)
+    np.testing.assert_array_equal(with_bom.val, plain.val)
+
+
 def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -118,6 +134,10 @@ def test_download_checks_the_hash_and_keeps_a_good_copy(tmp_path, monkeypatch):
     assert path.read_bytes() == CORPUS.read_bytes()
     monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset("file:///nonexistent", good.sha256, good.filename))
     assert data.download("shakespeare", tmp_path) == path  # a good copy is not fetched again
+    path.write_bytes(b"a truncated download")
+    monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset(CORPUS.as_uri(), good.sha256, good.filename))
+    assert data.download("shakespeare", tmp_path).read_bytes() == CORPUS.read_bytes()  # a bad copy is replaced
+    monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset("file:///nonexistent", good.sha256, good.filename))
     other = tmp_path / "other"
     with pytest.raises(DataError, match="could not download"):
         data.download("shakespeare", other)

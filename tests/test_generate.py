@@ -50,6 +50,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [True, True, False, False]
     assert torch.isfinite(apply_top_p(logits, 0.81)).tolist() == [True, True, True, False]
     assert torch.isfinite(apply_top_p(logits, 0.1)).tolist() == [True, False, False, False]
+    # the boundary, where float sums are exact: the first half of the mass already reaches p = 0.5
+    assert torch.isfinite(apply_top_p(torch.zeros(2), 0.5)).sum() == 1
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():
@@ -64,11 +66,15 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=MAX_NEW_TOKENS + 1), "max_new_tokens"),
     (dict(max_new_tokens="10"), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"), (dict(seed=-5), "seed must be between 0"),
-    (dict(seed=10**20), "seed must be between 0"),
+    (dict(seed=10**20), "seed must be between 0"), (dict(seed=2**63), "seed must be between 0"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):
         Sampling(**bad)
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    assert Sampling(seed=2**63 - 1).seed == 2**63 - 1
 
 
 def test_numpy_numbers_are_numbers():
@@ -326,6 +332,32 @@ def test_stop_string_spanning_pieces_is_caught():
     assert "".join(pieces) == "ROMEO: hello there\nJULIET: goodbye"
 
 
+def test_the_earlier_of_two_stop_strings_in_one_piece_ends_the_text():
+    ids = get_tokenizer().encode_ordinary("abc")
+    assert len(ids) == 1  # both stop strings arrive in the same piece
+    assert "".join(stream_text(iter(ids), stop=("c", "b"))) == "a"
+
+
+def test_generation_ends_at_the_end_of_text_token(monkeypatch):
+    """The model ending its text (<|endoftext|>) ends the generation, before max_new_tokens and without the token."""
+    import gptgen.generate as gen
+
+    draws = iter([5, 6, EOT_ID, 7, 8, 9])
+    monkeypatch.setattr(gen, "next_token", lambda *args: next(draws))
+    tm = TextModel(tiny_model().eval(), {})
+    assert list(generate_tokens(tm.model, [1, 2], Sampling(max_new_tokens=6))) == [5, 6]
+    draws = iter([5, 6, EOT_ID, 7, 8, 9])
+    assert tm.generate("x", max_new_tokens=6) == get_tokenizer().decode([5, 6]) and tm.last.new_tokens == 2
+
+
+def test_tokens_per_second_counts_the_tokens_after_the_first():
+    """The first token's time is the prompt's (time to first token); the rate is of the tokens decoded after it."""
+    from gptgen.generate import Stats
+
+    assert Stats(new_tokens=11, first_token_s=1.0, total_s=3.0).tokens_per_s == 5.0
+    assert Stats(new_tokens=1, first_token_s=1.0, total_s=1.0).tokens_per_s == 0.0
+
+
 def test_text_model_generate_and_stream_agree():
     tm = TextModel(tiny_model().eval(), {})
     text = tm.generate("The king", max_new_tokens=8, temperature=0)
@@ -477,3 +509,9 @@ def test_a_megabyte_prompt_is_refused_before_tokenizing(small_model, monkeypatch
     monkeypatch.setattr(small_model.tokenizer, "encode_ordinary", tokenize)
     with pytest.raises(ValueError, match="the limit is 100,000"):
         small_model.generate("x" * 2**20, max_new_tokens=1)
+
+
+def test_the_prompt_cap_is_100000_characters(small_model):
+    assert len(small_model.prepare("x" * 100_000)[0]) > 0
+    with pytest.raises(ValueError, match="prompt is 100,001 characters; the limit is 100,000"):
+        small_model.prepare("x" * 100_001)
