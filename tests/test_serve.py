@@ -131,6 +131,7 @@ def test_openai_completion_equals_the_python_api(openai_client):
     assert out.choices[0].text == expected
     assert out.choices[0].finish_reason in ("stop", "length") and out.usage.prompt_tokens == 3
     assert out.usage.completion_tokens >= 1
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
 def test_concurrent_openai_clients_each_get_their_text_alone(openai_client):
@@ -211,6 +212,8 @@ def test_openai_null_fields_mean_their_defaults(web_server):
     """Clients send null for "not given" (OpenAI reads it so): the answer is the one without those fields."""
     import httpx
 
+    import gptgen
+
     optional = ["model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "n", "best_of",
                 "echo", "logprobs", "suffix", "frequency_penalty", "presence_penalty", "logit_bias", "stream",
                 "stream_options", "user"]
@@ -218,6 +221,9 @@ def test_openai_null_fields_mean_their_defaults(web_server):
                for nulls in ({}, dict.fromkeys(optional))]
     assert [r.status_code for r in answers] == [200, 200], answers[1].text
     assert answers[0].json()["choices"] == answers[1].json()["choices"]
+    # OpenAI's defaults, where they differ from gptgen's: 16 tokens, temperature 1, no top-k
+    assert answers[0].json()["choices"][0]["text"] == gptgen.load(str(BUNDLED), device="cpu").generate(
+        "ROMEO:", max_new_tokens=16, temperature=1.0, top_k=0, seed=3)
 
 
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -48,6 +48,7 @@ def test_api_streams_growing_text_that_ends_as_the_plain_call(client):
     (4, 0.0, "top_p must be in (0, 1]"),
     (1, 10**6, "greater than maximum value 4096"),  # the cap of every other way in
     (7, "../../etc/passwd", "is not in the list of choices"),  # names only, never paths
+    (6, -5, "seed must be between 0 and 2**63 - 1, got -5"),  # only -1 means random
 ])
 def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, field, value, message):
     from gradio_client.exceptions import AppError
@@ -75,6 +76,14 @@ def test_a_bad_value_is_its_message_alone_and_one_line_in_the_server_log(client,
         client.predict(*args, api_name="/generate")
     assert e.value.message == message  # not repr'd into quotes
     assert log.read_bytes()[before:].decode() == f"page request refused: {message}\n"  # no traceback
+
+
+def test_the_stats_say_the_model_saw_only_its_context_when_the_prompt_was_longer():
+    from gptgen.generate import Stats
+    from gptgen.web import stats_line
+
+    assert "(the model saw its last 128)" in stats_line(Stats(prompt_tokens=129, new_tokens=2), 128)
+    assert "saw its last" not in stats_line(Stats(prompt_tokens=128, new_tokens=2), 128)
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +201,17 @@ def test_stop_pressed_while_the_run_waits_to_start_is_not_lost(page):
     page.wait_for_selector("#stats:has-text('Stopped after')", timeout=30_000)
     tokens = int(page.inner_text("#stats").split("Stopped after")[1].split("token")[0])
     assert tokens < 200
+
+
+def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
+    """Stop after a run has ended is a no-op: it must not end the next run at its first piece."""
+    page.fill("#prompt textarea", "Hello")
+    page.fill("#max_new_tokens input[type=number]", "5")
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    page.click("#generate")
+    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+    page.click("#stop")
+    time.sleep(1.0)  # the Stop request (not queued) reaches the server
+    page.click("#generate")
+    page.wait_for_selector("#stats:has-text('Generated'), #stats:has-text('Stopped after')", timeout=30_000)
+    assert page.inner_text("#stats").startswith("Generated 5 tokens")
