@@ -146,7 +146,8 @@ def one(system: str, files: dict[str, str], device: str) -> dict:
     kind = system.split("-")[1]
     if system.startswith("gptgen"):
         path = Path(files["int8" if kind == "int8" else "fp32"])
-        once = run_gptgen(path, "bfloat16" if kind == "bf16" else "float32", device, system.endswith("-compiled"))
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(kind, "auto")  # int8: bf16 activations on CUDA
+        once = run_gptgen(path, dtype, device, system.endswith("-compiled"))
     elif system.startswith("transformers"):
         path = Path(files["fp32"])
         once = run_transformers(path)

@@ -13,7 +13,9 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", rev
 
     `path` is a local file or a Hub id ("owner/name", fetched through the Hugging Face cache at `revision`).
     dtype "bfloat16" casts a float model's weights (faster on GPUs and on CPUs with bf16); "auto" (the
-    default) is bfloat16 on CUDA, float32 elsewhere; int8 models keep their int8 weights either way.
+    default) is bfloat16 on CUDA, float32 elsewhere. int8 models keep their int8 weights; on CUDA the rest
+    of them (norms, biases, scales, and so the activations) follow dtype too, on a CPU it stays float32,
+    which fbgemm's int8 layers take.
     compile=True on CUDA decodes through a compiled step with CUDA graphs
     (`gptgen.generate.compile_decoding`): the first call compiles, for tens of seconds.
     """
@@ -25,10 +27,10 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", rev
     if not isinstance(compile, bool):  # compile="no" would be true
         raise TypeError(f"compile must be True or False, got {compile!r}")
     device = pick_device(device)
-    weights = inference_dtype(device, dtype)
+    floats = inference_dtype(device, dtype)
     model, metadata = load_model(resolve(path, revision), device)
-    if metadata.get("quantization") == "none":
-        model = model.to(weights)
+    if metadata.get("quantization") == "none" or device.type == "cuda":  # a CPU's int8 layers stay packed
+        model = model.to(floats)
     if compile:
         compile_decoding(model)
     return TextModel(model, metadata)

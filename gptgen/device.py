@@ -40,8 +40,9 @@ def use_bf16(device: torch.device, dtype: str) -> bool:
 
 
 def inference_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """A float model's weights for generation. 'auto': bf16 on CUDA (half the memory, and faster: eager decoding
-    of the gpt2 preset on an H200 measured 284.8 tok/s in bf16, 252.4 in fp32); float32 elsewhere, where
+    """A model's float tensors for generation (an int8 model's on CUDA too). 'auto': bf16 on CUDA (half the
+    memory, and faster: eager decoding of the gpt2 preset on an H200 measured 284.8 tok/s in bf16, 252.4 in
+    fp32; GPT-2's int8 layers took 175 us a token there with bf16 activations); float32 elsewhere, where
     int8 is the fast path and float32 gives the reference numbers."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

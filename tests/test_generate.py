@@ -228,6 +228,18 @@ def test_compiled_decoding_compiles_once_keeps_its_caches_and_gives_the_eager_te
         model.clear_caches()
 
 
+def test_an_int8_model_with_bf16_activations_as_cuda_runs_it_gives_the_float32_greedy_text():
+    """On CUDA gptgen.load casts an int8 model's float tensors to bf16 (its int8 layers are fast there with bf16
+    activations); the same model on a CPU, unpacked as a GPU has it, eager and through the compiled step."""
+    reference = list(generate_tokens(_model("int8"), [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0)))
+    model = _model("int8").to(torch.bfloat16)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.int8, torch.bfloat16}
+    assert list(generate_tokens(model, [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0))) == reference
+    model.compiled_decoder = CompiledDecoder(model, options={})
+    assert list(generate_tokens(model, [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0))) == reference
+    assert not model.compiled_decoder.failed
+
+
 def test_compiled_decoding_falls_back_to_eager_with_a_warning():
     model = _model("float")
     s = Sampling(max_new_tokens=20, temperature=1.0, top_k=20, seed=2)
@@ -432,6 +444,7 @@ def test_load_float_and_int8_files_with_dtype(tmp_path):
     assert len(bf16.generate("Hi", max_new_tokens=4, temperature=0)) > 0
     int8 = gptgen.load(str(tmp_path / "q.safetensors"), device="cpu", dtype="bfloat16")
     assert int8.model.lm_head.weight.dtype == torch.int8 and int8.metadata["quantization"] == "int8"
+    assert int8.model.transformer.wpe.weight.dtype == torch.float32  # on a CPU: fbgemm's int8 layers take float32
     with pytest.raises(ConfigError, match="dtype"):
         gptgen.load(str(tmp_path / "f.safetensors"), dtype="fp8")
 
