@@ -2,6 +2,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from gptgen.checkpoint import (
+    TIED,
     ModelFileError,
     atomic_write,
     load_model,
@@ -18,6 +20,7 @@ from gptgen.checkpoint import (
     save_optimizer,
 )
 from gptgen.config import GPTConfig
+from gptgen.quantize import quantize_state_dict
 from tests.test_model import tiny_model
 
 
@@ -119,6 +122,15 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
         atomic_write(path, b"new data")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
+    """The rename lives in the directory's data: unsynced, a power cut after "saved" can bring back the old file."""
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *args: (real_replace(*args), events.append("replace"))[0])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
+    atomic_write(tmp_path / "f.bin", b"new")
+    assert events == [(tmp_path / "f.bin").stat().st_ino, "replace", tmp_path.stat().st_ino]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
@@ -228,3 +240,20 @@ def test_a_quantization_this_version_does_not_know_is_refused(model_file, tmp_pa
     save_model(tmp_path / "q4.safetensors", model.state_dict(), model.config, quantization="int4")
     with pytest.raises(ModelFileError, match="reads none or int8"):
         load_model(tmp_path / "q4.safetensors")
+
+
+@pytest.mark.parametrize("quantization, name, bad, message", [
+    ("none", "transformer.h.0.ln_1.weight", torch.ones(31), "tensor transformer.h.0.ln_1.weight is torch.float32 "
+     "(31,), expected float (32,)"),
+    ("none", "transformer.h.0.extra.weight", torch.ones(2), "unexpected ['transformer.h.0.extra.weight']"),
+    ("int8", "transformer.h.0.mlp.c_fc.weight.scale", torch.ones(128, dtype=torch.float16),
+     "tensor transformer.h.0.mlp.c_fc.weight.scale is torch.float16 (128,), expected torch.float32 (128,)"),
+])
+def test_a_tensor_the_config_does_not_expect_is_refused_by_name(tmp_path, quantization, name, bad, message):
+    """A wrong shape, a stray tensor, a float16 int8 scale: refused, naming it, not a crash or wrong maths later."""
+    m = tiny_model()
+    state = {k: v for k, v in m.state_dict().items() if k != TIED}
+    state = quantize_state_dict(state) if quantization == "int8" else state
+    save_model(tmp_path / "m.safetensors", {**state, name: bad}, m.config, quantization=quantization)
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        load_model(tmp_path / "m.safetensors")

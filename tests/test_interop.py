@@ -55,14 +55,20 @@ def test_export_refuses_to_overwrite(trained, tmp_path):
     assert target.read_bytes() == b"keep me"
 
 
-def test_q8_0_export_is_a_gguf_file(trained, tmp_path):
+@pytest.mark.parametrize("gguf_type, matrices, file_type",
+                         [("f16", "F16", "MOSTLY_F16"), ("q8_0", "Q8_0", "MOSTLY_Q8_0")])
+def test_export_is_a_gguf_file_of_its_type(trained, tmp_path, gguf_type, matrices, file_type):
+    """llama.cpp reports general.file_type as the file's type; position_embd stays F16 in a q8_0 file, as gptgen's
+    own int8 file keeps the position embedding float (a lookup, not a matrix product: nothing to gain)."""
     import gguf
 
-    export_gguf(trained, tmp_path / "q.gguf", "q8_0")
+    export_gguf(trained, tmp_path / "q.gguf", gguf_type)
     reader = gguf.GGUFReader(tmp_path / "q.gguf")
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType[matrices]
+    assert types["position_embd.weight"] == gguf.GGMLQuantizationType.F16
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert (tmp_path / "q.gguf").stat().st_mode & 0o777 == user_mode(0o666)  # readable as the user's files are
 
@@ -178,6 +184,22 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
         import_hf(folder, tmp_path / "x.safetensors")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ModelFileError, match="never unpickles"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_transformers_tensor_of_the_wrong_shape_is_refused_by_name(tmp_path):
+    """Imported unchecked, it made a model file that only failed when loaded, far from its cause."""
+    from safetensors.torch import load_file, save_file
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import import_hf
+
+    _, folder = _hf_random(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:32].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match=re.escape("tensor transformer.wpe.weight is (32, 64), expected (64, 64)")):
         import_hf(folder, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
-from gptgen.config import ConfigError, TrainConfig
-from gptgen.train import RunDir, _count, lr_at, max_steps, resume_config, train
+from gptgen.config import LOSS_WINDOW, ConfigError, TrainConfig
+from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
 from tests.conftest import CORPUS, sigint_as_usual
+from tests.test_model import tiny_model
 
 
 def evals(run) -> list[dict]:
@@ -66,6 +68,30 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint):
     assert torch.allclose(loss, eager_loss, atol=1e-5)
     assert all(torch.allclose(grads[n], eager_grads[n], atol=1e-5, rtol=1e-4) for n in grads)
     assert counters["stats"]["unique_graphs"] == 2  # the blocks' (the first compiles, the others reuse it), the head's
+
+
+def _sgd_step(batches, grad_clip=0.0):
+    """A tiny model after one optimizer_step with plain SGD at lr 1: its weights move by exactly the gradient."""
+    model = tiny_model(vocab_size=256)
+    optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batches, device=torch.device("cpu"),
+                   autocast=contextlib.nullcontext(), grad_clip=grad_clip)
+    return model
+
+
+def test_accumulated_micro_batches_step_as_one_batch_of_their_rows():
+    """--grad-accum N must train as one N-times-larger batch; summed micro-batch gradients act as an N-fold lr."""
+    x, y = torch.randint(0, 256, (2, 4, 16), generator=torch.Generator().manual_seed(0))
+    accumulated, whole = _sgd_step([(x[:2], y[:2]), (x[2:], y[2:])]), _sgd_step([(x, y)])
+    for a, b in zip(accumulated.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_grad_clip_bounds_the_size_of_a_step():
+    """A loss spike must not throw the weights further than --grad-clip allows."""
+    x, y = torch.randint(0, 256, (2, 4, 16))
+    before, after = tiny_model(vocab_size=256), _sgd_step([(x, y)], grad_clip=1e-3)
+    moved = torch.cat([(a - b).flatten() for a, b in zip(after.parameters(), before.parameters(), strict=True)])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
@@ -312,8 +338,6 @@ def _window_target(small_text, tmp_path) -> float:
 
 
 def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small_text, tmp_path):
-    from gptgen.config import LOSS_WINDOW
-
     target = _window_target(small_text, tmp_path)
     common = dict(decay_steps=300, target_loss=target, dropout=0.1)
     one = train(config(small_text, tmp_path / "one", steps=300, **common))
@@ -341,6 +365,13 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     # A lower target on resume: the run goes on (the old target's step is not the new one's).
     lower = train(resume_config(tmp_path / "one", target_loss=0.001, steps=reached["step"] + 5), resume=True)
     assert lower["steps"] == reached["step"] + 5 and lower["target_reached"] is None  # a new target: a new search
+
+
+def test_the_target_waits_for_a_full_window_of_losses(small_text, tmp_path):
+    """A mean of the first few steps' losses is not the LOSS_WINDOW mean the target means: it stopped runs early."""
+    summary = train(config(small_text, tmp_path / "run", steps=LOSS_WINDOW + 5, eval_interval=1000, batch_size=1,
+                           block_size=8, target_loss=100.0))
+    assert summary["stopped_by"] == "target_loss" and summary["target_reached"]["step"] == LOSS_WINDOW
 
 
 def test_the_bar_shows_the_val_loss_as_soon_as_an_eval_ran(small_text, tmp_path, capsys):
