@@ -21,10 +21,17 @@ def test_overrides_and_json_round_trip():
     assert GPTConfig.from_json(c.to_json()) == c
 
 
-@pytest.mark.parametrize("bad", [dict(n_embd=100, n_head=3), dict(n_layer=0), dict(dropout=1.0)])
+@pytest.mark.parametrize("bad", [dict(n_embd=100, n_head=3), dict(n_layer=0), dict(dropout=1.0), dict(dropout=-0.1),
+                                 dict(n_layer=2.5)])
 def test_invalid_model_config(bad):
     with pytest.raises(ConfigError):
         GPTConfig(**bad)
+
+
+def test_a_model_config_with_unknown_fields_is_refused_by_name():
+    """A model file from a newer version or another tool must fail with a clear error, not a TypeError."""
+    with pytest.raises(ConfigError, match="rope"):
+        GPTConfig.from_json('{"n_layer": 2, "rope": true}')
 
 
 def test_unknown_preset_names_the_choices():
@@ -39,6 +46,10 @@ def test_unknown_preset_names_the_choices():
     (dict(minutes=math.inf), "--minutes must be a finite"), (dict(lr=math.nan), "--lr must be a finite"),
     (dict(epochs=math.inf), "--epochs"), (dict(beta1=2.0), "--beta1"), (dict(beta2=1.0), "--beta2"),
     (dict(weight_decay=-1.0), "--weight-decay"), (dict(seed=-1), "--seed"), (dict(dropout=1.5), "--dropout"),
+    (dict(min_lr=2e-3), "--min-lr"), (dict(decay_steps=0), "--decay-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
+    (dict(target_loss=0.0), "--target-loss"), (dict(grad_clip=-1.0), "--grad-clip"), (dict(epochs=0.0), "--epochs"),
+    (dict(block_size=0), "--block-size"), (dict(compile="yes"), "--compile"),
+    (dict(eval_interval=0), "--eval-interval"),
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

@@ -152,6 +152,35 @@ def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learne
         hub.space_files(BUNDLED)
 
 
+def test_private_pushes_create_private_repositories(api):
+    """`gptgen push --private` must never publish a model or a Space for everyone to see."""
+    hub.push(BUNDLED, "owner/model", private=True)
+    hub.push_space(BUNDLED, "owner/space", private=True)
+    assert [kwargs["private"] for call, _, kwargs, *_ in api.calls if call == "create_repo"] == [True, True]
+
+
+@pytest.mark.parametrize("status, hint", [(401, True), (403, True), (404, False)])
+def test_a_hub_refusal_is_one_sentence_with_a_login_hint_when_it_is_the_login(status, hint):
+    """A push without a token should tell the user to log in, and only then."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(ModelFileError, match="the Hub refused owner/x: nope") as e, hub._hub_call("owner/x"):
+        raise HfHubHTTPError("nope\ndetails", response=SimpleNamespace(status_code=status, headers={},
+                                                                request=None))
+    assert ("hf auth login" in str(e.value)) == hint
+
+
+def test_a_connection_failure_is_one_sentence_and_other_errors_pass_through():
+    """No network is the user's to fix (one line); a bug elsewhere must keep its traceback."""
+    with pytest.raises(ModelFileError, match="could not reach the Hugging Face Hub for owner/x"), \
+            hub._hub_call("owner/x"):
+        raise ConnectionRefusedError("refused")
+    with pytest.raises(KeyError), hub._hub_call("owner/x"):
+        raise KeyError("a bug")
+
+
 def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
     with pytest.raises(ModelFileError, match="not a Hub repository id"):
         hub.push(BUNDLED, "no-owner")

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gptgen.config import GPTConfig
@@ -78,3 +79,40 @@ def test_dropout_acts_in_training_only():
     no_dropout.train()
     assert torch.equal(no_dropout(idx)[0], no_dropout(idx)[0])
     assert torch.equal(no_dropout(idx)[0], model(idx)[0])  # same weights: eval with dropout = no dropout
+
+
+def test_init_weights_follows_gpt2s_scheme():
+    """Training from scratch relies on GPT-2's init: zero biases, unit norms, residual projections scaled by depth."""
+    model = tiny_model(n_layer=4, n_embd=64)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in params.items() if n.endswith("bias"))
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if "ln_" in n and n.endswith("weight"))
+    proj = torch.cat([p.flatten() for n, p in params.items() if n.endswith("c_proj.weight")])
+    fc = torch.cat([p.flatten() for n, p in params.items() if n.endswith("c_fc.weight")])
+    assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 4)) < 0.001
+    assert abs(fc.std().item() - 0.02) < 0.001
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_a_prompt_fed_in_chunks_onto_the_cache_gives_the_full_forwards_logits(chunk):
+    """forward(idx, pos=p) appends to the cache: later chunks must see the cache and each other causally."""
+    model = tiny_model().eval()
+    idx = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(2))
+    full, _ = model(idx)
+    model.setup_caches(batch=1)
+    first, _ = model(idx[:, :5])
+    pieces = [first] + [model(idx[:, p:p + chunk], pos=p)[0] for p in range(5, 12, chunk)]
+    model.clear_caches()
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full)
+
+
+def test_asking_for_a_static_cache_replaces_an_uninitialised_one():
+    """Static steps read the whole cache, so a reused one must be the zeroed static kind, not leftover memory."""
+    model = tiny_model()
+    model.setup_caches(batch=2)
+    model.setup_caches(batch=2, static=True)
+    caches = [block.attn.cache for block in model.transformer.h]
+    assert all(c.static and not c.kv.any() for c in caches)
+    model.setup_caches(batch=2, static=True)
+    assert all(block.attn.cache is c for block, c in zip(model.transformer.h, caches, strict=True))  # kept as is

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -442,6 +443,39 @@ def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, 
         engine.load("bad", str(bad))
     prompt, s = _requests(1)[0]
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_a_request_for_a_model_not_loaded_fails_in_plain_words(tiny_file):
+    """A client asking for a model the engine never loaded must read why, not a bare KeyError."""
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=1)
+    with pytest.raises(EngineError, match=r"^model 'nope' is not loaded$"):
+        list(engine.tokens("nope", [1, 2], Sampling(max_new_tokens=2)))
+
+
+def test_an_engine_that_keeps_dying_stops_being_restarted_and_says_so():
+    """An engine that dies at once each time (a bad model, no memory) must not be restarted for ever."""
+    from gptgen.engine import MAX_RESTARTS, EngineError
+
+    engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
+    engine._lock, engine._replies, engine._restarts, engine._stopped, starts = threading.RLock(), {}, [], None, []
+    engine._start = lambda: starts.append(1)
+    for _ in range(MAX_RESTARTS + 1):
+        engine._restart("the engine process stopped (exit code -9)")
+    assert len(starts) == MAX_RESTARTS
+    with pytest.raises(EngineError, match=f"{MAX_RESTARTS + 1} times in a minute; restart the server"):
+        engine._request({"op": "generate"})
+
+
+def test_the_engine_takes_all_cores_but_one(monkeypatch):
+    """The server's threads and its clients need the last core, or batched decoding stalls (engine docstring)."""
+    from gptgen.engine import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_threads() == 1
 
 
 def test_an_engine_that_fails_mid_request_is_an_openai_error_not_a_500_page_or_a_silent_end():
