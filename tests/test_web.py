@@ -212,6 +212,8 @@ def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
     page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
     page.click("#stop")
     time.sleep(1.0)  # the Stop request (not queued) reaches the server
+    page.fill("#max_new_tokens input[type=number]", "7")  # this run's stats differ from the last one's
+    page.locator("#max_new_tokens input[type=number]").press("Enter")
     page.click("#generate")
-    page.wait_for_selector("#stats:has-text('Generated'), #stats:has-text('Stopped after')", timeout=30_000)
-    assert page.inner_text("#stats").startswith("Generated 5 tokens")
+    page.wait_for_selector("#stats:has-text('Generated 7 tokens'), #stats:has-text('Stopped after')", timeout=30_000)
+    assert page.inner_text("#stats").startswith("Generated 7 tokens")
