@@ -313,3 +313,167 @@ def test_a_flag_not_close_to_any_gets_no_suggestion():
 def test_flags_must_be_spelled_out():
     r = gptgen("generate", "m.safetensors", "x", "--max-new", "3")
     assert r.returncode == 2 and "unrecognized arguments: --max-new 3 (did you mean --max-new-tokens?)" in r.stderr
+
+
+def run_main(capsys, *args):
+    """`gptgen ARGS` in this process (no interpreter and torch to start): (exit status, stdout, stderr)."""
+    from gptgen.cli import main
+
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """gptgen.train.train replaced: it records the TrainConfig the CLI built and returns seen["summary"]."""
+    import gptgen.train
+
+    seen = {"summary": {"steps": 3, "interrupted": False, "stopped_by": "steps", "last_window_loss": 5.0}}
+
+    def train(cfg, *, resume=False):
+        seen["cfg"] = cfg
+        return seen["summary"]
+
+    monkeypatch.setattr(gptgen.train, "train", train)
+    return seen
+
+
+def test_train_without_a_budget_runs_the_default_steps_and_any_budget_replaces_them(
+        capsys, fake_train, small_text, tmp_path):
+    """`gptgen train --data --out` alone must stop (after 2000 steps), and --minutes or --epochs alone is the limit."""
+    assert run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run")[0] == 0
+    assert fake_train["cfg"].steps == 2000
+    for budget in (["--minutes", "1.5"], ["--epochs", "2"]):
+        assert run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run", *budget)[0] == 0
+        assert fake_train["cfg"].steps is None, budget
+
+
+def test_an_interrupted_training_exits_130_and_says_how_to_continue(capsys, fake_train, small_text, tmp_path):
+    """Ctrl-C saves the run: scripts see 130 (not success) and the user gets the resume command."""
+    fake_train["summary"] = {**fake_train["summary"], "interrupted": True}
+    status, out, err = run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run", "--steps", 9)
+    assert status == 130 and json.loads(out)["interrupted"] is True
+    assert f"interrupted at step 3; continue with: gptgen train --resume {tmp_path / 'run'}" in err
+
+
+def test_a_minutes_budget_ending_before_the_steps_says_so(capsys, fake_train, small_text, tmp_path):
+    """With both --steps and --minutes, a run cut short by time tells the user it did not reach its steps."""
+    fake_train["summary"] = {**fake_train["summary"], "stopped_by": "minutes"}
+    status, _, err = run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run", "--steps", 10,
+                              "--minutes", 1)
+    assert status == 0 and "the --minutes budget ran out at step 3 of 10" in err, err
+
+
+def test_resume_may_move_a_run_to_another_device(capsys, tmp_path):
+    """--device is one of the flags --resume accepts (a run started on a GPU may go on on the CPU)."""
+    status, _, err = run_main(capsys, "train", "--resume", tmp_path / "none", "--device", "cpu")
+    assert status == 2 and "no state.json" in err and "only --steps" not in err, err
+
+
+@pytest.mark.parametrize("fraction", ["0", "1", "1.5"])
+def test_eval_refuses_a_val_fraction_outside_0_to_1(capsys, small_text, tmp_path, fraction):
+    """A val split of all (or none) of the text would score nothing, or score the training text."""
+    status, _, err = run_main(capsys, "eval", tmp_path / "unused.safetensors", "--data", small_text,
+                              "--val-fraction", fraction)
+    assert status == 2 and "--val-fraction must be between 0 and 1" in err, err
+
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    """A float model file of tests.test_model's tiny GPT (16-token context)."""
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    save_model(tmp_path / "f32.safetensors", m.state_dict(), m.config)
+    return tmp_path / "f32.safetensors"
+
+
+def test_eval_refuses_a_block_longer_than_the_models_context(capsys, small_text, tiny_file):
+    """The model has no position embeddings past its context: a plain error, not a crash mid-evaluation."""
+    status, _, err = run_main(capsys, "eval", tiny_file, "--data", small_text, "--block-size", 17)
+    assert status == 2 and "--block-size must be between 1 and the model's context (16)" in err, err
+
+
+def test_quantize_refuses_an_int8_model(capsys, tiny_file, tmp_path):
+    """Quantizing int8 weights again would write a broken (or pointless) file; the user is told instead."""
+    assert run_main(capsys, "quantize", tiny_file, tmp_path / "i8.safetensors")[0] == 0
+    status, _, err = run_main(capsys, "quantize", tmp_path / "i8.safetensors", tmp_path / "again.safetensors")
+    assert status == 2 and "is already quantized (int8)" in err and not (tmp_path / "again.safetensors").exists()
+
+
+def test_generate_refuses_a_prompt_and_a_prompt_file_together(capsys, tmp_path):
+    """One of the two would be silently ignored."""
+    (tmp_path / "p.txt").write_text("from the file")
+    status, _, err = run_main(capsys, "generate", tmp_path / "unused.safetensors", "from the argument",
+                              "--prompt-file", tmp_path / "p.txt")
+    assert status == 2 and "not both" in err, err
+
+
+def test_under_torchrun_only_each_machines_first_process_prints_an_error(capsys, monkeypatch, tmp_path):
+    """Eight processes finding the same bad input print one line, not eight; all of them exit 2."""
+    args = ["eval", tmp_path / "unused.safetensors", "--data", tmp_path / "x.txt", "--val-fraction", "2"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run_main(capsys, *args)[::2] == (2, "")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    status, _, err = run_main(capsys, *args)
+    assert status == 2 and err.startswith("gptgen: error: --val-fraction"), err
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """gptgen.hub's push, push_space and pull replaced by recorders: the calls the CLI made."""
+    from gptgen import hub
+
+    calls = []
+    for name in ("push", "push_space", "pull"):
+        monkeypatch.setattr(hub, name, lambda *a, _name=name, **kw: calls.append((_name, a, kw)) or "done")
+    return calls
+
+
+def test_push_sends_the_model_with_its_privacy_and_space_defaults_to_the_bundled_model(capsys, hub_calls):
+    """`push --private` must not publish the model; `push --space REPO` serves the bundled model."""
+    from gptgen.config import BUNDLED_MODELS
+
+    assert run_main(capsys, "push", "m.safetensors", "owner/m", "--private") == (0, "done\n", "")
+    assert run_main(capsys, "push", "owner/demo", "--space")[0] == 0
+    assert hub_calls == [("push", ("m.safetensors", "owner/m"), {"private": True}),
+                         ("push_space", (str(BUNDLED_MODELS / "shakespeare-mini-int8.safetensors"), "owner/demo"),
+                          {"private": False})]
+
+
+def test_push_without_a_model_file_is_refused(capsys, hub_calls):
+    """Only --space has a default model; a plain push of nothing would fail deep in the Hub client."""
+    status, _, err = run_main(capsys, "push", "owner/m")
+    assert status == 2 and "give the model file to push" in err and hub_calls == []
+
+
+def test_pull_passes_the_revision(capsys, hub_calls):
+    """`pull --revision v1` must fetch that tag, not main."""
+    assert run_main(capsys, "pull", "owner/m", "--revision", "v1")[0] == 0
+    assert hub_calls == [("pull", ("owner/m", "v1"), {})]
+
+
+def test_serve_passes_every_flag_to_the_server(capsys, monkeypatch):
+    """Each of serve's flags reaches the server (a dropped --threads or --max-batch is silently ignored)."""
+    import types
+
+    seen = []
+    monkeypatch.setitem(sys.modules, "gptgen.serve",
+                        types.SimpleNamespace(serve=lambda *a, **kw: seen.append((a, kw))))
+    assert run_main(capsys, "serve", "--models", "ms", "--model", "m", "--host", "0.0.0.0", "--port", 8000,
+                    "--device", "cpu", "--max-batch", 3, "--threads", 5)[0] == 0
+    assert seen == [(("ms", "m"), {"host": "0.0.0.0", "port": 8000, "device": "cpu", "max_batch": 3, "threads": 5})]
+
+
+def test_export_writes_f16_gguf_unless_a_type_is_given(capsys, monkeypatch, tmp_path):
+    """The help promises f16 by default: a lossier q8_0 must be asked for."""
+    import gptgen.interop
+
+    seen = []
+    monkeypatch.setattr(gptgen.interop, "export_gguf", lambda model, out, kind: seen.append(kind))
+    assert run_main(capsys, "export", tmp_path / "m.safetensors", tmp_path / "m.gguf") == (
+        0, f"wrote {tmp_path / 'm.gguf'} (GGUF f16)\n", "")
+    assert run_main(capsys, "export", tmp_path / "m.safetensors", tmp_path / "q.gguf", "--type", "q8_0")[0] == 0
+    assert seen == ["f16", "q8_0"]

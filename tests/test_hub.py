@@ -207,3 +207,24 @@ def test_push_without_a_network_is_one_clear_line(args):
     r = subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "could not reach the Hugging Face Hub for you/" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_an_id_with_dot_dot_is_not_a_hub_id(tmp_path, monkeypatch):
+    """The Hub refuses `..` in names, and an id is also a path in the cache: `owner/x..` never reaches the Hub."""
+    monkeypatch.chdir(tmp_path)
+    for repo_id in ("owner/name..x", "own..er/name"):
+        assert not hub.is_hub_id(repo_id), repo_id
+        with pytest.raises(ModelFileError, match="not a Hub repository id"):
+            hub.check_hub_id(repo_id)
+
+
+def test_a_spaces_short_description_is_cut_to_the_hubs_60_characters(tmp_path):
+    """The Hub rejects a Space whose short_description is longer than 60 characters (a long corpus name)."""
+    from gptgen.checkpoint import save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config, training={"corpus": "a" * 80 + ".txt"})
+    readme = hub.space_files(tmp_path / "m.safetensors")["README.md"].decode()
+    line = next(line for line in readme.splitlines() if line.startswith("short_description: "))
+    assert line == f'short_description: "A GPT-2 trained by gptgen on {"a" * 31}"'  # 60 characters

@@ -454,6 +454,27 @@ def test_a_request_for_a_model_not_loaded_fails_in_plain_words(tiny_file):
         list(engine.tokens("nope", [1, 2], Sampling(max_new_tokens=2)))
 
 
+def test_a_decoding_step_that_fails_fails_its_requests_and_the_model_serves_the_next(tiny_file, tmp_path, monkeypatch):
+    """A failed step (out of memory, say) ends its batch: kept, its broken rows would fail every later request."""
+    from gptgen.engine import EngineError
+    from tests.conftest import ROOT
+
+    (tmp_path / "sitecustomize.py").write_text(  # the engine process's steps fail while a seed-12345 row is in
+        "from gptgen.generate import Batch\n"
+        "step = Batch.step\n"
+        "def failing(self):\n"
+        "    if any(seq.sampling.seed == 12345 for seq in self.active):\n"
+        "        raise RuntimeError('injected step failure')\n"
+        "    return step(self)\n"
+        "Batch.step = failing\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}")
+    engine = _engine(tiny_file, rows=2)
+    with pytest.raises(EngineError, match="RuntimeError: injected step failure"):
+        list(engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=5, seed=12345)))
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
 def test_an_engine_that_keeps_dying_stops_being_restarted_and_says_so():
     """An engine that dies at once each time (a bad model, no memory) must not be restarted for ever."""
     from gptgen.engine import MAX_RESTARTS, EngineError
