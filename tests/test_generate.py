@@ -231,12 +231,13 @@ def test_compiled_decoding_compiles_once_keeps_its_caches_and_gives_the_eager_te
 def test_an_int8_model_with_bf16_activations_as_cuda_runs_it_gives_the_float32_greedy_text():
     """On CUDA gptgen.load casts an int8 model's float tensors to bf16 (its int8 layers are fast there with bf16
     activations); the same model on a CPU, unpacked as a GPU has it, eager and through the compiled step."""
-    reference = list(generate_tokens(_model("int8"), [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0)))
+    greedy = lambda model: list(generate_tokens(model, [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0)))  # noqa: E731
+    reference = greedy(_model("int8"))
     model = _model("int8").to(torch.bfloat16)
     assert {t.dtype for t in model.state_dict().values()} == {torch.int8, torch.bfloat16}
-    assert list(generate_tokens(model, [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0))) == reference
+    assert greedy(model) == reference
     model.compiled_decoder = CompiledDecoder(model, options={})
-    assert list(generate_tokens(model, [1, 2, 3, 4], Sampling(max_new_tokens=24, temperature=0))) == reference
+    assert greedy(model) == reference
     assert not model.compiled_decoder.failed
 
 

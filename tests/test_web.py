@@ -124,14 +124,25 @@ WATCH_RUN = """() => new Promise(resolve => {
 })"""
 
 
+def _set_max_new_tokens(page, n: int) -> None:
+    page.fill("#max_new_tokens input[type=number]", str(n))
+    page.locator("#max_new_tokens input[type=number]").press("Enter")  # the slider takes the box's value
+
+
+def _finish_a_short_run(page) -> None:
+    page.fill("#prompt textarea", "Hello")
+    _set_max_new_tokens(page, 5)
+    page.click("#generate")
+    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+
+
 def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
     from playwright.sync_api import expect
 
     page.get_by_text(EXAMPLES[1].split("\n")[0]).first.click()
     expect(page.locator("#prompt textarea")).to_have_value(EXAMPLES[1])
     page.fill("#seed input", "5")
-    page.fill("#max_new_tokens input[type=number]", "256")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    _set_max_new_tokens(page, 256)
     run = page.evaluate(WATCH_RUN)
     final = len(_output(page))
     assert "Generated" in run["stats"] and "tokens/s" in run["stats"] and final > 0
@@ -150,15 +161,13 @@ def test_a_refused_request_clears_the_last_run_and_keeps_its_message(page):
 
 
 def test_page_picks_a_model_by_name_and_stop_ends_the_stream(page):
-    page.fill("#max_new_tokens input[type=number]", "64")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    _set_max_new_tokens(page, 64)
     page.locator("#model input").click()
     page.locator("[role=option]", has_text="random-gpt2-int8").click()
     page.wait_for_selector("#model-card:has-text('124.4M parameters')")
     assert page.input_value("#max_new_tokens input[type=number]") == "64"  # the user's value, not the default
     page.fill("#prompt textarea", "Hello")
-    page.fill("#max_new_tokens input[type=number]", "1000")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    _set_max_new_tokens(page, 1000)
     page.click("#generate")
     page.wait_for_function("document.querySelector('#output textarea').value.length > 20", timeout=30_000)
     page.click("#stop")
@@ -185,13 +194,8 @@ def test_page_shows_a_bad_value_as_an_error(page):
 
 def test_stop_pressed_while_the_run_waits_to_start_is_not_lost(page):
     """A Stop pressed before the first text (the run still queued) used to be wiped when the run started."""
-    page.fill("#prompt textarea", "Hello")
-    page.fill("#max_new_tokens input[type=number]", "5")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
-    page.click("#generate")
-    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
-    page.fill("#max_new_tokens input[type=number]", "200")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    _finish_a_short_run(page)
+    _set_max_new_tokens(page, 200)
     page.evaluate("""() => new Promise(resolve => {
       document.querySelector('#generate').click();
       const cleared = () => document.querySelector('#output textarea').value === ''
@@ -205,15 +209,10 @@ def test_stop_pressed_while_the_run_waits_to_start_is_not_lost(page):
 
 def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
     """Stop after a run has ended is a no-op: it must not end the next run at its first piece."""
-    page.fill("#prompt textarea", "Hello")
-    page.fill("#max_new_tokens input[type=number]", "5")
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
-    page.click("#generate")
-    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+    _finish_a_short_run(page)
     page.click("#stop")
     time.sleep(1.0)  # the Stop request (not queued) reaches the server
-    page.fill("#max_new_tokens input[type=number]", "7")  # this run's stats differ from the last one's
-    page.locator("#max_new_tokens input[type=number]").press("Enter")
+    _set_max_new_tokens(page, 7)  # this run's stats differ from the last one's
     page.click("#generate")
     page.wait_for_selector("#stats:has-text('Generated 7 tokens'), #stats:has-text('Stopped after')", timeout=30_000)
     assert page.inner_text("#stats").startswith("Generated 7 tokens")
