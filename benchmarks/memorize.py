@@ -61,7 +61,10 @@ PROXY_CHARS = 12_000
 def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict:
     from train import measure
 
+    from gptgen.device import keep_freed_memory
+
     torch.set_num_threads(2)
+    keep_freed_memory()  # as `gptgen train` does
     row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device)
     row["grad_checkpoint"] = ckpt
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -3,7 +3,9 @@
 Both run the same loop (gptgen.train.optimizer_step) on random tokens with 2 threads. gptgen uses its
 defaults (bf16 autocast where the CPU has bf16, torch.compile for micro-batches >= 512 tokens, fused
 AdamW). transformers runs as a user would write it (fp32, torch AdamW defaults), and also with the same
-bf16 autocast and fused AdamW as gptgen, so the ratio to the strongest peer setting is shown too.
+bf16 autocast and fused AdamW as gptgen, so the ratio to the strongest peer setting is shown too. All rows
+run in a process that keeps its freed memory, as `gptgen train`'s does (`gptgen.device.keep_freed_memory`),
+so the ratios compare the models and loops, not the allocator.
 
     python benchmarks/train.py [--steps 6] [--json out.json]
 """
@@ -19,7 +21,7 @@ import torch
 from report import emit
 
 from gptgen.config import GPTConfig, TrainConfig
-from gptgen.device import allow_tf32, autocast_for
+from gptgen.device import allow_tf32, autocast_for, keep_freed_memory
 from gptgen.model import GPT
 from gptgen.train import RegionalCompile, make_optimizer, optimizer_step, use_compile
 
@@ -98,6 +100,7 @@ def main() -> None:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
     rows = [measure(system, *case, args.steps) for case in CASES
             for system in ("gptgen", "transformers-fp32", "transformers-bf16")]
     print(f"training throughput, {args.threads} threads, {platform.processor() or platform.machine()}, "

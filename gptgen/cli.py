@@ -198,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gptgen.device import keep_freed_memory
     from gptgen.train import resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "subparser", "resume") and v is not None}
@@ -219,6 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not set(LENGTH_BUDGET) & set(given):
             given["steps"] = _DEFAULT_STEPS
         cfg = TrainConfig(**given)
+    keep_freed_memory()  # this process only trains: reusing freed memory made CPU steps 1.25-1.4x faster
     summary = train(cfg, resume=bool(args.resume))
     if _rank("RANK") != 0:  # under torchrun, rank 0 speaks for all
         return 0
@@ -243,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.checkpoint import load_model, training_info
     from gptgen.config import ConfigError
     from gptgen.data import load_corpus
-    from gptgen.device import pick_device
+    from gptgen.device import keep_freed_memory, pick_device
     from gptgen.evaluate import evaluate
     from gptgen.hub import resolve
 
@@ -255,6 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not 1 <= block <= model.config.block_size:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
     corpus = load_corpus(args.data, args.val_fraction)
+    keep_freed_memory()  # as training does: `gptgen eval` of the bundled model on the reference corpus 15 -> 5.7 s
     result = evaluate(model, corpus.val, corpus.val_chars, block_size=block, batch_size=args.batch_size,
                       device=device)
     report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict()}

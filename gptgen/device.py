@@ -1,8 +1,10 @@
-"""Which device to run on and in which precision: one decision shared by training and inference."""
+"""Which device to run on and in which precision (one decision shared by training and inference), and how a
+process that trains keeps its memory."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 import torch
@@ -62,3 +64,21 @@ def allow_tf32(device: torch.device) -> None:
     tensor cores as TF32, as nanoGPT trains: ~8x the fp32 rate on Ampere and later, 10-bit mantissas."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS, in a process that only
+    trains or evaluates. By default each block over 32 MB is a mapping of its own, unmapped when freed, and the
+    heap's free top is trimmed: every step then faults its buffers in again a page at a time, zeroed by the
+    kernel (bf16 autocast's weight copies, gradients, activations, logits): 130K faults a step for the gpt2
+    preset at batch 4 x 32, 1.3M at 8 x 1024. Without them a CPU step took 0.35 s instead of 0.49 and 14.7 s
+    instead of 20.2 (2 cores, README), for a peak RSS 3-11% higher (freed blocks do not always fit the next
+    ones). False where the C library is not glibc."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):  # glibc's name: ValueError, AttributeError or None elsewhere
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, AttributeError, OSError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h; -1 as a trim threshold turns trimming off
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
