@@ -72,7 +72,6 @@ def test_generation_weights_are_bf16_on_cuda_and_float32_elsewhere_unless_asked(
         inference_dtype(torch.device("cpu"), "fp16")
 
 
-
 def test_a_training_process_that_keeps_freed_memory_stops_faulting_it_in_every_step():
     """Each step frees and allocates again the same big buffers (gradients, bf16 copies of the weights); glibc by
     default hands them back to the OS and the next step faults every page in again. In a process of its own:
