@@ -134,12 +134,9 @@ def test_train_help_describes_every_flag():
 
 
 def test_quantize_generate_and_export(tmp_path):
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
-    save_model(f32, m.state_dict(), m.config)
+    f32, i8 = tiny_model_file(tmp_path / "f32.safetensors"), tmp_path / "i8.safetensors"
     r = gptgen("quantize", f32, i8)
     assert r.returncode == 0, r.stderr
     assert i8.stat().st_size < 0.5 * f32.stat().st_size
@@ -186,12 +183,9 @@ def test_target_not_reached_says_so_plainly(small_text, tmp_path):
 
 
 def test_quantize_never_overwrites(tmp_path):
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    f32, taken = tmp_path / "f32.safetensors", tmp_path / "taken.safetensors"
-    save_model(f32, m.state_dict(), m.config)
+    f32, taken = tiny_model_file(tmp_path / "f32.safetensors"), tmp_path / "taken.safetensors"
     taken.write_bytes(b"keep me")
     for out, kind in ((taken, "exists"), (f32, "exists"), (tmp_path, "is a directory")):  # the input too
         r = gptgen("quantize", f32, out)
@@ -203,12 +197,10 @@ def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_pa
     import fcntl
     import signal
 
-    from gptgen.checkpoint import save_model
     from tests.conftest import sigint_as_usual
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config)
+    tiny_model_file(tmp_path / "m.safetensors")
     cmd = [sys.executable, "-m", "gptgen", "generate", str(tmp_path / "m.safetensors"), "x", "--max-new-tokens", "4000",
            "--seed", "1"]  # a seed whose 4,000 tokens hold no <|endoftext|>, which would end the text before the signal
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -263,12 +255,9 @@ def test_train_refuses_an_out_directory_of_other_files(small_text, tmp_path):
 
 
 def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    model = tmp_path / "m.safetensors"
-    save_model(model, m.state_dict(), m.config)
+    model = tiny_model_file(tmp_path / "m.safetensors")
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("The king 👑 said\n")
     flags = ["--max-new-tokens", "6", "--seed", "1", "--json"]
@@ -399,12 +388,9 @@ def test_eval_refuses_a_val_fraction_outside_0_to_1(capsys, small_text, tmp_path
 @pytest.fixture
 def tiny_file(tmp_path):
     """A float model file of tests.test_model's tiny GPT (16-token context)."""
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    save_model(tmp_path / "f32.safetensors", m.state_dict(), m.config)
-    return tmp_path / "f32.safetensors"
+    return tiny_model_file(tmp_path / "f32.safetensors")
 
 
 def test_eval_refuses_a_block_longer_than_the_models_context(capsys, small_text, tiny_file):

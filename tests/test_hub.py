@@ -111,12 +111,10 @@ def test_push_sends_the_model_and_a_card_in_one_commit(api):
 
 
 def test_the_card_gives_the_recipe_as_flags_the_cli_takes(tmp_path):
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
     recipe = {"steps": 10, "grad_checkpoint": False, "compile": "auto", "dropout": 0.0, "min_lr": None}
-    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config, training={"recipe": recipe})
+    tiny_model_file(tmp_path / "m.safetensors", training={"recipe": recipe})
     card = hub.model_card(tmp_path / "m.safetensors", "owner/m")
     recipe_line = next(line for line in card.splitlines() if "Recipe:" in line)
     assert recipe_line == "- Recipe: `gptgen train --compile auto --dropout 0.0 --no-grad-checkpoint --steps 10`"
@@ -137,13 +135,11 @@ def test_push_space_sends_app_package_requirements_header_and_model(api):
 
 def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learned(api, tmp_path, monkeypatch):
     """runs/my/model-int8.safetensors was served in the Space as `model-int8`, described as tiny shakespeare."""
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
     run = tmp_path / "runs" / "my"
     run.mkdir(parents=True)
-    m = tiny_model()
-    save_model(run / "model-int8.safetensors", m.state_dict(), m.config, training={"corpus": "texts/poems.txt"})
+    tiny_model_file(run / "model-int8.safetensors", training={"corpus": "texts/poems.txt"})
     files = hub.space_files(run / "model-int8.safetensors")
     assert "models/my-int8.safetensors" in files
     assert 'short_description: "A GPT-2 trained by gptgen on poems.txt"' in files["README.md"].decode()
@@ -220,11 +216,9 @@ def test_an_id_with_dot_dot_is_not_a_hub_id(tmp_path, monkeypatch):
 
 def test_a_spaces_short_description_is_cut_to_the_hubs_60_characters(tmp_path):
     """The Hub rejects a Space whose short_description is longer than 60 characters (a long corpus name)."""
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    save_model(tmp_path / "m.safetensors", m.state_dict(), m.config, training={"corpus": "a" * 80 + ".txt"})
+    tiny_model_file(tmp_path / "m.safetensors", training={"corpus": "a" * 80 + ".txt"})
     readme = hub.space_files(tmp_path / "m.safetensors")["README.md"].decode()
     line = next(line for line in readme.splitlines() if line.startswith("short_description: "))
     assert line == f'short_description: "A GPT-2 trained by gptgen on {"a" * 31}"'  # 60 characters

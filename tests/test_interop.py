@@ -137,14 +137,9 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
 
     from gptgen.interop import export_hf
     from tests.conftest import BUNDLED
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    if which == "random":
-        m = tiny_model()
-        source = tmp_path / "m.safetensors"
-        save_model(source, m.state_dict(), m.config)
-    else:
-        source = BUNDLED  # int8: dequantized on export
+    source = tiny_model_file(tmp_path / "m.safetensors") if which == "random" else BUNDLED  # int8: dequantized
     export_hf(source, tmp_path / "hf")
     assert (tmp_path / "hf").stat().st_mode & 0o777 == user_mode(0o777)  # not mkdtemp's private 0o700
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == user_mode(0o666)  # as config.json

@@ -14,6 +14,15 @@ def tiny_model(**overrides) -> GPT:
     return model
 
 
+def tiny_model_file(path, **save_options):
+    """tiny_model() written to a model file at path (save_model's options, such as training=...); the path."""
+    from gptgen.checkpoint import save_model
+
+    m = tiny_model()
+    save_model(path, m.state_dict(), m.config, **save_options)
+    return path
+
+
 def test_gpt2_preset_has_exactly_124_439_808_parameters():
     with torch.device("meta"):
         model = GPT(GPTConfig.from_name("gpt2"))

@@ -320,12 +320,9 @@ from gptgen.generate import Sampling, generate_tokens  # noqa: E402
 def tiny_file(tmp_path_factory):
     """A tiny model's file, and the same file loaded here (what generating alone gives)."""
     import gptgen
-    from gptgen.checkpoint import save_model
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    model = tiny_model()
-    save_model(path, model.state_dict(), model.config)
+    path = tiny_model_file(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
     return path, gptgen.load(str(path), device="cpu").model
 
 
