@@ -17,7 +17,7 @@ from gptgen.generate import (
     stream_text,
 )
 from gptgen.tokenizer import EOT_ID, get_tokenizer
-from tests.test_model import tiny_model
+from tests.test_model import tiny_model, tiny_model_file
 
 
 def test_top_k_draws_only_among_the_k_largest():
@@ -436,10 +436,8 @@ def test_load_float_and_int8_files_with_dtype(tmp_path):
     from gptgen.config import ConfigError
     from gptgen.quantize import quantize_state_dict
 
-    m = tiny_model()
-    save_model(tmp_path / "f.safetensors", m.state_dict(), m.config)
-    _, tensors, _ = load_model_file(tmp_path / "f.safetensors")
-    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), m.config, quantization="int8")
+    config, tensors, _ = load_model_file(tiny_model_file(tmp_path / "f.safetensors"))
+    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), config, quantization="int8")
     bf16 = gptgen.load(str(tmp_path / "f.safetensors"), device="cpu", dtype="bfloat16")
     assert bf16.model.transformer.wpe.weight.dtype == torch.bfloat16
     assert len(bf16.generate("Hi", max_new_tokens=4, temperature=0)) > 0

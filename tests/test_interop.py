@@ -76,12 +76,10 @@ def test_export_is_a_gguf_file_of_its_type(trained, tmp_path, gguf_type, matrice
 def test_int8_model_exports_dequantized(tmp_path):
     from gptgen.checkpoint import load_model_file
     from gptgen.quantize import quantize_state_dict
-    from tests.test_model import tiny_model
+    from tests.test_model import tiny_model_file
 
-    m = tiny_model()
-    save_model(tmp_path / "f.safetensors", m.state_dict(), m.config)
-    _, tensors, _ = load_model_file(tmp_path / "f.safetensors")
-    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), m.config, quantization="int8")
+    config, tensors, _ = load_model_file(tiny_model_file(tmp_path / "f.safetensors"))
+    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), config, quantization="int8")
     export_gguf(tmp_path / "q.safetensors", tmp_path / "q.gguf", "f16")
     import gguf
 
