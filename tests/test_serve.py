@@ -161,7 +161,7 @@ def test_openai_streaming_pieces_join_to_the_plain_answer(openai_client):
 
 
 def _close_a_stream(client):
-    stream = client.completions.create(model="gpt2", prompt="A", max_tokens=4096, stream=True)
+    stream = client.completions.create(model="gpt2", prompt="A", max_tokens=4096, stream=True, temperature=0)
     assert len([next(stream) for _ in range(3)]) == 3
     stream.close()
 
@@ -170,7 +170,7 @@ def _give_up_on_a_plain_request(client):
     import openai
 
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=1).completions.create(model="gpt2", prompt="A", max_tokens=4096)
+        client.with_options(timeout=1).completions.create(model="gpt2", prompt="A", max_tokens=4096, temperature=0)
 
 
 @pytest.mark.parametrize("leave", [_close_a_stream, _give_up_on_a_plain_request])
@@ -178,7 +178,8 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
     """One row, and a client that leaves a 4,096-token request: it closes the stream after 3 chunks, or gives up on
     a plain request after 1 s (the gpt2-size model decodes ~120 tokens/s on 2 cores, so the rest would take ~30 s).
     The next request must get the row at once. Before, a closed stream decoded on until the garbage collector freed
-    it (seconds, longer each time as the server's heap grew: hence 3 rounds), a plain request to its end."""
+    it (seconds, longer each time as the server's heap grew: hence 3 rounds), a plain request to its end. Greedy:
+    sampling from random weights can draw <|endoftext|> and end a request early (seen once in CI)."""
     import time
 
     import openai
