@@ -17,7 +17,7 @@ from gptgen.generate import (
     stream_text,
 )
 from gptgen.tokenizer import EOT_ID, get_tokenizer
-from tests.test_model import tiny_model, tiny_model_file
+from tests.test_model import tiny_model
 
 
 def test_top_k_draws_only_among_the_k_largest():
@@ -432,20 +432,18 @@ def test_load_refuses_a_compile_flag_that_is_not_a_bool():
 
 def test_load_float_and_int8_files_with_dtype(tmp_path):
     import gptgen
-    from gptgen.checkpoint import load_model_file, save_model
     from gptgen.config import ConfigError
-    from gptgen.quantize import quantize_state_dict
+    from tests.test_quantize import float_and_int8_files
 
-    config, tensors, _ = load_model_file(tiny_model_file(tmp_path / "f.safetensors"))
-    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), config, quantization="int8")
-    bf16 = gptgen.load(str(tmp_path / "f.safetensors"), device="cpu", dtype="bfloat16")
+    f32, i8 = float_and_int8_files(tiny_model(), tmp_path)
+    bf16 = gptgen.load(str(f32), device="cpu", dtype="bfloat16")
     assert bf16.model.transformer.wpe.weight.dtype == torch.bfloat16
     assert len(bf16.generate("Hi", max_new_tokens=4, temperature=0)) > 0
-    int8 = gptgen.load(str(tmp_path / "q.safetensors"), device="cpu", dtype="bfloat16")
+    int8 = gptgen.load(str(i8), device="cpu", dtype="bfloat16")
     assert int8.model.lm_head.weight.dtype == torch.int8 and int8.metadata["quantization"] == "int8"
     assert int8.model.transformer.wpe.weight.dtype == torch.float32  # on a CPU: fbgemm's int8 layers take float32
     with pytest.raises(ConfigError, match="dtype"):
-        gptgen.load(str(tmp_path / "f.safetensors"), dtype="fp8")
+        gptgen.load(str(f32), dtype="fp8")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from gptgen.checkpoint import load_model, save_model, user_mode
+from gptgen.checkpoint import load_model, user_mode
 from gptgen.config import GptgenError
 from gptgen.generate import Sampling, generate_tokens
 from gptgen.interop import export_gguf, gpt2_vocab
@@ -75,12 +75,12 @@ def test_export_is_a_gguf_file_of_its_type(trained, tmp_path, gguf_type, matrice
 
 def test_int8_model_exports_dequantized(tmp_path):
     from gptgen.checkpoint import load_model_file
-    from gptgen.quantize import quantize_state_dict
-    from tests.test_model import tiny_model_file
+    from tests.test_model import tiny_model
+    from tests.test_quantize import float_and_int8_files
 
-    config, tensors, _ = load_model_file(tiny_model_file(tmp_path / "f.safetensors"))
-    save_model(tmp_path / "q.safetensors", quantize_state_dict(tensors), config, quantization="int8")
-    export_gguf(tmp_path / "q.safetensors", tmp_path / "q.gguf", "f16")
+    f32, i8 = float_and_int8_files(tiny_model(), tmp_path)
+    tensors = load_model_file(f32)[1]
+    export_gguf(i8, tmp_path / "q.gguf", "f16")
     import gguf
 
     reader = gguf.GGUFReader(tmp_path / "q.gguf")

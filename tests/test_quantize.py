@@ -30,7 +30,7 @@ def test_int8_linear_is_close_to_float():
     assert rel < 0.02
 
 
-def _save_float_and_int8(model, tmp_path):
+def float_and_int8_files(model, tmp_path):
     """(fp32 file, int8 file) of model, the int8 one made from the fp32 one as `gptgen quantize` does."""
     f32, i8 = tmp_path / "f32.safetensors", tmp_path / "i8.safetensors"
     save_model(f32, model.state_dict(), model.config, training={"steps": 1})
@@ -41,7 +41,7 @@ def _save_float_and_int8(model, tmp_path):
 @pytest.fixture
 def files(tmp_path):
     model = tiny_model()
-    return model, *_save_float_and_int8(model, tmp_path)
+    return model, *float_and_int8_files(model, tmp_path)
 
 
 def test_int8_file_stays_int8_in_memory(files):
@@ -149,7 +149,7 @@ def test_any_activation_ranges_batched_equal_alone(rows):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_compiled_decode_step_gives_the_models_logits_bit_for_bit(tmp_path, bias):
-    model = load_model(_save_float_and_int8(tiny_model(bias=bias), tmp_path)[1])[0]  # packed for fbgemm
+    model = load_model(float_and_int8_files(tiny_model(bias=bias), tmp_path)[1])[0]  # packed for fbgemm
     model.setup_caches(batch=3, max_len=16)  # rows 0 and 1 are the steps'; row 2 must stay untouched
     decoder = int8_decoder(model)
     assert decoder is not None
