@@ -118,6 +118,8 @@ class TrainConfig:
     dtype: str = _knob("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16), float32 or bfloat16")
     compile: str = _knob("auto", "torch.compile: auto (on CUDA, and on CPU for micro-batches of >= 512 tokens), "
                                  "on or off")
+    trim_vocab: bool = _knob(False, "train the head over the train split's tokens only, the others sharing one "
+                                    "embedding: the same loss, steps 1.6x faster for `small` on a small text")
     grad_checkpoint: bool = _knob(False, "recompute activations in backward: long blocks in little memory")
     windows: str = _knob("random", "random: windows start anywhere, drawn with replacement (nanoGPT's); epoch: "
                                    "each epoch's non-overlapping windows once, shuffled")
@@ -146,6 +148,9 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ConfigError(f"--target-loss must be positive, got {self.target_loss}")
+        if self.trim_vocab and self.init:
+            raise ConfigError("--trim-vocab gives the tokens the text lacks one shared embedding: with --init it "
+                              "would throw away their pretrained ones")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ConfigError(f"--decay-steps must be at least 1, got {self.decay_steps}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

@@ -7,6 +7,7 @@ GPT-2 implementations by name plus transposes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -121,6 +122,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class Trimmed(NamedTuple):
+    """The head's training over the tokens a text holds (GPT.trim_vocab)."""
+
+    vocab: torch.Tensor  # the text's token ids, sorted
+    rows: torch.Tensor  # the head's rows the loss uses: vocab's and the first other token's
+    bias: torch.Tensor  # added to those rows' logits: 0, and log(count of the others) for the last
+    others: torch.Tensor  # the ids of the tokens the text lacks
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -137,6 +147,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor serves both
         self.grad_checkpoint = False  # recompute each block in backward: activation memory of one block
+        self.trimmed: Trimmed | None = None  # see trim_vocab()
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2's init: N(0, 0.02), residual projections scaled down by depth, zero biases."""
@@ -148,6 +159,26 @@ class GPT(nn.Module):
             else:
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+
+    def trim_vocab(self, tokens: torch.Tensor) -> None:
+        """Train the head over these tokens only (head() says how): on a small text most of the 50,257 never
+        occur, and the full head would be most of a small model's step. The others share one embedding, the
+        first one's: no gradient reaches the rest, and share_rows() copies it to them before they are used."""
+        vocab = torch.unique(tokens)  # sorted
+        others = torch.ones(self.config.vocab_size, dtype=torch.bool, device=vocab.device)
+        others[vocab] = False
+        others = others.nonzero().squeeze(1)
+        bias = torch.zeros(len(vocab) + min(1, len(others)), dtype=self.lm_head.weight.dtype, device=vocab.device)
+        if len(others):
+            bias[-1] = math.log(len(others))
+        self.trimmed = Trimmed(vocab, torch.cat((vocab, others[:1])), bias, others)
+        self.share_rows()
+
+    def share_rows(self) -> None:
+        if self.trimmed is not None:
+            with torch.no_grad():
+                others = self.trimmed.others
+                self.transformer.wte.weight[others[1:]] = self.transformer.wte.weight[others[:1]]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
@@ -205,8 +236,17 @@ class GPT(nn.Module):
         return F.dropout(x, self.config.dropout) if self.training and self.config.dropout else x
 
     def head(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, with targets, their mean cross-entropy in nats/token."""
-        logits = self.lm_head(self.transformer.ln_f(x))
+        """Logits (B, T, vocab) and, with targets, their mean cross-entropy in nats/token.
+
+        Training after trim_vocab(), the logits are the text's tokens' and one more for all the others: they
+        share one embedding, so one logit, and log(count) added to it weighs them all. The loss is the whole
+        vocabulary's, at the cost of the text's tokens only."""
+        x = self.transformer.ln_f(x)
+        if targets is None or not self.training or self.trimmed is None:
+            logits = self.lm_head(x)
+        else:
+            logits = F.linear(x, self.lm_head.weight[self.trimmed.rows], self.trimmed.bias)
+            targets = torch.searchsorted(self.trimmed.vocab, targets.contiguous())
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))

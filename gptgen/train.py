@@ -268,6 +268,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if pretrained is not None:
         model.load_state_dict({**pretrained, checkpoint.TIED: pretrained["transformer.wte.weight"]})
     model.grad_checkpoint = cfg.grad_checkpoint
+    if cfg.trim_vocab:
+        model.trim_vocab(torch.from_numpy(corpus.train.astype(np.int64)).to(device))
     optimizer = make_optimizer(model, cfg, device)
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()
@@ -538,6 +540,7 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int) -> float:
+    model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
     result = evaluate(model, corpus.val, corpus.val_chars, block_size=cfg.block_size,
                       batch_size=cfg.eval_batch_size, device=device, autocast=autocast)
     improved = result.nats_per_token < progress.best_val

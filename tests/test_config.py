@@ -49,7 +49,7 @@ def test_unknown_preset_names_the_choices():
     (dict(min_lr=2e-3), "--min-lr"), (dict(decay_steps=0), "--decay-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
     (dict(target_loss=0.0), "--target-loss"), (dict(grad_clip=-1.0), "--grad-clip"), (dict(epochs=0.0), "--epochs"),
     (dict(block_size=0), "--block-size"), (dict(compile="yes"), "--compile"),
-    (dict(eval_interval=0), "--eval-interval"),
+    (dict(eval_interval=0), "--eval-interval"), (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

@@ -90,6 +90,51 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(no_dropout(idx)[0], model(idx)[0])  # same weights: eval with dropout = no dropout
 
 
+def _trimmed(model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """model trimmed to a text of at most 300 of the vocabulary's tokens; a batch of it (inputs, targets)."""
+    text = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(3)) * 97
+    model.trim_vocab(text)
+    return text[:64].view(4, 16), text[1:65].view(4, 16)
+
+
+def test_a_trimmed_head_trains_the_whole_vocabularys_loss_and_gradients():
+    """trim_vocab's head is a shortcut, not another objective: the full head's loss and gradients, the shared
+    row taking the sum of the rows that share it, nothing reaching the others."""
+    model = tiny_model()
+    x, y = _trimmed(model)
+    trimmed, results = model.trimmed, []
+    for head in (trimmed, None):  # None: the full head over the same weights
+        model.trimmed = head
+        model.zero_grad()
+        logits, loss = model(x, y)
+        loss.backward()
+        results.append((logits.size(-1), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (width, loss, grads), (full_width, full_loss, full_grads) = results
+    assert width == len(trimmed.vocab) + 1 < full_width == 50257
+    torch.testing.assert_close(loss, full_loss)
+    wte, others = grads.pop("transformer.wte.weight"), trimmed.others
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-5)
+    full_wte = full_grads["transformer.wte.weight"]
+    torch.testing.assert_close(wte[trimmed.vocab], full_wte[trimmed.vocab], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wte[others[0]], full_wte[others].sum(0), rtol=1e-4, atol=1e-5)
+    assert not wte[others[1:]].any()
+
+
+def test_a_trimmed_heads_shared_row_reaches_every_token_it_stands_for():
+    model = tiny_model()
+    x, y = _trimmed(model)
+    weight, others = model.transformer.wte.weight, model.trimmed.others
+    assert len(others) > 50257 - 300 and torch.equal(weight[others], weight[others[:1]].expand(len(others), -1))
+    with torch.no_grad():
+        weight[others[0]] += 1.0  # as an optimizer step moves it
+    model.share_rows()
+    assert torch.equal(weight[others], weight[others[:1]].expand(len(others), -1))
+    assert not torch.equal(weight[model.trimmed.vocab[0]], weight[others[0]])
+    logits, _ = model.eval()(x, y)
+    assert logits.size(-1) == 50257  # evaluation scores the whole vocabulary
+
+
 def test_init_weights_follows_gpt2s_scheme():
     """Training from scratch relies on GPT-2's init: zero biases, unit norms, residual projections scaled by depth."""
     model = tiny_model(n_layer=4, n_embd=64)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
 from gptgen.config import LOSS_WINDOW, ConfigError, TrainConfig
+from gptgen.data import load_corpus
 from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
 from tests.conftest import CORPUS, sigint_as_usual
 from tests.test_model import tiny_model
@@ -42,8 +43,8 @@ def cli_flags(data, out, **overrides) -> list[str]:
     return [arg for k, v in _base(data, out, **overrides).items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
-@pytest.mark.parametrize("grad_checkpoint", [False, True])
-def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint):
+@pytest.mark.parametrize("grad_checkpoint, trim", [(False, False), (True, False), (False, True)])
+def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint, trim):
     """The same loss and gradients as eager, from graphs that torch.compile really built."""
     from torch._dynamo.utils import counters
 
@@ -58,6 +59,8 @@ def test_compiled_regions_give_the_eager_loss_and_gradients(grad_checkpoint):
     model.init_weights()
     model.grad_checkpoint = grad_checkpoint
     x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
+    if trim:
+        model.trim_vocab(torch.cat((x.flatten(), y.flatten())))
     results = []
     for step_model in (model, RegionalCompile(model)):
         model.zero_grad()
@@ -120,11 +123,12 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert torch.equal(model.transformer.wpe.weight, last.transformer.wpe.weight[:32])  # resume keeps all 256
 
 
-@pytest.mark.parametrize("windows", ["random", "epoch"])
-def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows):
-    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, dropout=0.1, windows=windows))
+@pytest.mark.parametrize("windows, trim_vocab", [("random", False), ("epoch", False), ("random", True)])
+def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab):
+    flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab)
+    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, **flags))
     train(resume_config(tmp_path / "a", steps=30), resume=True)
-    train(config(small_text, tmp_path / "b", dropout=0.1, windows=windows))
+    train(config(small_text, tmp_path / "b", **flags))
     state_a = json.loads((tmp_path / "a" / "state.json").read_text())
     state_b = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state_a["progress"]["step"] == state_b["progress"]["step"] == 30
@@ -133,6 +137,19 @@ def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windo
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_trimmed_vocab_run_learns_and_saves_an_ordinary_model(small_text, tmp_path):
+    """--trim-vocab's run (its loss and gradients are the full head's: test_model) learns, and saves an ordinary
+    model file, in which the tokens the text lacks all have the one row that trained for them."""
+    train(config(small_text, tmp_path / "run", trim_vocab=True))
+    rows = evals(tmp_path / "run")
+    assert rows[-1]["val_nats_per_token"] < rows[0]["val_nats_per_token"] < math.log(50257)
+    weight = load_model(tmp_path / "run" / "model.safetensors")[0].transformer.wte.weight
+    lacking = torch.ones(len(weight), dtype=torch.bool)
+    lacking[torch.from_numpy(load_corpus(small_text, 0.1).train.astype("int64"))] = False
+    assert 40_000 < lacking.sum() < len(weight)
+    assert torch.equal(weight[lacking], weight[lacking][:1].expand(int(lacking.sum()), -1))
 
 
 def test_existing_run_is_not_overwritten(small_text, tmp_path):
