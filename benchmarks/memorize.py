@@ -2,8 +2,9 @@
 
 Each row in its own process (so peak memory is that row's own): training tokens/s and peak memory of
 gptgen's step at the seed's batch 4 x block 32, and at batch 8 x block 1024 with and without gradient
-checkpointing; on CPU (2 threads, peak RSS) or with --device cuda (peak allocated GPU memory). With --run
-on a CUDA machine it also runs the job itself (`gptgen train --target-loss`) and reports the time to the
+checkpointing, then the first two with --trim-vocab's head (the reference text's 11,234 tokens); on CPU
+(2 threads, peak RSS) or with --device cuda (peak allocated GPU memory). With --run on a CUDA machine it
+also runs the job itself (`gptgen train --target-loss`) and reports the time to the
 target and the card.
 
     python benchmarks/memorize.py [--steps 3] [--json out.json]
@@ -35,7 +36,10 @@ from report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-ROWS = [(4, 32, False), (8, 1024, False), (8, 1024, True)]  # (batch, block, gradient checkpointing)
+# (batch, block, gradient checkpointing, --trim-vocab); trimmed to the reference corpus's train split's tokens
+TEXT_VOCAB = 11_234
+ROWS = [(4, 32, False, False), (8, 1024, False, False), (8, 1024, True, False), (4, 32, False, True),
+        (8, 1024, False, True)]
 # The job's flags (`gptgen train ... --target-loss 0.1`): no dropout, no val split needed beyond the default.
 # Batch 16 x 1024: on an H200 it reached the target in 1,933 steps and 93.2 s, batch 8 in 3,868 steps and 137.2 s
 # (both at epoch ~105; a 16 x 1024 step took 38 ms, an 8 x 1024 one 33 ms: the small step is bound by launching
@@ -58,15 +62,16 @@ PROXY = ["--preset", "tiny", "--batch-size", "8", "--block-size", "64", "--lr", 
 PROXY_CHARS = 12_000
 
 
-def one_row(batch: int, block: int, ckpt: bool, steps: int, device: str) -> dict:
+def one_row(batch: int, block: int, ckpt: bool, trim: bool, steps: int, device: str) -> dict:
     from train import measure
 
     from gptgen.device import keep_freed_memory
 
     torch.set_num_threads(2)
     keep_freed_memory()  # as `gptgen train` does
-    row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device)
-    row["grad_checkpoint"] = ckpt
+    row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device,
+                  vocab=TEXT_VOCAB if trim else None)
+    row["grad_checkpoint"], row["trim_vocab"] = ckpt, trim
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
@@ -127,8 +132,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.row:
-        batch, block, ckpt = json.loads(args.row)
-        print(json.dumps(one_row(batch, block, ckpt, args.steps, args.device)))
+        print(json.dumps(one_row(*json.loads(args.row), args.steps, args.device)))
         return
     if args.proxy:
         emit({"benchmark": "memorize-proxy", "runs": proxy([int(s) for s in args.seeds.split(",")], args.variants)},
@@ -144,17 +148,17 @@ def main() -> None:
                                   *shlex.split(args.recipe_args)])
         job["card"] = torch.cuda.get_device_name()
     rows = []
-    for batch, block, ckpt in ROWS if args.rows else []:
-        r = subprocess.run([sys.executable, __file__, "--row", json.dumps([batch, block, ckpt]), "--steps",
+    for row in ROWS if args.rows else []:
+        r = subprocess.run([sys.executable, __file__, "--row", json.dumps(row), "--steps",
                             str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     memory = "peak_gpu_mib" if cuda else "peak_rss_mib"
     print(f"gpt2 preset (124M) training step on {torch.cuda.get_device_name() if cuda else 'CPU, 2 threads'}")
-    print(f"{'batch x block':>13} {'checkpointing':>14} {'s/step':>8} {'tokens/s':>9} "
+    print(f"{'batch x block':>13} {'checkpointing':>14} {'trim-vocab':>10} {'s/step':>8} {'tokens/s':>9} "
           f"{'peak GPU MiB' if cuda else 'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['batch']:>5} x {r['block']:<5} {str(r['grad_checkpoint']):>14} {r['s_per_step']:8.2f} "
-              f"{r['tokens_per_s']:9.0f} {r[memory]:13.0f}")
+        print(f"{r['batch']:>5} x {r['block']:<5} {str(r['grad_checkpoint']):>14} {str(r['trim_vocab']):>10} "
+              f"{r['s_per_step']:8.2f} {r['tokens_per_s']:9.0f} {r[memory]:13.0f}")
     result = {"benchmark": "memorize", "device": args.device, "rows": rows}
     if job:
         result["job"] = job

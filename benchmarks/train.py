@@ -45,8 +45,10 @@ class HFAdapter(torch.nn.Module):
 
 
 def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_checkpoint: bool = False,
-            device: str = "cpu") -> dict:
-    """Median seconds per optimizer step (and, on CUDA, the peak of allocated GPU memory)."""
+            device: str = "cpu", vocab: int | None = None) -> dict:
+    """Median seconds per optimizer step (and, on CUDA, the peak of allocated GPU memory). vocab: the tokens
+    drawn from the first this many ids and gptgen's head trimmed to them, as --trim-vocab trims it on a text
+    that has as many (default: the whole vocabulary, untrimmed)."""
     torch.manual_seed(0)
     config = GPTConfig.from_name(preset)
     device = torch.device(device)
@@ -67,8 +69,10 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    x = torch.randint(0, config.vocab_size, (batch, block), device=device)
-    y = torch.randint(0, config.vocab_size, (batch, block), device=device)
+    x = torch.randint(0, vocab or config.vocab_size, (batch, block), device=device)
+    y = torch.randint(0, vocab or config.vocab_size, (batch, block), device=device)
+    if vocab:
+        model.trim_vocab(torch.arange(vocab, device=device))
 
     def step():
         optimizer_step(step_model, optimizer, [(x, y)], device=device, autocast=autocast, grad_clip=1.0)
@@ -87,7 +91,7 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
     median = sorted(times)[len(times) // 2]
     row = {"system": system, "preset": preset, "batch": batch, "block": block, "device": str(device),
            "params": sum(p.numel() for p in model.parameters()), "s_per_step": median,
-           "tokens_per_s": batch * block / median, "warmup_s": warmup}
+           "tokens_per_s": batch * block / median, "warmup_s": warmup, "vocab": vocab or config.vocab_size}
     if device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row

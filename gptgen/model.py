@@ -175,6 +175,7 @@ class GPT(nn.Module):
         self.share_rows()
 
     def share_rows(self) -> None:
+        """After trim_vocab(): the shared row, as training moved it, to every token it stands for."""
         if self.trimmed is not None:
             with torch.no_grad():
                 others = self.trimmed.others

@@ -135,6 +135,16 @@ def test_a_trimmed_heads_shared_row_reaches_every_token_it_stands_for():
     assert logits.size(-1) == 50257  # evaluation scores the whole vocabulary
 
 
+def test_a_text_with_every_token_trims_nothing_away():
+    model = tiny_model(vocab_size=100)
+    text = torch.randperm(100, generator=torch.Generator().manual_seed(4)).repeat(2)
+    model.trim_vocab(text)
+    x, y = text[:64].view(4, 16), text[1:65].view(4, 16)
+    logits, loss = model(x, y)
+    assert logits.size(-1) == 100 and not len(model.trimmed.others)
+    torch.testing.assert_close(loss, model.eval()(x, y)[1])
+
+
 def test_init_weights_follows_gpt2s_scheme():
     """Training from scratch relies on GPT-2's init: zero biases, unit norms, residual projections scaled by depth."""
     model = tiny_model(n_layer=4, n_embd=64)
