@@ -69,8 +69,9 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
             autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    x = torch.randint(0, vocab or config.vocab_size, (batch, block), device=device)
-    y = torch.randint(0, vocab or config.vocab_size, (batch, block), device=device)
+    high = vocab or config.vocab_size
+    x = torch.randint(0, high, (batch, block), device=device)
+    y = torch.randint(0, high, (batch, block), device=device)
     if vocab:
         model.trim_vocab(torch.arange(vocab, device=device))
 
@@ -91,7 +92,7 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
     median = sorted(times)[len(times) // 2]
     row = {"system": system, "preset": preset, "batch": batch, "block": block, "device": str(device),
            "params": sum(p.numel() for p in model.parameters()), "s_per_step": median,
-           "tokens_per_s": batch * block / median, "warmup_s": warmup, "vocab": vocab or config.vocab_size}
+           "tokens_per_s": batch * block / median, "warmup_s": warmup, "vocab": high}
     if device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row

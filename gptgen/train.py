@@ -269,7 +269,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         model.load_state_dict({**pretrained, checkpoint.TIED: pretrained["transformer.wte.weight"]})
     model.grad_checkpoint = cfg.grad_checkpoint
     if cfg.trim_vocab:
-        model.trim_vocab(torch.from_numpy(corpus.train.astype(np.int64)).to(device))
+        model.trim_vocab(torch.from_numpy(np.unique(corpus.train).astype(np.int64)).to(device))  # uint16: 2 B/token
     optimizer = make_optimizer(model, cfg, device)
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()

@@ -90,9 +90,10 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(no_dropout(idx)[0], model(idx)[0])  # same weights: eval with dropout = no dropout
 
 
-def _trimmed(model: GPT) -> tuple[torch.Tensor, torch.Tensor]:
-    """model trimmed to a text of at most 300 of the vocabulary's tokens; a batch of it (inputs, targets)."""
-    text = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(3)) * 97
+def _trimmed(model: GPT, text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """model trimmed to a text (default: at most 300 of the vocabulary's tokens); a batch of it (inputs, targets)."""
+    if text is None:
+        text = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(3)) * 97
     model.trim_vocab(text)
     return text[:64].view(4, 16), text[1:65].view(4, 16)
 
@@ -137,9 +138,7 @@ def test_a_trimmed_heads_shared_row_reaches_every_token_it_stands_for():
 
 def test_a_text_with_every_token_trims_nothing_away():
     model = tiny_model(vocab_size=100)
-    text = torch.randperm(100, generator=torch.Generator().manual_seed(4)).repeat(2)
-    model.trim_vocab(text)
-    x, y = text[:64].view(4, 16), text[1:65].view(4, 16)
+    x, y = _trimmed(model, torch.randperm(100, generator=torch.Generator().manual_seed(4)).repeat(2))
     logits, loss = model(x, y)
     assert logits.size(-1) == 100 and not len(model.trimmed.others)
     torch.testing.assert_close(loss, model.eval()(x, y)[1])
