@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", ".*.tmp",
+# temporary files of unfinished writes: atomic_path's, and safetensors' own (>= 0.7 writes a `.tmpXXXXXX` beside
+# the file it was given, then renames it)
+PARTIAL_WRITES = (".*.tmp", ".tmp*")
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", *PARTIAL_WRITES,
              ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
@@ -161,9 +164,12 @@ class RunDir:
                 rows.append(json.loads(line))
         return rows
 
+    def partial_writes(self) -> list[Path]:
+        """Temporary files of writes that a kill interrupted; the state they were for was never committed."""
+        return sorted({f for pattern in PARTIAL_WRITES for f in self.path.glob(pattern)})
+
     def remove_partial_writes(self) -> None:
-        """Temporary files of a write that a kill interrupted; the state they were for was never committed."""
-        for tmp in self.path.glob(".*.tmp"):
+        for tmp in self.partial_writes():
             tmp.unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int) -> None:

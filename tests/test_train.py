@@ -116,7 +116,7 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert math.isclose(training["val_nats_per_token"], rows[-1]["val_nats_per_token"])
     assert {"val_nats_per_char", "wall_time_s", "date"} <= set(training)
     assert metadata["gptgen_version"]
-    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert not RunDir(run).partial_writes()
     # trained at block 32 of the preset's 256: the file's context is 32, the positions it learnt
     assert model.config.block_size == 32 and model.transformer.wpe.weight.shape[0] == 32
     last = load_model(run / "last-0000030.safetensors")[0]
@@ -213,6 +213,23 @@ def _state_is_whole(run) -> int:
     return state["progress"]["step"]
 
 
+def test_a_run_killed_inside_its_first_writes_starts_again_and_resumes_without_their_leftovers(small_text, tmp_path):
+    """safetensors 0.8 writes a `.tmpXXXXXX` of its own beside the file it is given: a kill inside a first save
+    left one, which the next start refused as a foreign file, and resumed runs piled them up."""
+    run = tmp_path / "run"
+    run.mkdir()
+    leftovers = [run / ".tmpAb3x9Q", run / ".last-0000001.safetensors.k2j4h1.tmp", run / ".write-test-123"]
+    for f in leftovers:
+        f.write_bytes(b"half a file")
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.9}\n')
+    train(config(small_text, run, steps=2, eval_interval=2))
+    assert not RunDir(run).partial_writes() and leftovers[2].exists()  # not a partial write: left alone
+    assert [r["step"] for r in RunDir(run).metrics()] == [1, 2] and RunDir(run).metrics()[0]["train_loss"] != 10.9
+    leftovers[0].write_bytes(b"half a file")
+    train(resume_config(run, steps=4), resume=True)
+    assert not RunDir(run).partial_writes() and _state_is_whole(run) == 4
+
+
 def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text, tmp_path):
     """SIGKILL 20 times, resuming after each: half at random moments, half while a checkpoint write is under
     way (the run saves every step; a temporary file left behind shows the kill landed inside a write)."""
@@ -224,31 +241,33 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
     cli = [sys.executable, "-m", "gptgen", "train"]
     first = [*cli, *cli_flags(small_text, run, **flags)]
     rng, kills, inside_writes, step = random.Random(0), 0, 0, 0
+    err = tmp_path / "stderr.txt"  # the last process's, to say why it ended before its kill
     while kills < 20:
-        proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(err, "w") as stderr:
+            proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
         if kills % 2:  # at a random moment
             time.sleep(rng.uniform(2.0, 4.0))  # ~2 s of start-up, then a few steps
         else:  # the moment a checkpoint write is under way (its temporary file exists)
             deadline = time.monotonic() + 30
             while proc.poll() is None and time.monotonic() < deadline and not (
-                    run.exists() and any(p.endswith(".tmp") for p in os.listdir(run))):
+                    run.exists() and RunDir(run).partial_writes()):
                 time.sleep(0.001)
         if proc.poll() is not None:
-            break  # finished before this kill
+            break  # ended before this kill
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-        inside_writes += any(p.endswith(".tmp") for p in os.listdir(run)) if run.exists() else 0
+        inside_writes += bool(RunDir(run).partial_writes()) if run.exists() else 0
         if (run / "state.json").exists():
             new_step = _state_is_whole(run)
             assert new_step >= step  # never goes back
             step = new_step
     print(f"{kills} kills, {inside_writes} of them inside a checkpoint write")
-    assert kills == 20 and inside_writes >= 8, (kills, inside_writes)
+    assert kills == 20 and inside_writes >= 8, (kills, inside_writes, err.read_text()[-2000:])
     assert step < steps, "the run finished before all kills landed; give it more steps"
     train(resume_config(run), resume=True)
-    assert _state_is_whole(run) == steps and not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    assert _state_is_whole(run) == steps and not RunDir(run).partial_writes()
     assert [r["step"] for r in evals(run)] == list(range(1, steps + 1))  # each eval's line once
     a, b = (json.loads((tmp_path / d / "state.json").read_text())["weights"] for d in ("one", "killed"))
     one, killed = load_file(tmp_path / "one" / a), load_file(run / b)
@@ -267,9 +286,13 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
     cli = [sys.executable, "-m", "gptgen", "train"]
     while stops < 6:
         args = ["--resume", str(run)] if (run / "state.json").exists() else cli_flags(small_text, run, **flags)
+        lines = len(RunDir(run).metrics())
         proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 preexec_fn=sigint_as_usual)
-        time.sleep(rng.uniform(2.0, 3.0))  # ~2 s of start-up, then a few steps
+        deadline = time.monotonic() + 60  # until the session's first step logs its loss: start-up takes 1-3 s
+        while proc.poll() is None and time.monotonic() < deadline and len(RunDir(run).metrics()) == lines:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.3))  # then a few steps (~15 a second here)
         proc.send_signal(signal.SIGINT)
         err = proc.stderr.read().decode()
         if proc.wait() == 0:
@@ -437,7 +460,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_state(smal
     assert r.returncode == 2 and "could not write" in r.stderr and "--resume" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert (run / "state.json").read_bytes() == before and _state_is_whole(run) == 4
-    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    assert not RunDir(run).partial_writes()
     train(resume_config(run, steps=8), resume=True)
     assert _state_is_whole(run) == 8
 
