@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-# temporary files of unfinished writes: atomic_path's, and safetensors' own (>= 0.7 writes a `.tmpXXXXXX` beside
+# temporary files of unfinished writes: atomic_path's, and safetensors' own (0.8 writes a `.tmpXXXXXX` beside
 # the file it was given, then renames it)
-PARTIAL_WRITES = (".*.tmp", ".tmp*")
+PARTIAL_WRITES = (".*.tmp", ".tmp??????")
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", *PARTIAL_WRITES,
              ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
