@@ -18,6 +18,9 @@ from gptgen.config import ConfigError, GPTConfig, GptgenError
 
 FORMAT = "gptgen/1"
 TIED = "lm_head.weight"  # the head shares wte's tensor; files store it once, as transformer.wte.weight
+# the temporary files an unfinished write leaves beside its target: atomic_path's, and safetensors' own (0.8
+# writes a `.tmpXXXXXX` beside the file it is given, then renames it)
+PARTIAL_WRITES = (".*.tmp", ".tmp??????")
 
 
 class ModelFileError(GptgenError):

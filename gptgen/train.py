@@ -41,10 +41,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-# temporary files of unfinished writes: atomic_path's, and safetensors' own (0.8 writes a `.tmpXXXXXX` beside
-# the file it was given, then renames it)
-PARTIAL_WRITES = (".*.tmp", ".tmp??????")
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", *PARTIAL_WRITES,
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", *checkpoint.PARTIAL_WRITES,
              ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
@@ -166,7 +163,7 @@ class RunDir:
 
     def partial_writes(self) -> list[Path]:
         """Temporary files of writes that a kill interrupted; the state they were for was never committed."""
-        return sorted({f for pattern in PARTIAL_WRITES for f in self.path.glob(pattern)})
+        return sorted({f for pattern in checkpoint.PARTIAL_WRITES for f in self.path.glob(pattern)})
 
     def remove_partial_writes(self) -> None:
         for tmp in self.partial_writes():
