@@ -21,7 +21,7 @@ from gptgen.config import (
     GptgenError,
     TrainConfig,
 )
-from gptgen.signals import sigint_held
+from gptgen.signals import ctrl_c_raises_interrupted, sigint_held
 
 _BUDGET = (*LENGTH_BUDGET, "target_loss")
 _RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
@@ -396,22 +396,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("gptgen").setLevel(logging.INFO)  # gptgen's progress; other libraries' warnings only
     logging.getLogger("huggingface_hub").propagate = False  # it prints its warnings itself: once, not twice
     try:
-        # Every command imports torch (the parser, for generate's defaults). A Ctrl-C that landed in torch's C
-        # initialisation was swallowed (the command ran on to its end), became an ImportError or killed the process
-        # (measured: 0.2-0.3 s after start, about one Ctrl-C in three there); held, it acts once torch has loaded.
-        with sigint_held():
-            import torch  # noqa: F401
-        args, unknown = parser().parse_known_args(argv)
-        if unknown:
-            flags = [o for action in args.subparser._actions for o in action.option_strings]
-            near = difflib.get_close_matches(unknown[0], flags, n=1, cutoff=0.7)  # 0.6 offered --out for --bogus
-            args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
-                                 f"{f' (did you mean {near[0]}?)' if near else ''}")
-        commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
-                    "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
-                    "push": cmd_push, "pull": cmd_pull,
-                    "data": cmd_data}
-        return commands[args.command](args)
+        with ctrl_c_raises_interrupted():  # not a KeyboardInterrupt: see Interrupted
+            # Every command imports torch (the parser, for generate's defaults). A Ctrl-C that landed in torch's C
+            # initialisation was swallowed (the command ran on to its end), became an ImportError or killed the process
+            # (measured: 0.2-0.3 s after start, about one Ctrl-C in three there); held, it acts once torch has loaded.
+            with sigint_held():
+                import torch  # noqa: F401
+            args, unknown = parser().parse_known_args(argv)
+            if unknown:
+                flags = [o for action in args.subparser._actions for o in action.option_strings]
+                near = difflib.get_close_matches(unknown[0], flags, n=1, cutoff=0.7)  # 0.6 offered --out for --bogus
+                args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                                     f"{f' (did you mean {near[0]}?)' if near else ''}")
+            commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
+                        "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
+                        "push": cmd_push, "pull": cmd_pull,
+                        "data": cmd_data}
+            return commands[args.command](args)
     except GptgenError as e:  # bad input: under torchrun every process of a machine finds the same, one says it
         if _rank("LOCAL_RANK") == 0:
             print(f"gptgen: error: {e}", file=sys.stderr)
