@@ -110,6 +110,8 @@ class TrainConfig:
     beta2: float = _knob(0.95, "AdamW beta2")
     grad_clip: float = _knob(1.0, "clip the gradients' global norm to this (0 = off)")
     dropout: float = _knob(0.0, "dropout probability in the model")
+    ema: float = _knob(0.0, "evaluate and save an exponential moving average of the weights with this decay a "
+                            "step (0 = off; 0.99 averages ~100 steps): better val loss on a text seen many times")
     seed: int = _knob(1337, "seed of the initial weights and the data order")
     val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss")
     eval_interval: int = _knob(250, "evaluate on the val split and save every N steps")
@@ -159,6 +161,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"--ema must be in [0, 1) (0 = off), got {self.ema}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
         for name in ("beta1", "beta2"):

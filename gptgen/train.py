@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from gptgen import checkpoint
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", *checkpoint.PARTIAL_WRITES,
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", "ema-*.safetensors",
+             *checkpoint.PARTIAL_WRITES,
              ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
@@ -129,16 +131,20 @@ class RunDir:
         f = self.path / STATE
         return json.loads(f.read_text()) if f.is_file() else None
 
-    def save_state(self, model: GPT, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Weights and optimizer under step-numbered names, then state.json naming them: the commit point."""
+    def save_state(self, model: GPT, optimizer: torch.optim.Optimizer, state: dict, ema: GPT | None = None) -> None:
+        """Weights, optimizer (and --ema's average) under step-numbered names, then state.json naming them: the
+        commit point."""
         step = state["progress"]["step"]
-        weights, optim = f"last-{step:07d}.safetensors", f"optim-{step:07d}.safetensors"
-        checkpoint.save_model(self.path / weights, model.state_dict(), model.config)
-        checkpoint.save_optimizer(self.path / optim, optimizer)
-        checkpoint.atomic_write(self.path / STATE, json.dumps({**state, "weights": weights, "optimizer": optim},
-                                                              indent=1).encode())
-        for old in (*self.path.glob("last-*.safetensors"), *self.path.glob("optim-*.safetensors")):
-            if old.name not in (weights, optim):
+        files = {"weights": f"last-{step:07d}.safetensors", "optimizer": f"optim-{step:07d}.safetensors"}
+        checkpoint.save_model(self.path / files["weights"], model.state_dict(), model.config)
+        checkpoint.save_optimizer(self.path / files["optimizer"], optimizer)
+        if ema is not None:
+            files["ema"] = f"ema-{step:07d}.safetensors"
+            checkpoint.save_model(self.path / files["ema"], ema.state_dict(), ema.config)
+        checkpoint.atomic_write(self.path / STATE, json.dumps({**state, **files}, indent=1).encode())
+        for old in (*self.path.glob("last-*.safetensors"), *self.path.glob("optim-*.safetensors"),
+                    *self.path.glob("ema-*.safetensors")):
+            if old.name not in files.values():
                 old.unlink(missing_ok=True)
 
     def log_metrics(self, row: dict, durable: bool = True) -> None:
@@ -274,10 +280,12 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if cfg.trim_vocab:
         model.trim_vocab(torch.from_numpy(np.unique(corpus.train).astype(np.int64)).to(device))  # uint16: 2 B/token
     optimizer = make_optimizer(model, cfg, device)
+    # --ema: the average is the model that is evaluated and saved; training goes on from the weights themselves
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()
     if resume:
-        progress = _restore(run, saved, model, optimizer, data_rng, rank, world, device)
+        progress = _restore(run, saved, model, optimizer, data_rng, rank, world, device, ema)
         if cfg.target_loss != saved["train_config"]["target_loss"]:
             progress.target_reached = None  # a new target: the old one's step is not this one's
     if rank == 0:  # what a killed run wrote after its last saved state (or, new here, before its first)
@@ -328,6 +336,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 batches = windows.batches(progress.step, cfg.grad_accum)
             loss = optimizer_step(step_model, optimizer, batches, device=device, autocast=autocast,
                                   grad_clip=cfg.grad_clip)
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss
             recent_sum += loss
             loss_count += cfg.grad_accum
@@ -352,8 +362,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
             if progress.step % cfg.eval_interval == 0 or done or interrupted:
                 epoch_loss.fold(progress, world)
-                last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
-                                          loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank, world)
+                last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
+                                          lr, data_rng, device, autocast, rank, world, ema)
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
                 loss_sum.zero_()
                 loss_count = 0
@@ -542,9 +552,11 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
 
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
-                   device: torch.device, autocast, rank: int, world: int) -> float:
-    model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
-    result = evaluate(model, corpus.val, corpus.val_chars, block_size=cfg.block_size,
+                   device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None) -> float:
+    judged = model if ema is None else ema.module  # --ema: the average is the model evaluated and saved
+    for m in {model, judged}:
+        m.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
+    result = evaluate(judged, corpus.val, corpus.val_chars, block_size=cfg.block_size,
                       batch_size=cfg.eval_batch_size, device=device, autocast=autocast)
     improved = result.nats_per_token < progress.best_val
     keep = improved or cfg.target_loss is not None  # fitting the train text: the latest weights are the model
@@ -564,9 +576,9 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
         metrics = run.metrics()
         try:
             if keep:
-                checkpoint.save_model(run.path / MODEL, *_as_trained(model, cfg),
+                checkpoint.save_model(run.path / MODEL, *_as_trained(judged, cfg),
                                       training=_provenance(cfg, corpus, progress, result, metrics))
-            run.save_state(model, optimizer, state)
+            run.save_state(model, optimizer, state, None if ema is None else ema.module)
             plot_losses(metrics, run.path / "loss.png")
         except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
             raise _write_error(run.path, e) from None
@@ -603,12 +615,16 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
 
 
 def _restore(run: RunDir, state: dict, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,
-             rank: int, world: int, device: torch.device) -> Progress:
+             rank: int, world: int, device: torch.device, ema: AveragedModel | None) -> Progress:
     if state["world_size"] != world:
         raise ConfigError(f"the run was saved with {state['world_size']} processes; resume it with the same number")
-    _, weights, _ = checkpoint.load_model_file(run.path / state["weights"])
-    weights[checkpoint.TIED] = weights["transformer.wte.weight"]
-    model.load_state_dict(weights)
+    for name, into in (("weights", model), ("ema", None if ema is None else ema.module)):
+        if into is not None:
+            _, weights, _ = checkpoint.load_model_file(run.path / state[name])
+            weights[checkpoint.TIED] = weights["transformer.wte.weight"]
+            into.load_state_dict(weights)
+    if ema is not None:
+        ema.n_averaged.fill_(state["progress"]["step"])  # its updates so far (0 would restart it from the weights)
     checkpoint.load_optimizer(run.path / state["optimizer"], optimizer)
     rng = state["rng"][rank]
     data_rng.bit_generator.state = rng["data"]

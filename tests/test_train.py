@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from gptgen.checkpoint import load_model
 from gptgen.config import LOSS_WINDOW, ConfigError, TrainConfig
 from gptgen.data import load_corpus
+from gptgen.evaluate import evaluate
 from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
 from tests.conftest import CORPUS, sigint_as_usual
 from tests.test_model import tiny_model
@@ -123,20 +124,50 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert torch.equal(model.transformer.wpe.weight, last.transformer.wpe.weight[:32])  # resume keeps all 256
 
 
-@pytest.mark.parametrize("windows, trim_vocab", [("random", False), ("epoch", False), ("random", True)])
-def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab):
-    flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab)
+@pytest.mark.parametrize("windows, trim_vocab, ema", [("random", False, 0.0), ("epoch", False, 0.0),
+                                                     ("random", True, 0.0), ("random", True, 0.9)])
+def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab, ema):
+    flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab, ema=ema)
     train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, **flags))
     train(resume_config(tmp_path / "a", steps=30), resume=True)
     train(config(small_text, tmp_path / "b", **flags))
     state_a = json.loads((tmp_path / "a" / "state.json").read_text())
     state_b = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state_a["progress"]["step"] == state_b["progress"]["step"] == 30
-    a = load_file(tmp_path / "a" / state_a["weights"])
-    b = load_file(tmp_path / "b" / state_b["weights"])
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    files = ["weights", "ema"] if ema else ["weights"]
+    assert ("ema" in state_a) == bool(ema)
+    for a, b in [(tmp_path / "a" / state_a[f], tmp_path / "b" / state_b[f]) for f in files] + [
+            (tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")]:
+        a, b = load_file(a), load_file(b)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_ema_evaluates_and_saves_the_average_of_the_weights(small_text, tmp_path, monkeypatch):
+    """--ema: after each step the average moves a (1 - decay) share of the way to the weights (the first step's
+    weights start it); the evals and the model file are the average's, and training goes on from the weights."""
+    decay, seen = 0.8, []
+    save_state = RunDir.save_state
+
+    def record(self, model, optimizer, state, ema=None):  # eval_interval 1: every step's weights and average
+        seen.append((state["progress"]["step"], model.state_dict()["transformer.h.0.mlp.c_fc.weight"].clone(),
+                     ema.state_dict()["transformer.h.0.mlp.c_fc.weight"].clone()))
+        save_state(self, model, optimizer, state, ema)
+
+    monkeypatch.setattr(RunDir, "save_state", record)
+    run = tmp_path / "run"
+    summary = train(config(small_text, run, steps=12, eval_interval=1, lr=1e-2, ema=decay))
+    assert [s for s, _, _ in seen] == list(range(1, 13))
+    assert torch.equal(seen[0][2], seen[0][1])
+    for (_, _, before), (_, weights, average) in itertools.pairwise(seen):
+        torch.testing.assert_close(average, decay * before + (1 - decay) * weights)
+        assert not torch.allclose(average, weights, atol=1e-4)  # an average, not the weights themselves
+    best = summary["best_step"]
+    model = load_model(run / "model.safetensors")[0]
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight.detach(), seen[best - 1][2])
+    result = evaluate(model, load_corpus(small_text, 0.1).val, 1, block_size=32)
+    assert math.isclose(result.nats_per_token, evals(run)[best - 1]["val_nats_per_token"], rel_tol=1e-6)
 
 
 def test_a_trimmed_vocab_run_learns_and_saves_an_ordinary_model(small_text, tmp_path):
