@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", "last-*.safetensors", "optim-*.safetensors", "ema-*.safetensors",
-             *checkpoint.PARTIAL_WRITES,
-             ".write-test-*")  # what a run writes in its directory
+STEP_FILES = ("last", "optim", "ema")  # a saved state's weights, optimizer and --ema's average: NAME-STEP.safetensors
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *(f"{name}-*.safetensors" for name in STEP_FILES),
+             *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
 
@@ -142,8 +142,7 @@ class RunDir:
             files["ema"] = f"ema-{step:07d}.safetensors"
             checkpoint.save_model(self.path / files["ema"], ema.state_dict(), ema.config)
         checkpoint.atomic_write(self.path / STATE, json.dumps({**state, **files}, indent=1).encode())
-        for old in (*self.path.glob("last-*.safetensors"), *self.path.glob("optim-*.safetensors"),
-                    *self.path.glob("ema-*.safetensors")):
+        for old in (f for name in STEP_FILES for f in self.path.glob(f"{name}-*.safetensors")):
             if old.name not in files.values():
                 old.unlink(missing_ok=True)
 
@@ -553,9 +552,11 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None) -> float:
-    judged = model if ema is None else ema.module  # --ema: the average is the model evaluated and saved
-    for m in {model, judged}:
-        m.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
+    average = None if ema is None else ema.module
+    judged = model if average is None else average  # --ema: the average is the model evaluated and saved
+    model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
+    if average is not None:
+        average.share_rows()
     result = evaluate(judged, corpus.val, corpus.val_chars, block_size=cfg.block_size,
                       batch_size=cfg.eval_batch_size, device=device, autocast=autocast)
     improved = result.nats_per_token < progress.best_val
@@ -578,7 +579,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.o
             if keep:
                 checkpoint.save_model(run.path / MODEL, *_as_trained(judged, cfg),
                                       training=_provenance(cfg, corpus, progress, result, metrics))
-            run.save_state(model, optimizer, state, None if ema is None else ema.module)
+            run.save_state(model, optimizer, state, average)
             plot_losses(metrics, run.path / "loss.png")
         except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
             raise _write_error(run.path, e) from None
@@ -614,16 +615,19 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
                       if "val_nats_per_token" in m]}
 
 
+def _load_weights(model: GPT, path: Path) -> None:
+    _, weights, _ = checkpoint.load_model_file(path)
+    weights[checkpoint.TIED] = weights["transformer.wte.weight"]
+    model.load_state_dict(weights)
+
+
 def _restore(run: RunDir, state: dict, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,
              rank: int, world: int, device: torch.device, ema: AveragedModel | None) -> Progress:
     if state["world_size"] != world:
         raise ConfigError(f"the run was saved with {state['world_size']} processes; resume it with the same number")
-    for name, into in (("weights", model), ("ema", None if ema is None else ema.module)):
-        if into is not None:
-            _, weights, _ = checkpoint.load_model_file(run.path / state[name])
-            weights[checkpoint.TIED] = weights["transformer.wte.weight"]
-            into.load_state_dict(weights)
+    _load_weights(model, run.path / state["weights"])
     if ema is not None:
+        _load_weights(ema.module, run.path / state["ema"])
         ema.n_averaged.fill_(state["progress"]["step"])  # its updates so far (0 would restart it from the weights)
     checkpoint.load_optimizer(run.path / state["optimizer"], optimizer)
     rng = state["rng"][rank]
