@@ -3,7 +3,8 @@
 Both run the same loop (gptgen.train.optimizer_step) on random tokens with 2 threads. gptgen uses its
 defaults (bf16 autocast where the CPU has bf16, torch.compile for micro-batches >= 512 tokens, fused
 AdamW). transformers runs as a user would write it (fp32, torch AdamW defaults), and also with the same
-bf16 autocast and fused AdamW as gptgen, so the ratio to the strongest peer setting is shown too. All rows
+bf16 autocast and fused AdamW as gptgen, so the ratio to the strongest peer setting is shown too; the
+gptgen-muon row is gptgen with `--optimizer muon`, for the price of its orthogonalization. All rows
 run in a process that keeps its freed memory, as `gptgen train`'s does (`gptgen.device.keep_freed_memory`),
 so the ratios compare the models and loops, not the allocator.
 
@@ -23,7 +24,8 @@ from report import emit
 from gptgen.config import GPTConfig, TrainConfig
 from gptgen.device import allow_tf32, autocast_for, keep_freed_memory
 from gptgen.model import GPT
-from gptgen.train import RegionalCompile, make_optimizer, optimizer_step, use_compile
+from gptgen.optim import make_optimizer
+from gptgen.train import RegionalCompile, optimizer_step, use_compile
 
 CASES = [("small", 8, 256), ("gpt2", 4, 32)]  # (preset, batch, block): a 6-layer preset, and the seed's recipe
 
@@ -53,8 +55,8 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
     config = GPTConfig.from_name(preset)
     device = torch.device(device)
     allow_tf32(device)
-    cfg = TrainConfig(batch_size=batch, block_size=block)
-    if system == "gptgen":
+    cfg = TrainConfig(batch_size=batch, block_size=block, optimizer="muon" if system == "gptgen-muon" else "adamw")
+    if system.startswith("gptgen"):
         model = GPT(config).to(device)
         model.init_weights()
         model.grad_checkpoint = grad_checkpoint
@@ -107,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     rows = [measure(system, *case, args.steps) for case in CASES
-            for system in ("gptgen", "transformers-fp32", "transformers-bf16")]
+            for system in ("gptgen", "gptgen-muon", "transformers-fp32", "transformers-bf16")]
     print(f"training throughput, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
     print(f"{'preset':8} {'batch x block':>13} {'system':20} {'s/step':>8} {'tokens/s':>9} {'vs HF fp32':>10} "

@@ -105,7 +105,9 @@ class TrainConfig:
     epochs: float | None = _knob(None, "stop after this many passes over the train split (counted in tokens)")
     target_loss: float | None = _knob(None, f"stop once the mean train loss of the last {LOSS_WINDOW} steps is below "
                                             "this")
-    weight_decay: float = _knob(0.1, "AdamW weight decay, on matrices only (not biases or norms)")
+    optimizer: str = _knob("adamw", "adamw, or muon: Muon for the blocks' weight matrices (AdamW for the rest), "
+                                    "the same --lr and --weight-decay")
+    weight_decay: float = _knob(0.1, "weight decay, on matrices only (not biases or norms)")
     beta1: float = _knob(0.9, "AdamW beta1")
     beta2: float = _knob(0.95, "AdamW beta2")
     grad_clip: float = _knob(1.0, "clip the gradients' global norm to this (0 = off)")
@@ -177,7 +179,8 @@ class TrainConfig:
                               f"({model.block_size}); pick a smaller block or a preset with a longer context")
         for name, value, allowed in (("device", self.device, None), ("dtype", self.dtype, DTYPES),
                                      ("compile", self.compile, ("auto", "on", "off")),
-                                     ("windows", self.windows, ("random", "epoch"))):
+                                     ("windows", self.windows, ("random", "epoch")),
+                                     ("optimizer", self.optimizer, ("adamw", "muon"))):
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
 

@@ -35,6 +35,7 @@ from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_bat
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.model import GPT
+from gptgen.optim import Optimizer, make_optimizer
 from gptgen.plot import plot_losses
 from gptgen.signals import sigint_noted
 
@@ -96,15 +97,6 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None
     return min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.lr - min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms); fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu", "mps")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
 class RunDir:
     """The files of one run. Only rank 0 writes; every write is atomic."""
 
@@ -131,7 +123,7 @@ class RunDir:
         f = self.path / STATE
         return json.loads(f.read_text()) if f.is_file() else None
 
-    def save_state(self, model: GPT, optimizer: torch.optim.Optimizer, state: dict, ema: GPT | None = None) -> None:
+    def save_state(self, model: GPT, optimizer: Optimizer, state: dict, ema: GPT | None = None) -> None:
         """Weights, optimizer (and --ema's average) under step-numbered names, then state.json naming them: the
         commit point."""
         step = state["progress"]["step"]
@@ -472,7 +464,7 @@ def _stopped_by(cfg: TrainConfig, progress: Progress, total: int | None) -> str:
     return "minutes"
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def optimizer_step(model: torch.nn.Module, optimizer: Optimizer,
                    batches: list[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
                    autocast: contextlib.AbstractContextManager, grad_clip: float) -> torch.Tensor:
     """One optimizer step over gradient-accumulation micro-batches; returns their summed loss (detached).
@@ -549,7 +541,7 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
             "epoch": round(progress.tokens_seen / len(corpus.train), 3), "lr": lr, "train_loss": train_loss}
 
 
-def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: torch.optim.Optimizer, corpus: Corpus,
+def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None) -> float:
     average = None if ema is None else ema.module
@@ -621,7 +613,7 @@ def _load_weights(model: GPT, path: Path) -> None:
     model.load_state_dict(weights)
 
 
-def _restore(run: RunDir, state: dict, model: GPT, optimizer: torch.optim.Optimizer, data_rng: np.random.Generator,
+def _restore(run: RunDir, state: dict, model: GPT, optimizer: Optimizer, data_rng: np.random.Generator,
              rank: int, world: int, device: torch.device, ema: AveragedModel | None) -> Progress:
     if state["world_size"] != world:
         raise ConfigError(f"the run was saved with {state['world_size']} processes; resume it with the same number")

@@ -50,7 +50,7 @@ def test_unknown_preset_names_the_choices():
     (dict(target_loss=0.0), "--target-loss"), (dict(grad_clip=-1.0), "--grad-clip"), (dict(epochs=0.0), "--epochs"),
     (dict(block_size=0), "--block-size"), (dict(compile="yes"), "--compile"),
     (dict(eval_interval=0), "--eval-interval"), (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
-    (dict(ema=1.0), "--ema"), (dict(ema=-0.5), "--ema"),
+    (dict(ema=1.0), "--ema"), (dict(ema=-0.5), "--ema"), (dict(optimizer="sgd"), "--optimizer"),
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

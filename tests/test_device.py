@@ -81,7 +81,8 @@ import resource, sys, torch
 from gptgen.config import GPTConfig, TrainConfig
 from gptgen.device import autocast_for, keep_freed_memory
 from gptgen.model import GPT
-from gptgen.train import make_optimizer, optimizer_step
+from gptgen.optim import make_optimizer
+from gptgen.train import optimizer_step
 kept = sys.argv[1] == "keep" and keep_freed_memory()
 torch.manual_seed(0)
 model, cpu = GPT(GPTConfig.from_name("mini")), torch.device("cpu")

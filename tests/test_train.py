@@ -124,10 +124,11 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert torch.equal(model.transformer.wpe.weight, last.transformer.wpe.weight[:32])  # resume keeps all 256
 
 
-@pytest.mark.parametrize("windows, trim_vocab, ema", [("random", False, 0.0), ("epoch", False, 0.0),
-                                                     ("random", True, 0.0), ("random", True, 0.9)])
-def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab, ema):
-    flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab, ema=ema)
+@pytest.mark.parametrize("windows, trim_vocab, ema, optimizer", [
+    ("random", False, 0.0, "adamw"), ("epoch", False, 0.0, "adamw"), ("random", True, 0.0, "adamw"),
+    ("random", True, 0.9, "adamw"), ("random", False, 0.0, "muon")])
+def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab, ema, optimizer):
+    flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab, ema=ema, optimizer=optimizer)
     train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, **flags))
     train(resume_config(tmp_path / "a", steps=30), resume=True)
     train(config(small_text, tmp_path / "b", **flags))
