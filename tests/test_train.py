@@ -278,8 +278,12 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
         with open(err, "w") as stderr:
             proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
                                     stdout=subprocess.DEVNULL, stderr=stderr)
-        if kills % 2:  # at a random moment
-            time.sleep(rng.uniform(2.0, 4.0))  # ~2 s of start-up, then a few steps
+        if kills % 2:  # at a random moment of the steps: the bar is up (start-up takes 2-5 s, with the machine)
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline and not re.search(r"step/s|s/step",
+                                                                                         err.read_text()):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.5))
         else:  # the moment a checkpoint write is under way (its temporary file exists)
             deadline = time.monotonic() + 30
             while proc.poll() is None and time.monotonic() < deadline and not (
