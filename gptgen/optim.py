@@ -16,7 +16,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
     (the tied head among them), biases and norms stay with AdamW, as Muon's authors use it."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon = cfg.optimizer == "muon"
-    hidden = [p for name, p in named if muon and p.dim() == 2 and name.startswith("transformer.h.")]
+    hidden = [p for name, p in named if p.dim() == 2 and name.startswith("transformer.h.")] if muon else []
     taken = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in taken]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},

@@ -262,6 +262,13 @@ def test_a_run_killed_inside_its_first_writes_starts_again_and_resumes_without_t
     assert not RunDir(run).partial_writes() and _state_is_whole(run) == 4
 
 
+def wait_for(proc: subprocess.Popen, ready, timeout_s: float) -> None:
+    """Until ready() holds, the process ends or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.001)
+
+
 def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text, tmp_path):
     """SIGKILL 20 times, resuming after each: half at random moments, half while a checkpoint write is under
     way (the run saves every step; a temporary file left behind shows the kill landed inside a write)."""
@@ -279,16 +286,10 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
             proc = subprocess.Popen(first if not (run / "state.json").exists() else [*cli, "--resume", str(run)],
                                     stdout=subprocess.DEVNULL, stderr=stderr)
         if kills % 2:  # at a random moment of the steps: the bar is up (start-up takes 2-5 s, with the machine)
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and time.monotonic() < deadline and not re.search(r"step/s|s/step",
-                                                                                         err.read_text()):
-                time.sleep(0.01)
+            wait_for(proc, lambda: re.search(r"step/s|s/step", err.read_text()), 60)
             time.sleep(rng.uniform(0.0, 1.5))
         else:  # the moment a checkpoint write is under way (its temporary file exists)
-            deadline = time.monotonic() + 30
-            while proc.poll() is None and time.monotonic() < deadline and not (
-                    run.exists() and RunDir(run).partial_writes()):
-                time.sleep(0.001)
+            wait_for(proc, lambda: run.exists() and RunDir(run).partial_writes(), 30)
         if proc.poll() is not None:
             break  # ended before this kill
         proc.send_signal(signal.SIGKILL)
