@@ -55,7 +55,7 @@ ROWS = [(4, 32, False, False), (8, 1024, False, False), (8, 1024, True, False), 
 # fell at epoch 104.9, half way, which leaves room for other seeds and cards. In epochs, not --minutes, so that
 # every card runs the same schedule.
 # Not yet --optimizer muon: on --proxy at batch 16 it took 0.69x AdamW's steps (150-epoch cosine against 200, 6 seeds
-# of 6), but its step's cost on a GPU is not measured; it pays if below ~1.45x (the second example above).
+# of 6), but its step's cost on a GPU is not measured; it pays if below ~1.45x (the docstring's muon line checks it).
 RECIPE = ["--preset", "gpt2", "--batch-size", "16", "--block-size", "1024", "--lr", "1e-3", "--dropout", "0",
           "--weight-decay", "0", "--warmup-steps", "50", "--eval-interval", "5000", "--windows", "epoch",
           "--target-loss", "0.1", "--epochs", "200"]

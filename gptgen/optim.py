@@ -14,11 +14,11 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
     With --optimizer muon, the blocks' weight matrices go to PyTorch's Muon, scaled to AdamW's update size
     (Moonshot's "match_rms_adamw"), so that --lr and --weight-decay mean the same for both; the embeddings
     (the tied head among them), biases and norms stay with AdamW, as Muon's authors use it."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon = cfg.optimizer == "muon"
-    hidden = [p for name, p in named if p.dim() == 2 and name.startswith("transformer.h.")] if muon else []
-    taken = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in taken]
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (hidden if muon and p.dim() == 2 and name.startswith("transformer.h.") else rest).append(p)
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu", "mps")
