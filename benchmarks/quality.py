@@ -1,6 +1,7 @@
 """Quality per wall-clock minute: train with gptgen's recommended CPU recipe for a time budget on the
 reference corpus and report val nats/char over the whole val split (comparable to character-level
-models such as nanoGPT's).
+models such as nanoGPT's), and the share of it spent on val tokens that the train split never holds: a
+model trained on that split cannot tell them apart, and a character-level model has none.
 
     python benchmarks/quality.py --minutes 1.5        # the 90-second recipe
     python benchmarks/quality.py --minutes 30         # the 30-minute recipe
@@ -15,7 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from report import emit
+
+from gptgen.checkpoint import load_model
+from gptgen.data import load_corpus
+from gptgen.evaluate import token_losses
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -50,20 +56,42 @@ def main() -> None:
             sys.exit(f"training failed:\n{r.stderr[-2000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "val_nats_per_token" in r]  # the evals, not the train-loss lines
+        unseen = unseen_tokens_share(Path(out) / "model.safetensors", args.data)  # the best eval's weights
     best = min(rows, key=lambda r: r["val_nats_per_char"])
     result = {"recipe": recipe, "flags": " ".join(RECIPES[recipe]), "minutes": args.minutes,
               "steps": rows[-1]["step"], "tokens_seen": rows[-1]["tokens_seen"],
               "train_wall_s": rows[-1]["elapsed_s"], "best_val_nats_per_char": best["val_nats_per_char"],
               "best_val_nats_per_token": best["val_nats_per_token"], "best_at_step": best["step"],
-              "final_val_nats_per_char": rows[-1]["val_nats_per_char"]}
+              "final_val_nats_per_char": rows[-1]["val_nats_per_char"], **unseen}
     print(f"{'recipe':8} {'budget':>8} {'steps':>7} {'tokens':>10} {'best val nats/char':>19} {'at step':>8}")
     print(f"{recipe:8} {args.minutes:6.1f}m {result['steps']:7d} {result['tokens_seen']:10,d} "
           f"{result['best_val_nats_per_char']:19.4f} {result['best_at_step']:8d}")
+    print(f"val tokens the train split lacks: {unseen['unseen_val_tokens']:,} of {unseen['val_tokens']:,}, "
+          f"{unseen['unseen_mean_nats']:.2f} nats each: {unseen['unseen_nats_per_char']:.4f} nats/char of the "
+          f"best's {unseen['unseen_nats_per_char'] + unseen['seen_nats_per_char']:.4f}; at least "
+          f"{unseen['unseen_floor_nats_per_char']:.4f} for any model trained on that split")
     goal_minutes, goal = GOALS[recipe]
     if args.minutes <= goal_minutes:
         verdict = "meets" if result["best_val_nats_per_char"] < goal else "misses"
         print(f"goal for {goal_minutes:g} min: < {goal} nats/char -> {verdict}")
     emit(result, args.json)
+
+
+def unseen_tokens_share(model_path: Path, data: str) -> dict:
+    """The model's val loss split between tokens that occur in the train split and tokens that do not. The
+    latter were never a target, so no model trained on the split can rank them against each other: each costs
+    at least log(their number of kinds), their whole probability on one of them."""
+    model, _ = load_model(model_path)
+    corpus = load_corpus(data)
+    losses = token_losses(model, corpus.val, block_size=model.config.block_size).double().numpy()
+    kinds = np.zeros(model.config.vocab_size, dtype=bool)
+    kinds[np.unique(corpus.train)] = True
+    unseen = ~kinds[corpus.val]
+    return {"val_tokens": len(losses), "unseen_val_tokens": int(unseen.sum()),
+            "unseen_mean_nats": float(losses[unseen].mean()) if unseen.any() else 0.0,
+            "unseen_nats_per_char": float(losses[unseen].sum() / corpus.val_chars),
+            "seen_nats_per_char": float(losses[~unseen].sum() / corpus.val_chars),
+            "unseen_floor_nats_per_char": float(unseen.sum() * np.log((~kinds).sum()) / corpus.val_chars)}
 
 
 if __name__ == "__main__":

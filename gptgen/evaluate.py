@@ -37,28 +37,38 @@ class EvalResult:
                 "val_nats_per_char": self.nats_per_char, "val_tokens": self.tokens, "val_chars": self.chars}
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, chars: int, *, block_size: int, batch_size: int = 8,
              device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
              ) -> EvalResult:
-    """Sum the loss over eval_windows(); under torch.distributed each rank takes every world-th batch."""
+    """The loss summed over the split (token_losses()), with what it is per token and per character."""
+    nats = token_losses(model, tokens, block_size=block_size, batch_size=batch_size, device=device,
+                        autocast=autocast)
+    return EvalResult(nats=nats.double().sum().item(), tokens=len(tokens), chars=chars)
+
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int, batch_size: int = 8,
+                 device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
+                 ) -> torch.Tensor:
+    """Each token's loss over eval_windows(), in the split's order (so that a benchmark can sum them by kind of
+    token); under torch.distributed each rank scores every world-th batch and all get the whole."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     was_training = model.training
     model.eval()
     windows = eval_windows(tokens, block_size)
     full = [w for w in windows if len(w[0]) == block_size]
-    batches = []
+    batches = []  # (x, y, the position of y's first token): windows are consecutive, so a batch's targets are too
     for i in range(0, len(full), batch_size):
         xs, ys = zip(*full[i:i + batch_size], strict=True)
-        batches.append((torch.stack(xs), torch.stack(ys)))
-    batches += [(x[None], y[None]) for x, y in windows if len(x) != block_size]
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in batches[rank::world]:
+        batches.append((torch.stack(xs), torch.stack(ys), i * block_size))
+    batches += [(x[None], y[None], len(full) * block_size) for x, y in windows if len(x) != block_size]
+    losses = torch.zeros(len(tokens), device=device)
+    for x, y, at in batches[rank::world]:
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+        losses[at:at + y.numel()] = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
     if world > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(losses)
     model.train(was_training)
-    return EvalResult(nats=total.item(), tokens=len(tokens), chars=chars)
+    return losses.cpu()

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptgen.evaluate import evaluate
+from gptgen.evaluate import evaluate, token_losses
 from tests.test_model import tiny_model
 
 
@@ -13,12 +13,16 @@ def test_sum_equals_scoring_each_token_by_hand():
     tokens = np.random.default_rng(0).integers(0, 50257, size=45).astype(np.uint16)
     result = evaluate(model, tokens, chars=200, block_size=16, batch_size=2)
     seq = torch.tensor([50256, *tokens.tolist()])
-    expected = 0.0
+    each = []
     with torch.no_grad():
         for start in range(0, 45, 16):
             x = seq[start:min(start + 16, 45)]
             logits, _ = model(x[None])
-            expected += F.cross_entropy(logits[0], seq[start + 1:start + 1 + len(x)], reduction="sum").item()
+            each.append(F.cross_entropy(logits[0], seq[start + 1:start + 1 + len(x)], reduction="none"))
+    each = torch.cat(each)
+    expected = each.sum().item()
+    # token by token, in the split's order (batches of 2 windows and a short last one)
+    torch.testing.assert_close(token_losses(model, tokens, block_size=16, batch_size=2), each)
     assert math.isclose(result.nats, expected, rel_tol=1e-5)
     assert result.tokens == 45 and result.chars == 200
     assert math.isclose(result.nats_per_char, expected / 200, rel_tol=1e-5)
