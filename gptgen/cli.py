@@ -246,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.config import ConfigError
     from gptgen.data import load_corpus
     from gptgen.device import keep_freed_memory, pick_device
-    from gptgen.evaluate import evaluate
+    from gptgen.evaluate import EvalResult, token_losses, unseen_tokens
     from gptgen.hub import resolve
 
     if not 0 < args.val_fraction < 1:
@@ -258,15 +258,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
     corpus = load_corpus(args.data, args.val_fraction)
     keep_freed_memory()  # as training does: `gptgen eval` of the bundled model on the reference corpus 15 -> 5.7 s
-    result = evaluate(model, corpus.val, corpus.val_chars, block_size=block, batch_size=args.batch_size,
-                      device=device)
-    report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict()}
+    losses = token_losses(model, corpus.val, block_size=block, batch_size=args.batch_size, device=device)
+    result = EvalResult.of(losses, corpus.val_chars)
+    unseen = unseen_tokens(losses, corpus.val, corpus.train, corpus.val_chars, model.config.vocab_size)
+    report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict(), **unseen}
     if args.json:
         print(json.dumps(report))
     else:
+        n_unseen = unseen["unseen_val_tokens"]
         print(f"val loss    {result.nats_per_token:.4f} nats/token  (perplexity {result.perplexity:.2f})\n"
               f"            {result.nats_per_char:.4f} nats/char\n"
-              f"scored      {result.tokens:,} tokens, {result.chars:,} chars (windows of {block}, each token once)")
+              f"scored      {result.tokens:,} tokens, {result.chars:,} chars (windows of {block}, each token once)\n"
+              f"unseen      {n_unseen:,} of them ({n_unseen / result.tokens:.1%}) never occur in the train split: "
+              f"{unseen['unseen_nats_per_char']:.4f} of the nats/char (at least "
+              f"{unseen['unseen_floor_nats_per_char']:.4f} for any model trained on that split alone)")
     return 0
 
 

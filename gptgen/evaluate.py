@@ -36,14 +36,18 @@ class EvalResult:
         return {"val_nats_per_token": self.nats_per_token, "val_perplexity": self.perplexity,
                 "val_nats_per_char": self.nats_per_char, "val_tokens": self.tokens, "val_chars": self.chars}
 
+    @classmethod
+    def of(cls, losses: torch.Tensor, chars: int) -> EvalResult:
+        """From token_losses()."""
+        return cls(nats=losses.double().sum().item(), tokens=len(losses), chars=chars)
+
 
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, chars: int, *, block_size: int, batch_size: int = 8,
              device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
              ) -> EvalResult:
     """The loss summed over the split (token_losses()), with what it is per token and per character."""
-    nats = token_losses(model, tokens, block_size=block_size, batch_size=batch_size, device=device,
-                        autocast=autocast)
-    return EvalResult(nats=nats.double().sum().item(), tokens=len(tokens), chars=chars)
+    return EvalResult.of(token_losses(model, tokens, block_size=block_size, batch_size=batch_size, device=device,
+                                      autocast=autocast), chars)
 
 
 @torch.no_grad()
@@ -72,3 +76,16 @@ def token_losses(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int,
         dist.all_reduce(losses)
     model.train(was_training)
     return losses.cpu()
+
+
+def unseen_tokens(losses: torch.Tensor, val: np.ndarray, train: np.ndarray, chars: int, vocab_size: int) -> dict:
+    """The part of the val loss on tokens that the train split never holds. Never a target in training, those
+    kinds cannot be ranked against each other by a model trained on that split, so each such token costs it at
+    least log(how many kinds the split lacks): a floor that no training lowers, and that a character-level
+    model (every val character in its train split, as a rule) does not have."""
+    lacking = np.bincount(train, minlength=vocab_size) == 0
+    unseen = lacking[val]
+    nats = losses.double().numpy()[unseen]
+    return {"unseen_val_tokens": int(unseen.sum()), "unseen_mean_nats": float(nats.mean()) if len(nats) else 0.0,
+            "unseen_nats_per_char": float(nats.sum() / chars),
+            "unseen_floor_nats_per_char": float(len(nats) * np.log(max(1, lacking.sum())) / chars)}

@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from gptgen.config import TrainConfig
+from gptgen.data import load_corpus
 from tests.conftest import ROOT
 
 
@@ -33,8 +35,11 @@ def test_train_then_eval_json(small_text, tmp_path):
     assert report["block_size"] == 16  # the block it was trained with
     assert report["val_nats_per_token"] == pytest.approx(best["val_nats_per_token"], rel=1e-6)
     assert report["val_tokens"] == best["val_tokens"]
+    corpus = load_corpus(small_text, 0.1)
+    assert report["unseen_val_tokens"] == np.isin(corpus.val, corpus.train, invert=True).sum() > 0
+    assert 0 < report["unseen_nats_per_char"] < report["val_nats_per_char"]
     r = gptgen("eval", run / "model.safetensors", "--data", small_text)
-    assert "nats/char" in r.stdout and "perplexity" in r.stdout
+    assert "nats/char" in r.stdout and "perplexity" in r.stdout and "never occur in the train split" in r.stdout
 
 
 def test_train_quantize_generate_without_the_server_packages(small_text, tmp_path):

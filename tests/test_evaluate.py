@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptgen.evaluate import evaluate, token_losses
+from gptgen.evaluate import evaluate, token_losses, unseen_tokens
 from tests.test_model import tiny_model
 
 
@@ -46,3 +46,15 @@ def test_the_metrics_row_names_each_figure_as_it_is():
     r = evaluate(tiny_model().eval(), np.arange(40, dtype=np.uint16), chars=100, block_size=16)
     assert r.as_dict() == {"val_nats_per_token": r.nats / r.tokens, "val_perplexity": math.exp(r.nats / r.tokens),
                            "val_nats_per_char": r.nats / 100, "val_tokens": r.tokens, "val_chars": 100}
+
+
+def test_unseen_tokens_sums_the_loss_on_kinds_that_the_train_split_lacks():
+    losses = torch.tensor([1.0, 2.0, 12.0, 3.0, 14.0])
+    val = np.array([5, 6, 7, 5, 9], dtype=np.uint16)  # 7 and 9 are not in the train split
+    train = np.array([5, 6, 6, 8], dtype=np.uint16)
+    r = unseen_tokens(losses, val, train, chars=10, vocab_size=20)
+    assert r["unseen_val_tokens"] == 2 and r["unseen_mean_nats"] == 13.0
+    assert math.isclose(r["unseen_nats_per_char"], 26 / 10)
+    assert math.isclose(r["unseen_floor_nats_per_char"], 2 * math.log(20 - 3) / 10)  # kinds 5, 6 and 8 seen
+    none = unseen_tokens(losses, val, np.arange(20, dtype=np.uint16), chars=10, vocab_size=20)
+    assert none["unseen_val_tokens"] == 0 and none["unseen_nats_per_char"] == 0.0
