@@ -27,6 +27,8 @@ _BUDGET = (*LENGTH_BUDGET, "target_loss")
 _RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
 _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABLE[:-1]) + f" and --{_RESUMABLE[-1]}"
 _DEFAULT_STEPS = 2000
+MODEL_HELP = ("model: a .safetensors file (float or int8), a run's folder (its model.safetensors) or a Hub id "
+              "(owner/name)")
 
 
 def _rank(variable: str) -> int:
@@ -71,7 +73,7 @@ def _train_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = _command(sub, "eval", "score a model on the whole val split of a text file")
-    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="UTF-8 text file; its last --val-fraction is scored")
     p.add_argument("--val-fraction", type=float, default=0.1, help="as in training (default: 0.1)")
     p.add_argument("--block-size", type=_positive_int,
@@ -83,7 +85,7 @@ def _eval_parser(sub) -> None:
 
 def _quantize_parser(sub) -> None:
     p = _command(sub, "quantize", "int8 weights: a smaller file and faster CPU generation")
-    p.add_argument("input", help="float model: a .safetensors file or a Hub id (owner/name)")
+    p.add_argument("input", help="float model: a .safetensors file, a run's folder (its model.safetensors) or a Hub id")
     p.add_argument("output", help="int8 model .safetensors to write")
 
 
@@ -91,7 +93,7 @@ def _generate_parser(sub) -> None:
     from gptgen.generate import MAX_NEW_TOKENS, Sampling
 
     p = _command(sub, "generate", "continue a prompt, streaming the text to stdout")
-    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("prompt", nargs="?", default="", help="text to continue (empty: start from <|endoftext|>)")
     p.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file instead (- = stdin)")
     d = Sampling()
@@ -114,7 +116,7 @@ def _generate_parser(sub) -> None:
 
 def _export_parser(sub) -> None:
     p = _command(sub, "export", "write the model for another runtime (llama.cpp's GGUF, transformers)")
-    p.add_argument("model", help="model: a .safetensors file (float or int8) or a Hub id (owner/name)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("out", help="output: a new .gguf file, or a new (or empty) directory for --format hf")
     p.add_argument("--format", choices=["gguf", "hf"], default="gguf",
                    help="gguf: one llama.cpp file; hf: a transformers directory (default: gguf)")
@@ -164,7 +166,8 @@ def _serve_parser(sub) -> None:
     from gptgen.engine import BATCH_ROWS
 
     p = _command(sub, "serve", "the web page and its API, on the bundled model or yours")
-    p.add_argument("--model", help="model to show first: a name in --models, a .safetensors file or a Hub id")
+    p.add_argument("--model", help="model to show first: a name in --models, a .safetensors file, a run's "
+                   "folder or a Hub id")
     p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models, and its run folders' "
                    "(runs/my/model-int8.safetensors is my-int8), the page offers (default: the bundled ones)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "

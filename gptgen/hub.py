@@ -82,12 +82,14 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local model file as it is; `owner/name` through the Hub cache."""
+    """A local model file as it is, a training run's folder as its model.safetensors (the best weights), and
+    `owner/name` through the Hub cache."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"a model is a file path or a Hub id (owner/name), got {type(path_or_id).__name__}")
     path_or_id = os.fspath(path_or_id)
     if not is_hub_id(path_or_id):
-        return Path(path_or_id)
+        path = Path(path_or_id)
+        return path / "model.safetensors" if (path / "model.safetensors").is_file() else path
     try:
         return pull(path_or_id, revision)
     except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too

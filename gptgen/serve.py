@@ -109,8 +109,9 @@ def find_models(folder: Path) -> dict[str, Path]:
 
 def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Path], str | None]:
     """The files to serve by name, and the name shown first: `model` is a name in the folder, a path to a
-    file, or a Hub id (owner/name, fetched through the Hugging Face cache)."""
-    from gptgen.hub import is_hub_id, pull
+    file or to a run's folder (served under the folder's name), or a Hub id (owner/name, fetched through the
+    Hugging Face cache)."""
+    from gptgen.hub import is_hub_id, resolve
 
     folder = Path(models_dir)
     if not folder.is_dir() and model is None:
@@ -122,14 +123,15 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
                              "folders); give --model FILE or another --models folder")
     if model is None or model in files:
         return files, model
+    path = resolve(model)
     if is_hub_id(model):
-        return {**files, model: pull(model)}, model
-    path = Path(model)
+        return {**files, model: path}, model
     if not path.is_file():
         names = ", ".join(files) or "none"
         raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
                              f"(it has: {names})")
-    return {**files, path.stem: path}, path.stem
+    name = path.stem if path == Path(model) else path.parent.name  # runs/my: my
+    return {**files, name: path}, name
 
 
 def _error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:

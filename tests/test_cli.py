@@ -38,8 +38,9 @@ def test_train_then_eval_json(small_text, tmp_path):
     corpus = load_corpus(small_text, 0.1)
     assert report["unseen_val_tokens"] == np.isin(corpus.val, corpus.train, invert=True).sum() > 0
     assert 0 < report["unseen_nats_per_char"] < report["val_nats_per_char"]
-    r = gptgen("eval", run / "model.safetensors", "--data", small_text)
+    r = gptgen("eval", run, "--data", small_text)  # a run's folder stands for its model.safetensors
     assert "nats/char" in r.stdout and "perplexity" in r.stdout and "never occur in the train split" in r.stdout
+    assert f"{report['val_nats_per_char']:.4f} nats/char" in r.stdout
 
 
 def test_train_quantize_generate_without_the_server_packages(small_text, tmp_path):

@@ -60,6 +60,7 @@ def test_every_command_that_reads_a_model_takes_a_hub_id(hf_cache, small_text, t
 
 def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_either(hf_cache):
     assert hub.resolve(BUNDLED) == BUNDLED
+    assert hub.resolve(BUNDLED.parent) == BUNDLED.parent  # a folder without a run's model file stays as it is
     with pytest.raises(TypeError, match="a model is a file path or a Hub id"):
         hub.resolve(None)
     r = gptgen_offline(hf_cache, "generate", "nothere/model", "hi")

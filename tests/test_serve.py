@@ -18,6 +18,10 @@ def test_pick_models_by_name_or_file(tmp_path):
     other.write_bytes(BUNDLED.read_bytes())
     files, default = pick_models(BUNDLED.parent, str(other))
     assert files["mine"] == other and default == "mine"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_bytes(BUNDLED.read_bytes())
+    files, default = pick_models(BUNDLED.parent, str(tmp_path / "run"))  # a run's folder: its best weights
+    assert files["run"] == tmp_path / "run" / "model.safetensors" and default == "run"
 
 
 def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(tmp_path, caplog):
