@@ -131,7 +131,8 @@ def _import_parser(sub) -> None:
 
 def _hub_parsers(sub) -> None:
     p = _command(sub, "push", "upload a model (with a generated card) to the Hub, or the app as a Space")
-    p.add_argument("model", nargs="?", help="model .safetensors file (for --space default: the bundled model)")
+    p.add_argument("model", nargs="?", help="model .safetensors file or a run's folder (for --space default: the "
+                   "bundled model)")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
     p.add_argument("--private", action="store_true", help="create the repo as private")
@@ -375,12 +376,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     from gptgen import hub
 
     if args.space:
-        model = args.model or str(BUNDLED_MODELS / "shakespeare-mini-int8.safetensors")
+        model = hub.resolve(args.model) if args.model else BUNDLED_MODELS / "shakespeare-mini-int8.safetensors"
         print(hub.push_space(model, args.repo_id, private=args.private))
     elif args.model is None:
         raise GptgenError("give the model file to push: gptgen push MODEL REPO_ID")
     else:
-        print(hub.push(args.model, args.repo_id, private=args.private))
+        print(hub.push(hub.resolve(args.model), args.repo_id, private=args.private))
     return 0
 
 

@@ -149,6 +149,18 @@ def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learne
         hub.space_files(BUNDLED)
 
 
+def test_push_takes_a_run_folder_as_its_model(api, tmp_path, capsys):
+    from gptgen.cli import main
+
+    run = tmp_path / "my"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(BUNDLED.read_bytes())
+    assert main(["push", str(run), "owner/my"]) == 0
+    assert api.calls[-1][2][hub.MODEL_FILE] == str(run / "model.safetensors")
+    assert main(["push", "--space", str(run), "owner/space"]) == 0
+    assert "models/my.safetensors" in api.calls[-1][2]  # named as `serve --models` names it
+
+
 def test_private_pushes_create_private_repositories(api):
     """`gptgen push --private` must never publish a model or a Space for everyone to see."""
     hub.push(BUNDLED, "owner/model", private=True)
