@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,8 +465,8 @@ def test_push_sends_the_model_with_its_privacy_and_space_defaults_to_the_bundled
 
     assert run_main(capsys, "push", "m.safetensors", "owner/m", "--private") == (0, "done\n", "")
     assert run_main(capsys, "push", "owner/demo", "--space")[0] == 0
-    assert hub_calls == [("push", ("m.safetensors", "owner/m"), {"private": True}),
-                         ("push_space", (str(BUNDLED_MODELS / "shakespeare-mini-int8.safetensors"), "owner/demo"),
+    assert hub_calls == [("push", (Path("m.safetensors"), "owner/m"), {"private": True}),
+                         ("push_space", (BUNDLED_MODELS / "shakespeare-mini-int8.safetensors", "owner/demo"),
                           {"private": False})]
 
 
