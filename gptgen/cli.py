@@ -375,13 +375,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from gptgen import hub
 
+    model = hub.resolve(args.model) if args.model else None
     if args.space:
-        model = hub.resolve(args.model) if args.model else BUNDLED_MODELS / "shakespeare-mini-int8.safetensors"
+        model = model or BUNDLED_MODELS / "shakespeare-mini-int8.safetensors"
         print(hub.push_space(model, args.repo_id, private=args.private))
-    elif args.model is None:
+    elif model is None:
         raise GptgenError("give the model file to push: gptgen push MODEL REPO_ID")
     else:
-        print(hub.push(hub.resolve(args.model), args.repo_id, private=args.private))
+        print(hub.push(model, args.repo_id, private=args.private))
     return 0
 
 

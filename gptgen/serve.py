@@ -130,7 +130,7 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
         names = ", ".join(files) or "none"
         raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
                              f"(it has: {names})")
-    name = path.stem if path == Path(model) else path.parent.name  # runs/my: my
+    name = served_name(Path(model).parent, path)  # runs/my/model.safetensors given as runs/my: my
     return {**files, name: path}, name
 
 
