@@ -1,5 +1,8 @@
+import ast
 import dataclasses
+import importlib.metadata
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +84,26 @@ def test_an_installed_wheel_carries_the_bundled_model_and_serves_it(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert '"new_tokens": 8' in out.stdout
+
+
+def test_every_library_the_package_imports_is_a_declared_dependency():
+    """Not one that merely arrives with another (fastapi, pandas and huggingface_hub come with gradio today): a
+    release of gradio that drops one would break gptgen on a fresh install, far from this change."""
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    imported = set()
+    for path in [*(ROOT / "gptgen").rglob("*.py"), ROOT / "app.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"gptgen", "__future__"}
+    distributions = importlib.metadata.packages_distributions()
+    declared = {canonical(re.match(r"[A-Za-z0-9_.-]+", r).group()) for r in importlib.metadata.requires("gptgen")
+                if "extra ==" not in r}
+    assert "torch" in third_party and "gradio" in third_party  # the scan sees the imports
+    missing = {m: distributions.get(m) for m in third_party
+               if not {canonical(d) for d in distributions.get(m, [m])} & declared}
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
