@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 
 # `make serve` needs only requirements.txt (what Spaces installs) and the package.
 $(VENV)/.app: requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "gptgen needs Python >= 3.11 \
+	(its pinned numpy, pandas and fastapi do); $(PYTHON) is $$($(PYTHON) --version 2>&1). Name a newer one: \
+	make PYTHON=python3.11 ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
