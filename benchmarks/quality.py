@@ -20,7 +20,7 @@ from report import emit
 
 from gptgen.checkpoint import load_model
 from gptgen.data import load_corpus
-from gptgen.evaluate import EvalResult, token_losses, unseen_tokens
+from gptgen.evaluate import evaluate_corpus
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -80,10 +80,9 @@ def unseen_tokens_share(model_path: Path, data: str) -> dict:
     """The best model's val loss, and the part of it on tokens that the train split never holds."""
     model, _ = load_model(model_path)
     corpus = load_corpus(data)
-    losses = token_losses(model, corpus.val, block_size=model.config.block_size)
-    unseen = unseen_tokens(losses, corpus.val, corpus.train, corpus.val_chars, model.config.vocab_size)
-    total = EvalResult.of(losses, corpus.val_chars).nats_per_char
-    return {"val_tokens": len(losses), **unseen, "seen_nats_per_char": total - unseen["unseen_nats_per_char"]}
+    result, unseen = evaluate_corpus(model, corpus, block_size=model.config.block_size)
+    return {"val_tokens": result.tokens, **unseen,
+            "seen_nats_per_char": result.nats_per_char - unseen["unseen_nats_per_char"]}
 
 
 if __name__ == "__main__":

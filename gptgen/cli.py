@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.config import ConfigError
     from gptgen.data import load_corpus
     from gptgen.device import keep_freed_memory, pick_device
-    from gptgen.evaluate import EvalResult, token_losses, unseen_tokens
+    from gptgen.evaluate import evaluate_corpus
     from gptgen.hub import resolve
 
     if not 0 < args.val_fraction < 1:
@@ -262,9 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
     corpus = load_corpus(args.data, args.val_fraction)
     keep_freed_memory()  # as training does: `gptgen eval` of the bundled model on the reference corpus 15 -> 5.7 s
-    losses = token_losses(model, corpus.val, block_size=block, batch_size=args.batch_size, device=device)
-    result = EvalResult.of(losses, corpus.val_chars)
-    unseen = unseen_tokens(losses, corpus.val, corpus.train, corpus.val_chars, model.config.vocab_size)
+    result, unseen = evaluate_corpus(model, corpus, block_size=block, batch_size=args.batch_size, device=device)
     report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict(), **unseen}
     if args.json:
         print(json.dumps(report))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gptgen.data import eval_windows
+from gptgen.data import Corpus, eval_windows
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,11 @@ def unseen_tokens(losses: torch.Tensor, val: np.ndarray, train: np.ndarray, char
     return {"unseen_val_tokens": int(unseen.sum()), "unseen_mean_nats": float(nats.mean()) if len(nats) else 0.0,
             "unseen_nats_per_char": float(nats.sum() / chars),
             "unseen_floor_nats_per_char": float(len(nats) * np.log(max(1, lacking.sum())) / chars)}
+
+
+def evaluate_corpus(model: torch.nn.Module, corpus: Corpus, *, block_size: int, batch_size: int = 8,
+                    device: torch.device | str = "cpu") -> tuple[EvalResult, dict]:
+    """The val split's loss and its unseen_tokens() part, from one pass over it."""
+    losses = token_losses(model, corpus.val, block_size=block_size, batch_size=batch_size, device=device)
+    return (EvalResult.of(losses, corpus.val_chars),
+            unseen_tokens(losses, corpus.val, corpus.train, corpus.val_chars, model.config.vocab_size))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
 
-MODEL_FILE = "model.safetensors"  # the name a gptgen model has in a Hub repository
+MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")  # what huggingface_hub talks through
@@ -89,7 +89,7 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     path_or_id = os.fspath(path_or_id)
     if not is_hub_id(path_or_id):
         path = Path(path_or_id)
-        return path / "model.safetensors" if (path / "model.safetensors").is_file() else path
+        return path / MODEL_FILE if (path / MODEL_FILE).is_file() else path
     try:
         return pull(path_or_id, revision)
     except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too
