@@ -27,8 +27,8 @@ _BUDGET = (*LENGTH_BUDGET, "target_loss")
 _RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
 _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABLE[:-1]) + f" and --{_RESUMABLE[-1]}"
 _DEFAULT_STEPS = 2000
-MODEL_HELP = ("model: a .safetensors file (float or int8), a run's folder (its model.safetensors) or a Hub id "
-              "(owner/name)")
+MODEL_HELP = ("model: a .safetensors file (float or int8), a run's folder (its model.safetensors), a bundled "
+              "model's name (shakespeare-mini-int8) or a Hub id (owner/name)")
 
 
 def _rank(variable: str) -> int:
@@ -168,7 +168,7 @@ def _serve_parser(sub) -> None:
 
     p = _command(sub, "serve", "the web page and its API, on the bundled model or yours")
     p.add_argument("--model", help="model to show first: a name in --models, a .safetensors file, a run's "
-                   "folder or a Hub id")
+                   "folder, a bundled model's name or a Hub id")
     p.add_argument("--models", default=str(BUNDLED_MODELS), help="folder whose models, and its run folders' "
                    "(runs/my/model-int8.safetensors is my-int8), the page offers (default: the bundled ones)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "

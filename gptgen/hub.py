@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
+from gptgen.config import BUNDLED_MODELS
 
 MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -82,14 +83,18 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local model file as it is, a training run's folder as its model.safetensors (the best weights), and
+    """A local model file as it is, a training run's folder as its model.safetensors (the best weights), a
+    bundled model's name (as the page shows it) as its file, when nothing here has that name, and
     `owner/name` through the Hub cache."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"a model is a file path or a Hub id (owner/name), got {type(path_or_id).__name__}")
     path_or_id = os.fspath(path_or_id)
     if not is_hub_id(path_or_id):
         path = Path(path_or_id)
-        return path / MODEL_FILE if (path / MODEL_FILE).is_file() else path
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        bundled = BUNDLED_MODELS / f"{path_or_id}.safetensors"
+        return bundled if path.name == path_or_id and not path.exists() and bundled.is_file() else path
     try:
         return pull(path_or_id, revision)
     except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too

@@ -130,7 +130,8 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
         names = ", ".join(files) or "none"
         raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
                              f"(it has: {names})")
-    name = served_name(Path(model).parent, path)  # runs/my/model.safetensors given as runs/my: my
+    given = Path(model)  # runs/my/model.safetensors given as runs/my: my; a bundled model by its name: that name
+    name = served_name(path.parent if given.name == model and not given.exists() else given.parent, path)
     return {**files, name: path}, name
 
 

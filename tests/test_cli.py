@@ -182,6 +182,14 @@ def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):
     assert r.returncode == 2 and "not a readable safetensors file" in r.stderr
 
 
+def test_generate_takes_a_bundled_model_by_name_and_a_prompt_given_as_the_model_names_them(capsys):
+    status, out, _ = run_main(capsys, "generate", "shakespeare-mini-int8", "ROMEO:", "--max-new-tokens", "4", "--json")
+    assert status == 0 and json.loads(out)["new_tokens"] == 4
+    status, _, err = run_main(capsys, "generate", "ROMEO:")  # the model left out
+    assert status == 2 and err.strip() == ("gptgen: error: model file 'ROMEO:' does not exist (bundled models, by "
+                                           "name: shakespeare-mini-int8)")
+
+
 def test_target_not_reached_says_so_plainly(small_text, tmp_path):
     r = gptgen("train", "--data", small_text, "--out", tmp_path / "run", "--steps", 3, "--target-loss", 0.1, *FAST)
     err = r.stderr

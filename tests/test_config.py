@@ -79,8 +79,8 @@ def test_an_installed_wheel_carries_the_bundled_model_and_serves_it(tmp_path):
     where = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, cwd=tmp_path, env=env,
                            check=True).stdout.split()
     assert where == [str(tmp_path / "site/gptgen/config.py"), str(tmp_path / "site/gptgen/models")]
-    out = subprocess.run([sys.executable, "-m", "gptgen", "generate", tmp_path / "site/gptgen/models/"
-                          "shakespeare-mini-int8.safetensors", "ROMEO:", "--max-new-tokens", "8", "--json"],
+    out = subprocess.run([sys.executable, "-m", "gptgen", "generate", "shakespeare-mini-int8", "ROMEO:",
+                          "--max-new-tokens", "8", "--json"],
                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert '"new_tokens": 8' in out.stdout

@@ -4,6 +4,7 @@ the HfApi call boundary (the exact repositories, files and commits it would send
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,16 @@ def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_e
         hub.resolve(None)
     r = gptgen_offline(hf_cache, "generate", "nothere/model", "hi")
     assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr and "nor is it a local file" in r.stderr
+
+
+def test_a_bundled_model_by_the_name_the_page_shows_unless_a_local_path_has_it(tmp_path, monkeypatch):
+    """An installed wheel's models folder is no path to type: `gptgen generate shakespeare-mini-int8 "ROMEO:"`."""
+    monkeypatch.chdir(tmp_path)
+    assert hub.resolve(BUNDLED.stem) == BUNDLED
+    assert hub.resolve("nope") == Path("nope")
+    (tmp_path / BUNDLED.stem).mkdir()  # anything here of that name is what the user means
+    assert hub.resolve(BUNDLED.stem) == Path(BUNDLED.stem)
+    assert hub.resolve(f"./{BUNDLED.stem}") == Path(BUNDLED.stem)
 
 
 @pytest.mark.parametrize("repo_id, message", [

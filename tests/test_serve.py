@@ -22,6 +22,9 @@ def test_pick_models_by_name_or_file(tmp_path):
     (tmp_path / "run" / "model.safetensors").write_bytes(BUNDLED.read_bytes())
     files, default = pick_models(BUNDLED.parent, str(tmp_path / "run"))  # a run's folder: its best weights
     assert files["run"] == tmp_path / "run" / "model.safetensors" and default == "run"
+    files, default = pick_models(tmp_path, BUNDLED.stem)  # a bundled model by its name, beside another folder's
+    assert files == {"mine": other, "run": tmp_path / "run" / "model.safetensors", BUNDLED.stem: BUNDLED}
+    assert default == BUNDLED.stem
 
 
 def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(tmp_path, caplog):
