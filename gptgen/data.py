@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gptgen.checkpoint import atomic_write
 from gptgen.config import GptgenError
@@ -44,13 +47,56 @@ def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     return text.removeprefix("\ufeff"), raw
 
 
-def encode(text: str) -> np.ndarray:
-    """Token ids as uint16, cached on disk under the sha256 of the text (a corpus is tokenized once)."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    path = cache_dir() / "tokens" / f"{digest}.gpt2.u16"
+PIECE_CHARS = 1 << 20
+# An ASCII space, tab or line break after a character that is no whitespace to Python. (Python's \s also takes
+# \x1c-\x1f, which tiktoken's does not; every character Python's \S takes is no whitespace to either.)
+_CUT = re.compile(r"(?<=\S)[ \t\n\v\f\r]")
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """The text cut into pieces of about `size` characters whose tokens, joined, are the whole text's.
+
+    Each cut goes just before an ASCII whitespace character that follows a non-whitespace one: no pre-token of
+    GPT-2's split holds both (a word, a number or a run of punctuation stops at whitespace; a run of
+    whitespace holds nothing else), and the split looks ahead but never behind, so each side splits as
+    it does in the whole text, and BPE never merges across pre-tokens (tested against the whole text).
+    """
+    out, start = [], 0
+    while start + size < len(text) and (cut := _CUT.search(text, start + size)):
+        out.append(text[start:cut.start()])
+        start = cut.start()
+    out.append(text[start:])
+    return out
+
+
+def _sha256(text: str) -> str:
+    h = hashlib.sha256()
+    for i in range(0, len(text), 16 * PIECE_CHARS):  # UTF-8 a slice at a time: no copy of the whole text
+        h.update(text[i:i + 16 * PIECE_CHARS].encode("utf-8"))
+    return h.hexdigest()
+
+
+def encode(text: str, progress: bool = False) -> np.ndarray:
+    """Token ids as uint16, cached on disk under the sha256 of the text (a corpus is tokenized once).
+
+    Pieces of the text go to tiktoken on every core, and each piece's ids become uint16 at once: one call's
+    Python list of ints took a 500 MB text's process to 6.3 GB (2.3 GB in pieces, and 1.6x faster on 2
+    cores). `progress` shows a bar on a terminal.
+    """
+    path = cache_dir() / "tokens" / f"{_sha256(text)}.gpt2.u16"
     if path.is_file():
         return np.fromfile(path, dtype=np.uint16)
-    ids = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    tokenizer, parts = get_tokenizer(), pieces(text)
+    bar = tqdm(total=len(text), desc="tokenizing", unit="char", unit_scale=True, leave=False,
+               disable=None if progress and len(parts) > 1 else True)
+
+    def encode_piece(piece: str) -> np.ndarray:
+        ids = np.array(tokenizer.encode_ordinary(piece), dtype=np.uint16)
+        bar.update(len(piece))
+        return ids
+
+    with bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # tiktoken lets go of the GIL while it encodes
+        ids = np.concatenate(list(pool.map(encode_piece, parts)))
     try:
         atomic_write(path, ids.tobytes())
     except OSError:
@@ -69,15 +115,16 @@ class Corpus:
     size_bytes: int
 
 
-def load_corpus(path: str | os.PathLike, val_fraction: float = 0.1) -> Corpus:
+def load_corpus(path: str | os.PathLike, val_fraction: float = 0.1, progress: bool = False) -> Corpus:
     text, raw = read_text(path)
+    sha256, size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
+    del raw  # a copy of the text's size, not needed while it is tokenized
     split = int(len(text) * (1 - val_fraction))
-    train, val = encode(text[:split]), encode(text[split:])
+    train, val = encode(text[:split], progress), encode(text[split:], progress)
     if len(val) == 0:
         raise DataError(f"data file {str(path)!r} leaves no validation text; use a longer text or a larger "
                         "--val-fraction")
-    return Corpus(train=train, val=val, val_chars=len(text) - split,
-                  sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw))
+    return Corpus(train=train, val=val, val_chars=len(text) - split, sha256=sha256, size_bytes=size_bytes)
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator

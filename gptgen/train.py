@@ -245,7 +245,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if resume and not Path(cfg.data).is_file():
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")
-    corpus = load_corpus(cfg.data, cfg.val_fraction)
+    corpus = load_corpus(cfg.data, cfg.val_fraction, progress=rank == 0)
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")

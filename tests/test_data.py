@@ -3,8 +3,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gptgen.data import DataError, EpochWindows, cache_dir, encode, eval_windows, load_corpus, sample_batch
+from gptgen.data import DataError, EpochWindows, cache_dir, encode, eval_windows, load_corpus, pieces, sample_batch
+from gptgen.tokenizer import get_tokenizer
 from tests.conftest import CORPUS
 
 
@@ -13,6 +16,28 @@ def test_reference_split_matches_nanogpt():
     assert (len(corpus.train), len(corpus.val)) == (301_966, 36_059)
     assert corpus.val_chars == 1_115_394 - int(1_115_394 * 0.9)
     assert corpus.train.dtype == np.uint16
+
+
+# Where GPT-2's split is delicate: whitespace of every kind (Python's \s takes \x1c-\x1f, tiktoken's does not),
+# contractions, digits, punctuation, a combining mark, CJK and an emoji.
+_PARTS = ["a", "Zb", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u3000",
+          "\u200b", "'s", "'ll", "'", "1", "23", ".", "!?", "e\u0301", "日本", "😀"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PARTS), max_size=40), st.integers(1, 8))
+def test_pieces_tokenize_as_the_whole_text(parts, size):
+    text = "".join(parts)
+    cut = pieces(text, size)
+    assert "".join(cut) == text and all(len(p) >= size for p in cut[:-1])
+    tokenizer = get_tokenizer()
+    assert [t for p in cut for t in tokenizer.encode_ordinary(p)] == tokenizer.encode_ordinary(text)
+
+
+def test_a_text_of_many_pieces_is_tokenized_as_one():
+    text = CORPUS.read_text(encoding="utf-8") * 3  # 3.3M characters: four pieces, encoded in parallel
+    assert len(pieces(text)) == 4
+    assert encode(text).tolist() == get_tokenizer().encode_ordinary(text)
 
 
 def test_tokens_are_cached_by_content(tmp_path):
