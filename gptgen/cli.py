@@ -262,7 +262,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
     corpus = load_corpus(args.data, args.val_fraction, progress=True)
     keep_freed_memory()  # as training does: `gptgen eval` of the bundled model on the reference corpus 15 -> 5.7 s
-    result, unseen = evaluate_corpus(model, corpus, block_size=block, batch_size=args.batch_size, device=device)
+    result, unseen = evaluate_corpus(model, corpus, block_size=block, batch_size=args.batch_size, device=device,
+                                     progress=True)
     report = {"model": args.model, "data": args.data, "block_size": block, **result.as_dict(), **unseen}
     if args.json:
         print(json.dumps(report))

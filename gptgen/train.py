@@ -550,7 +550,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     if average is not None:
         average.share_rows()
     result = evaluate(judged, corpus.val, corpus.val_chars, block_size=cfg.block_size,
-                      batch_size=cfg.eval_batch_size, device=device, autocast=autocast)
+                      batch_size=cfg.eval_batch_size, device=device, autocast=autocast, progress=rank == 0)
     improved = result.nats_per_token < progress.best_val
     keep = improved or cfg.target_loss is not None  # fitting the train text: the latest weights are the model
     if improved:
