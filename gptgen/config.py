@@ -189,3 +189,9 @@ DTYPES = ("auto", "float32", "bfloat16")
 _PACKAGE = Path(__file__).resolve().parent
 # gptgen/models in an installed wheel; the repo's models/ in a clone, an editable install or a Space.
 BUNDLED_MODELS = _PACKAGE / "models" if (_PACKAGE / "models").is_dir() else _PACKAGE.parent / "models"
+
+
+def bundled_model(name: str) -> Path | None:
+    """The bundled model a bare name (as the page shows it) stands for, unless something here has that name."""
+    path = BUNDLED_MODELS / f"{name}.safetensors"
+    return path if Path(name).name == name and not Path(name).exists() and path.is_file() else None

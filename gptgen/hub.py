@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
-from gptgen.config import BUNDLED_MODELS
+from gptgen.config import bundled_model
 
 MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -93,8 +93,7 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
         path = Path(path_or_id)
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
-        bundled = BUNDLED_MODELS / f"{path_or_id}.safetensors"
-        return bundled if path.name == path_or_id and not path.exists() and bundled.is_file() else path
+        return bundled_model(path_or_id) or path
     try:
         return pull(path_or_id, revision)
     except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too

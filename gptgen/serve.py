@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
-from gptgen.config import GptgenError
+from gptgen.config import GptgenError, bundled_model
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
@@ -130,8 +130,8 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
         names = ", ".join(files) or "none"
         raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
                              f"(it has: {names})")
-    given = Path(model)  # runs/my/model.safetensors given as runs/my: my; a bundled model by its name: that name
-    name = served_name(path.parent if given.name == model and not given.exists() else given.parent, path)
+    # runs/my/model.safetensors given as runs/my is my; a bundled model given by its name keeps it
+    name = model if path == bundled_model(model) else served_name(Path(model).parent, path)
     return {**files, name: path}, name
 
 
