@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gptgen.config import BUNDLED_MODELS, ConfigError, GPTConfig, GptgenError
+from gptgen.config import ConfigError, GPTConfig, GptgenError, bundled_names
 
 FORMAT = "gptgen/1"
 TIED = "lm_head.weight"  # the head shares wte's tensor; files store it once, as transformer.wte.weight
@@ -114,7 +114,7 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file", with_ten
         hint = f"; did you mean {str(inside)!r}?" if inside.is_file() else ""
         raise ModelFileError(f"{what} {str(path)!r} is a directory, not a .safetensors file{hint}")
     if not path.is_file():
-        bundled = sorted(p.stem for p in BUNDLED_MODELS.glob("*.safetensors"))
+        bundled = bundled_names()
         bare = path.name == str(path) and path.name not in bundled  # a name, perhaps a prompt given as the model
         hint = f" (bundled models, by name: {', '.join(bundled)})" if bare and bundled else ""
         raise ModelFileError(f"{what} {str(path)!r} does not exist{hint}")

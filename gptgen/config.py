@@ -191,6 +191,11 @@ _PACKAGE = Path(__file__).resolve().parent
 BUNDLED_MODELS = _PACKAGE / "models" if (_PACKAGE / "models").is_dir() else _PACKAGE.parent / "models"
 
 
+def bundled_names() -> list[str]:
+    """The bundled models' names, as the page shows them."""
+    return sorted(p.stem for p in BUNDLED_MODELS.glob("*.safetensors"))
+
+
 def bundled_model(name: str) -> Path | None:
     """The bundled model a bare name (as the page shows it) stands for, unless something here has that name."""
     path = BUNDLED_MODELS / f"{name}.safetensors"
