@@ -28,7 +28,7 @@ _RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: t
 _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABLE[:-1]) + f" and --{_RESUMABLE[-1]}"
 _DEFAULT_STEPS = 2000
 MODEL_HELP = ("model: a .safetensors file (float or int8), a run's folder (its model.safetensors), a bundled "
-              "model's name (shakespeare-mini-int8) or a Hub id (owner/name)")
+              "model's name (shakespeare-mini-int8) or a Hub id (owner/name; gpt2 is OpenAI's, converted once)")
 
 
 def _rank(variable: str) -> int:
@@ -125,7 +125,7 @@ def _export_parser(sub) -> None:
 
 def _import_parser(sub) -> None:
     p = _command(sub, "import", "a transformers GPT-2 directory as a gptgen model file")
-    p.add_argument("source", help="directory with config.json and .safetensors weights")
+    p.add_argument("source", help="directory with config.json and .safetensors weights, or a Hub id (gpt2 too)")
     p.add_argument("out", help="gptgen model .safetensors to write (must not exist)")
 
 
@@ -137,7 +137,7 @@ def _hub_parsers(sub) -> None:
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p = _command(sub, "pull", "download a model from the Hub into the Hugging Face cache; prints its path")
-    p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
+    p.add_argument("repo_id", help="owner/name on the Hugging Face Hub, or gpt2 (OpenAI's, converted once)")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,8 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     preset: str = "small"
-    init: str | None = _knob(None, "start from a transformers GPT-2 (a directory or Hub id) instead of a preset")
+    init: str | None = _knob(None, "start from a transformers GPT-2 (a directory, a Hub id, or gpt2: OpenAI's) "
+                                   "instead of a preset")
     batch_size: int = _knob(16, "sequences per micro-batch")
     block_size: int | None = _knob(None, "tokens per training window (default: the model's context)")
     grad_accum: int = _knob(1, "micro-batches per optimizer step")
@@ -200,3 +202,10 @@ def bundled_model(name: str) -> Path | None:
     """The bundled model a bare name (as the page shows it) stands for, unless something here has that name."""
     path = BUNDLED_MODELS / f"{name}.safetensors"
     return path if Path(name).name == name and not Path(name).exists() and path.is_file() else None
+
+
+def cache_dir() -> Path:
+    """gptgen's own cache (texts' token ids, converted transformers models): GPTGEN_CACHE_DIR, else ~/.cache/gptgen."""
+    if "GPTGEN_CACHE_DIR" in os.environ:
+        return Path(os.environ["GPTGEN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptgen"

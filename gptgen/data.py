@@ -14,18 +14,12 @@ import torch
 from tqdm import tqdm
 
 from gptgen.checkpoint import atomic_write
-from gptgen.config import GptgenError
+from gptgen.config import GptgenError, cache_dir
 from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 
 class DataError(GptgenError):
     """The data file cannot be used."""
-
-
-def cache_dir() -> Path:
-    if "GPTGEN_CACHE_DIR" in os.environ:
-        return Path(os.environ["GPTGEN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptgen"
 
 
 def read_text(path: str | os.PathLike) -> tuple[str, bytes]:

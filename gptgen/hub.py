@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
 from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
-from gptgen.config import bundled_model
+from gptgen.config import bundled_model, cache_dir
 
+log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")  # what huggingface_hub talks through
+# OpenAI's GPT-2 checkpoints by the bare names that nanoGPT and transformers users type; the Hub keeps them here
+OPENAI_GPT2 = {**{name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+               "distilgpt2": "distilbert/distilgpt2"}
 
 
 def is_hub_id(text: str) -> bool:
@@ -25,6 +30,14 @@ def is_hub_id(text: str) -> bool:
     path = Path(text)
     local = path.exists() or path.suffix == ".safetensors" or (path.parent != Path(".") and path.parent.is_dir())
     return bool(REPO_ID.match(text)) and ".." not in text and not local
+
+
+def hub_id(text: str) -> str | None:
+    """The Hub repository a model argument names, or None: owner/name as it is, and OpenAI's GPT-2 by its bare
+    name (gpt2 is openai-community/gpt2) when nothing here has that name."""
+    if text in OPENAI_GPT2 and not Path(text).exists():
+        return OPENAI_GPT2[text]
+    return text if is_hub_id(text) else None
 
 
 def check_hub_id(repo_id: str) -> str:
@@ -68,10 +81,37 @@ def _fetch(download, repo_id: str, revision: str | None, **kwargs) -> Path:
 
 
 def pull(repo_id: str, revision: str | None = None) -> Path:
-    """The model file of a Hub repository, from the local cache or downloaded into it."""
+    """The model file of a Hub repository (a bare GPT-2 name too), from the local cache or downloaded into it. A
+    transformers GPT-2 repository's weights (openai-community/gpt2's, say) are converted into a gptgen file once,
+    in gptgen's cache, and that file is the model."""
     from huggingface_hub import hf_hub_download
 
-    return _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
+    repo_id = hub_id(repo_id) or repo_id
+    path = _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
+    return _converted(repo_id, revision) if _is_transformers_file(path) else path
+
+
+def _is_transformers_file(path: Path) -> bool:
+    """A readable safetensors file that is not gptgen's: transformers writes {"format": "pt"} (a file that cannot be
+    read at all is left for the command to report)."""
+    try:
+        metadata = read_safetensors(path, with_tensors=False)[1]
+    except ModelFileError:
+        return False
+    return not metadata.get("format", "").startswith("gptgen/")
+
+
+def _converted(repo_id: str, revision: str | None) -> Path:
+    """gptgen's file of a transformers GPT-2 repository at its commit, converted on first use."""
+    from gptgen.interop import import_hf
+
+    folder = snapshot(repo_id, revision)  # config.json beside the weights; its name is the commit
+    out = cache_dir() / "hub" / repo_id.replace("/", "--") / folder.name / f"{repo_id.split('/')[1]}.safetensors"
+    if not out.is_file():
+        log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        import_hf(folder, out)
+    return out
 
 
 def snapshot(repo_id: str, revision: str | None = None) -> Path:
@@ -84,18 +124,19 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local model file as it is, a training run's folder as its model.safetensors (the best weights), a
-    bundled model's name (as the page shows it) as its file, when nothing here has that name, and
-    `owner/name` through the Hub cache."""
+    bundled model's name (as the page shows it) as its file, when nothing here has that name, and a Hub id
+    (`owner/name`, or a bare GPT-2 name) through the Hub cache."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"a model is a file path or a Hub id (owner/name), got {type(path_or_id).__name__}")
     path_or_id = os.fspath(path_or_id)
-    if not is_hub_id(path_or_id):
+    repo_id = hub_id(path_or_id)
+    if repo_id is None:
         path = Path(path_or_id)
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
         return bundled_model(path_or_id) or path
     try:
-        return pull(path_or_id, revision)
+        return pull(repo_id, revision)
     except ModelFileError as e:  # `runs/nope` with no runs/ folder here reads as a Hub id too
         raise ModelFileError(f"{e} (nor is it a local file)") from None
 

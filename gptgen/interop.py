@@ -185,9 +185,10 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
 
 
 def _hf_folder(source: str | os.PathLike) -> Path:
-    from gptgen.hub import is_hub_id, snapshot
+    from gptgen.hub import hub_id, snapshot
 
-    return snapshot(str(source)) if is_hub_id(str(source)) else Path(source)
+    repo_id = hub_id(str(source))
+    return snapshot(repo_id) if repo_id else Path(source)
 
 
 def read_hf(source: str | os.PathLike):

@@ -109,9 +109,9 @@ def find_models(folder: Path) -> dict[str, Path]:
 
 def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Path], str | None]:
     """The files to serve by name, and the name shown first: `model` is a name in the folder, a path to a
-    file or to a run's folder (served under the folder's name), or a Hub id (owner/name, fetched through the
-    Hugging Face cache)."""
-    from gptgen.hub import is_hub_id, resolve
+    file or to a run's folder (served under the folder's name), or a Hub id (owner/name or a bare GPT-2 name,
+    fetched through the Hugging Face cache)."""
+    from gptgen.hub import hub_id, resolve
 
     folder = Path(models_dir)
     if not folder.is_dir() and model is None:
@@ -124,7 +124,7 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
     if model is None or model in files:
         return files, model
     path = resolve(model)
-    if is_hub_id(model):
+    if hub_id(model):
         return {**files, model: path}, model
     if not path.is_file():
         names = ", ".join(files) or "none"

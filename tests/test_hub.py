@@ -7,32 +7,40 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptgen import hub
-from gptgen.checkpoint import ModelFileError
+from gptgen.checkpoint import ModelFileError, load_model_file
 from tests.conftest import BUNDLED, ROOT
 
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}
 
 
+def cache_repo(cache: Path, repo_id: str, ref: str, commit: str, files: dict[str, bytes]) -> None:
+    """A repository's files at one commit in a Hugging Face cache, laid out as huggingface_hub lays it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for i, (name, data) in enumerate(files.items()):
+        blob = repo / "blobs" / f"{commit[:-1]}{i}"
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
 @pytest.fixture
 def hf_cache(tmp_path):
     """owner/tiny-shakespeare in a cache: `main` holds the bundled model, tag `v1` a file of another size."""
-    repo = tmp_path / "hub" / "models--owner--tiny-shakespeare"
     for ref, commit in COMMITS.items():
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-        blob = repo / "blobs" / commit
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(BUNDLED.read_bytes() if ref == "main" else b"not a model")
-        snapshot = repo / "snapshots" / commit
-        snapshot.mkdir(parents=True)
-        (snapshot / hub.MODEL_FILE).symlink_to(os.path.relpath(blob, snapshot))
+        data = BUNDLED.read_bytes() if ref == "main" else b"not a model"
+        cache_repo(tmp_path / "hub", "owner/tiny-shakespeare", ref, commit, {hub.MODEL_FILE: data})
     return tmp_path / "hub"
 
 
-def gptgen_offline(cache, *args):
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def gptgen_offline(cache, *args, **env):
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env)
 
 
@@ -76,6 +84,42 @@ def test_a_bundled_model_by_the_name_the_page_shows_unless_a_local_path_has_it(t
     (tmp_path / BUNDLED.stem).mkdir()  # anything here of that name is what the user means
     assert hub.resolve(BUNDLED.stem) == Path(BUNDLED.stem)
     assert hub.resolve(f"./{BUNDLED.stem}") == Path(BUNDLED.stem)
+
+
+def test_openais_gpt2_by_its_bare_name_is_converted_once_and_then_is_a_model_like_any(tmp_path):
+    """`gptgen generate gpt2 "..."`, as nanoGPT's `init_from='gpt2'`: openai-community/gpt2 holds transformers'
+    files (config.json, Conv1D weights), made here by exporting the bundled model."""
+    from gptgen.interop import export_hf
+
+    export_hf(BUNDLED, tmp_path / "hf")
+    commit, cache, ours = "c" * 40, tmp_path / "hub", tmp_path / "gptgen-cache"
+    cache_repo(cache, "openai-community/gpt2", "main", commit,
+               {name: (tmp_path / "hf" / name).read_bytes() for name in ("config.json", hub.MODEL_FILE)})
+    greedy = ["ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]
+    r = gptgen_offline(cache, "generate", "gpt2", *greedy, GPTGEN_CACHE_DIR=str(ours))
+    converted = ours / "hub" / "openai-community--gpt2" / commit / "gpt2.safetensors"
+    assert r.returncode == 0 and f"converting openai-community/gpt2 (transformers GPT-2) to a gptgen model file, " \
+        f"once: {converted}" in r.stderr, r.stderr
+    r2 = gptgen_offline(cache, "import", str(tmp_path / "hf"), str(tmp_path / "imported.safetensors"))
+    assert r2.returncode == 0, r2.stderr
+    reference = gptgen_offline(cache, "generate", str(tmp_path / "imported.safetensors"), *greedy)
+    assert r.stdout == reference.stdout and r.stdout.strip()  # the same weights: the same greedy text
+    made = converted.stat().st_mtime_ns
+    for args in (["generate", "gpt2", *greedy], ["pull", "gpt2"], ["import", "gpt2", str(tmp_path / "i.safetensors")]):
+        r = gptgen_offline(cache, *args, GPTGEN_CACHE_DIR=str(ours))
+        assert r.returncode == 0 and "converting" not in r.stderr, r.stderr
+    assert converted.stat().st_mtime_ns == made
+    assert gptgen_offline(cache, "pull", "gpt2", GPTGEN_CACHE_DIR=str(ours)).stdout.strip() == str(converted)
+    imported, ours = (load_model_file(p)[1] for p in (tmp_path / "i.safetensors", converted))
+    assert imported.keys() == ours.keys() and all(torch.equal(imported[k], ours[k]) for k in ours)
+
+
+def test_a_bare_gpt2_name_is_a_local_path_when_one_has_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert [hub.hub_id(n) for n in ("gpt2", "gpt2-xl", "distilgpt2", "owner/m", "gpt3")] == [
+        "openai-community/gpt2", "openai-community/gpt2-xl", "distilbert/distilgpt2", "owner/m", None]
+    (tmp_path / "gpt2").write_bytes(b"")
+    assert hub.hub_id("gpt2") is None and hub.resolve("gpt2") == Path("gpt2")
 
 
 @pytest.mark.parametrize("repo_id, message", [

@@ -27,6 +27,17 @@ def test_pick_models_by_name_or_file(tmp_path):
     assert default == BUNDLED.stem
 
 
+def test_a_hub_model_is_served_under_the_name_it_was_given(tmp_path, monkeypatch):
+    from gptgen import hub
+
+    pulled = []
+    monkeypatch.setattr(hub, "pull", lambda repo_id, revision=None: pulled.append(repo_id) or BUNDLED)
+    monkeypatch.chdir(tmp_path)
+    assert pick_models(tmp_path, "gpt2") == ({"gpt2": BUNDLED}, "gpt2")
+    assert pick_models(tmp_path, "owner/m") == ({"owner/m": BUNDLED}, "owner/m")
+    assert pulled == ["openai-community/gpt2", "owner/m"]
+
+
 def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(tmp_path, caplog):
     """The README's steps (`gptgen train --out runs/my`, then quantize to runs/my/model-int8.safetensors) and
     `gptgen serve --models runs/ --model my-int8`; a run folder itself works as --models too."""
