@@ -110,7 +110,7 @@ def _converted(repo_id: str, revision: str | None) -> Path:
     if not out.is_file():
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        import_hf(folder, out)
+        import_hf(folder, out, origin=f"{repo_id}@{folder.name}")
     return out
 
 

@@ -242,7 +242,8 @@ def read_hf(source: str | os.PathLike):
     return config, tensors
 
 
-def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> None:
+def import_hf(source: str | os.PathLike, out: str | os.PathLike, origin: str | None = None) -> None:
+    """A transformers GPT-2 as a new gptgen model file; `origin` is the source its record names (default: source)."""
     import json
 
     out = new_file(out, ".safetensors")
@@ -255,4 +256,4 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike) -> None:
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{str(made_by_gptgen)!r} is not the gptgen.json that an export writes ({e!r}); "
                                  "remove it to import the weights alone") from None
-    save_model(out, tensors, config, training={**training, "imported_from": str(source)})
+    save_model(out, tensors, config, training={**training, "imported_from": origin or str(source)})

@@ -69,7 +69,8 @@ def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
     c, info = model.config, training_info(model.metadata)
     with torch.device("meta"):
         params = GPT(c).num_params()
-    rows = [("Preset", info.get("preset", "custom")),
+    imported = f"imported from {info['imported_from']}" if "imported_from" in info else "custom"
+    rows = [("Preset", info.get("preset", imported)),
             ("Size", f"{params / 1e6:.1f}M parameters · {c.n_layer} layers · {c.n_head} heads · {c.n_embd} dims · "
                      f"context {c.block_size}"),
             ("Weights", "int8 (per-row scales)" if model.metadata.get("quantization") == "int8" else "float"),

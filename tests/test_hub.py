@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptgen import hub
-from gptgen.checkpoint import ModelFileError, load_model_file
+from gptgen.checkpoint import ModelFileError, load_model_file, training_info
 from tests.conftest import BUNDLED, ROOT
 
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}
@@ -112,6 +112,7 @@ def test_openais_gpt2_by_its_bare_name_is_converted_once_and_then_is_a_model_lik
     assert gptgen_offline(cache, "pull", "gpt2", GPTGEN_CACHE_DIR=str(ours)).stdout.strip() == str(converted)
     imported, ours = (load_model_file(p)[1] for p in (tmp_path / "i.safetensors", converted))
     assert imported.keys() == ours.keys() and all(torch.equal(imported[k], ours[k]) for k in ours)
+    assert training_info(load_model_file(converted)[2]) == {"imported_from": f"openai-community/gpt2@{commit}"}
 
 
 def test_a_bare_gpt2_name_is_a_local_path_when_one_has_it(tmp_path, monkeypatch):

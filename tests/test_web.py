@@ -86,6 +86,21 @@ def test_the_stats_say_the_model_saw_only_its_context_when_the_prompt_was_longer
     assert "saw its last" not in stats_line(Stats(prompt_tokens=128, new_tokens=2), 128)
 
 
+def test_the_model_panel_says_how_a_model_was_made_or_where_it_was_imported_from(tmp_path):
+    from gptgen.interop import export_hf, import_hf
+    from gptgen.web import model_card
+
+    text, curve = model_card("bundled", gptgen.load(BUNDLED))
+    assert "**Preset**: mini" in text and "**Trained on**: tinyshakespeare.txt (1,115,394 bytes" in text
+    assert len(curve) > 10
+    export_hf(BUNDLED, tmp_path / "hf")
+    (tmp_path / "hf" / "gptgen.json").unlink()  # a plain transformers GPT-2, as openai-community/gpt2 is
+    import_hf(tmp_path / "hf", tmp_path / "gpt2.safetensors", origin="openai-community/gpt2@" + "c" * 40)
+    text, curve = model_card("gpt2", gptgen.load(tmp_path / "gpt2.safetensors"))
+    assert f"**Preset**: imported from openai-community/gpt2@{'c' * 40}" in text and "**Weights**: float" in text
+    assert "**Trained on**: unknown" in text and curve.empty
+
+
 @pytest.fixture(scope="module")
 def page(web_server):
     from playwright.sync_api import sync_playwright
