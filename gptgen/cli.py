@@ -24,7 +24,8 @@ from gptgen.config import (
 from gptgen.signals import ctrl_c_raises_interrupted, sigint_held
 
 _BUDGET = (*LENGTH_BUDGET, "target_loss")
-_RESUMABLE = (*_BUDGET, "device", "data")  # what --resume may change (--data: the same text, moved)
+# what --resume may change (--data: the same text, moved)
+_RESUMABLE = (*_BUDGET, "device", "sample_tokens", "sample_prompt", "data")
 _RESUMABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in _RESUMABLE[:-1]) + f" and --{_RESUMABLE[-1]}"
 _DEFAULT_STEPS = 2000
 MODEL_HELP = ("model: a .safetensors file (float or int8), a run's folder (its model.safetensors), a bundled "

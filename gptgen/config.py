@@ -120,6 +120,9 @@ class TrainConfig:
     val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss")
     eval_interval: int = _knob(250, "evaluate on the val split and save every N steps")
     eval_batch_size: int = _knob(8, "sequences per evaluation batch")
+    sample_tokens: int = _knob(48, "after each eval, print a sample of this many tokens (0 = none; at most the "
+                                   "training window)")
+    sample_prompt: str = _knob("", "the samples' start (default: a text's start, <|endoftext|>)")
     device: str = _knob("auto", DEVICE_HELP)
     dtype: str = _knob("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16), float32 or bfloat16")
     compile: str = _knob("auto", "torch.compile: auto (on CUDA, and on CPU for micro-batches of >= 512 tokens), "
@@ -172,6 +175,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.sample_tokens < 0:
+            raise ConfigError(f"--sample-tokens must be 0 (none) or more, got {self.sample_tokens}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
         if self.grad_clip < 0:

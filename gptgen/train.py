@@ -47,6 +47,7 @@ STEP_FILES = ("last", "optim", "ema")  # a saved state's weights, optimizer and 
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *(f"{name}-*.safetensors" for name in STEP_FILES),
              *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
+NOT_RECIPE = ("data", "out", "device", "sample_tokens", "sample_prompt")  # knobs that do not shape the model
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
 
 
@@ -353,8 +354,11 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
             if progress.step % cfg.eval_interval == 0 or done or interrupted:
                 epoch_loss.fold(progress, world)
-                last_val = _eval_and_save(cfg, run, model, optimizer, corpus, progress, loss_sum.item() / loss_count,
-                                          lr, data_rng, device, autocast, rank, world, ema)
+                last_val, sample = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
+                                                  loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank,
+                                                  world, ema)
+                if sample is not None:
+                    _say(bar, f"sample at step {progress.step:,}:\n{cfg.sample_prompt}{sample}")
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
                 loss_sum.zero_()
                 loss_count = 0
@@ -543,7 +547,9 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
 
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
-                   device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None) -> float:
+                   device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None
+                   ) -> tuple[float, str | None]:
+    """The val loss, and on rank 0 the model's sample (None without --sample-tokens)."""
     average = None if ema is None else ema.module
     judged = model if average is None else average  # --ema: the average is the model evaluated and saved
     model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
@@ -557,8 +563,11 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
         progress.best_val, progress.best_step = result.nats_per_token, progress.step
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
+    sample = _sample(judged, cfg) if rank == 0 and cfg.sample_tokens else None
     if rank == 0:
         row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
+        if sample is not None:
+            row["sample"] = sample
         if progress.recent_losses:
             row["window_loss"] = _window_mean(progress)
         if progress.target_reached is not None:
@@ -577,7 +586,23 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
             raise _write_error(run.path, e) from None
     if dist.is_initialized():
         dist.barrier()
-    return result.nats_per_token
+    return result.nats_per_token, sample
+
+
+def _sample(model: GPT, cfg: TrainConfig) -> str:
+    """The model's continuation of --sample-prompt, with the run's seed at every eval (two evals' samples differ
+    by the weights alone), within the training window (positions past it are untrained)."""
+    from gptgen.generate import TextModel
+
+    text_model = TextModel(model, {})
+    room = cfg.block_size - max(1, len(text_model.tokenizer.encode_ordinary(cfg.sample_prompt)))
+    was_training = model.training
+    model.eval()
+    try:
+        return text_model.generate(cfg.sample_prompt, max_new_tokens=max(1, min(cfg.sample_tokens, room)),
+                                   seed=cfg.seed)
+    finally:
+        model.train(was_training)
 
 
 def _as_trained(model: GPT, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], GPTConfig]:
@@ -601,7 +626,7 @@ def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: Ev
             "preset": _model_name(cfg), "steps": progress.step, "tokens_seen": progress.tokens_seen,
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
-            "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "out", "device")},
+            "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECIPE},
             "target_loss": cfg.target_loss, "target_reached": progress.target_reached,
             "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics
                       if "val_nats_per_token" in m]}

@@ -124,6 +124,21 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert torch.equal(model.transformer.wpe.weight, last.transformer.wpe.weight[:32])  # resume keeps all 256
 
 
+def test_each_eval_prints_and_logs_a_sample_within_the_training_window(small_text, tmp_path, capsys):
+    from gptgen.generate import TextModel
+
+    train(config(small_text, tmp_path / "run", steps=20, block_size=8, sample_tokens=48, sample_prompt="ROMEO:"))
+    samples = [r["sample"] for r in evals(tmp_path / "run")]
+    last = load_model(tmp_path / "run" / "last-0000020.safetensors")[0]  # the weights the last eval sampled
+    prompt = TextModel(last, {}).tokenizer.encode_ordinary("ROMEO:")  # 3 tokens: room for 5 in a window of 8
+    assert len(prompt) == 3 and samples[-1] == TextModel(last, {}).generate("ROMEO:", max_new_tokens=5, seed=1337)
+    assert len(samples) == 2 and all(samples) and samples[0] != samples[1]
+    err = capsys.readouterr().err
+    assert f"sample at step 10:\nROMEO:{samples[0]}\n" in err and f"sample at step 20:\nROMEO:{samples[1]}" in err
+    train(config(small_text, tmp_path / "quiet", steps=10, sample_tokens=0))
+    assert "sample" not in evals(tmp_path / "quiet")[0] and "sample at" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("windows, trim_vocab, ema, optimizer", [
     ("random", False, 0.0, "adamw"), ("epoch", False, 0.0, "adamw"), ("random", True, 0.0, "adamw"),
     ("random", True, 0.9, "adamw"), ("random", False, 0.0, "muon")])
