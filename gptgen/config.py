@@ -117,7 +117,8 @@ class TrainConfig:
     ema: float = _knob(0.0, "evaluate and save an exponential moving average of the weights with this decay a "
                             "step (0 = off; 0.99 averages ~100 steps): better val loss on a text seen many times")
     seed: int = _knob(1337, "seed of the initial weights and the data order")
-    val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss")
+    val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss (0: the whole text "
+                                     "trains; evals then only save)")
     eval_interval: int = _knob(250, "evaluate on the val split and save every N steps")
     eval_batch_size: int = _knob(8, "sequences per evaluation batch")
     sample_tokens: int = _knob(48, "after each eval, print a sample of this many tokens (0 = none; at most the "
@@ -164,8 +165,9 @@ class TrainConfig:
             raise ConfigError(f"--decay-steps must be at least 1, got {self.decay_steps}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be at least 0 (nothing held out) and below 1, got "
+                              f"{self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema < 1.0:

@@ -100,7 +100,8 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A text file split by characters: the first (1 - val_fraction) for training, the rest for validation."""
+    """A text file split by characters: the first (1 - val_fraction) for training, the rest for validation (none
+    with val_fraction 0)."""
 
     train: np.ndarray
     val: np.ndarray
@@ -115,7 +116,7 @@ def load_corpus(path: str | os.PathLike, val_fraction: float = 0.1, progress: bo
     del raw  # a copy of the text's size, not needed while it is tokenized
     split = int(len(text) * (1 - val_fraction))
     train, val = encode(text[:split], progress), encode(text[split:], progress)
-    if len(val) == 0:
+    if len(val) == 0 and val_fraction > 0:
         raise DataError(f"data file {str(path)!r} leaves no validation text; use a longer text or a larger "
                         "--val-fraction")
     return Corpus(train=train, val=val, val_chars=len(text) - split, sha256=sha256, size_bytes=size_bytes)

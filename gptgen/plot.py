@@ -21,8 +21,9 @@ def plot_losses(rows: list[dict], path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label=f"train (mean of {LOG_INTERVAL} steps)",
             linewidth=1)
-    ax.plot([r["step"] for r in evals], [r["val_nats_per_token"] for r in evals], label="val (whole split)",
-            marker=".")
+    if evals:  # none with --val-fraction 0
+        ax.plot([r["step"] for r in evals], [r["val_nats_per_token"] for r in evals], label="val (whole split)",
+                marker=".")
     losses = [r["train_loss"] for r in train] + [r["val_nats_per_token"] for r in evals]
     if max(losses) > 10 * min(losses):  # a run to a small target loss: its end is only readable on a log scale
         ax.set_yscale("log")

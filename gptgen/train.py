@@ -303,7 +303,10 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %s steps per "
                  "epoch", _model_name(cfg), f"{model.num_params():,}", device, f"{len(corpus.train):,}",
                  f"{len(corpus.val):,}", f"{tokens_per_step:,}", _count(steps_per_epoch))
-        if len(corpus.val) < cfg.block_size:
+        if not len(corpus.val):
+            log.info("no val split (--val-fraction 0): the whole text trains, and each eval saves the latest weights "
+                     "without scoring them")
+        elif len(corpus.val) < cfg.block_size:
             log.warning("the val split has only %d tokens, less than one block: its loss says little; use a "
                         "larger --val-fraction or a longer text", len(corpus.val))
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, unit="step", dynamic_ncols=True,
@@ -368,9 +371,11 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if progress.epochs_unprinted:  # the last short epochs, which waited for their line
         epoch_loss.print_line(progress, int(progress.step // steps_per_epoch), bar)
     bar.close()
+    scored = math.isfinite(progress.best_val)  # not with --val-fraction 0
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
-               "best_val_nats_per_token": progress.best_val, "best_step": progress.best_step,
+               "best_val_nats_per_token": progress.best_val if scored else None,
+               "best_step": progress.best_step if scored else None,
                "model": str(run.path / MODEL), "interrupted": interrupted}
     if cfg.target_loss is not None:
         summary["target_loss"] = cfg.target_loss
@@ -548,33 +553,35 @@ def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: floa
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimizer, corpus: Corpus,
                    progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None
-                   ) -> tuple[float, str | None]:
-    """The val loss, and on rank 0 the model's sample (None without --sample-tokens)."""
+                   ) -> tuple[float | None, str | None]:
+    """The val loss (None with --val-fraction 0), and on rank 0 the model's sample (None without --sample-tokens)."""
     average = None if ema is None else ema.module
     judged = model if average is None else average  # --ema: the average is the model evaluated and saved
     model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
     if average is not None:
         average.share_rows()
-    result = evaluate(judged, corpus.val, corpus.val_chars, block_size=cfg.block_size,
-                      batch_size=cfg.eval_batch_size, device=device, autocast=autocast, progress=rank == 0)
-    improved = result.nats_per_token < progress.best_val
-    keep = improved or cfg.target_loss is not None  # fitting the train text: the latest weights are the model
+    result = None if not len(corpus.val) else evaluate(
+        judged, corpus.val, corpus.val_chars, block_size=cfg.block_size, batch_size=cfg.eval_batch_size,
+        device=device, autocast=autocast, progress=rank == 0)
+    improved = result is not None and result.nats_per_token < progress.best_val
+    keep = improved or result is None or cfg.target_loss is not None  # fitting the text: the latest is the model
     if improved:
         progress.best_val, progress.best_step = result.nats_per_token, progress.step
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
     sample = _sample(judged, cfg) if rank == 0 and cfg.sample_tokens else None
     if rank == 0:
-        row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
-        if sample is not None:
-            row["sample"] = sample
-        if progress.recent_losses:
-            row["window_loss"] = _window_mean(progress)
-        if progress.target_reached is not None:
-            row["target_reached"] = progress.target_reached
+        if result is not None:  # an eval's line is its val loss's (metrics.jsonl's readers tell them by it)
+            row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
+            if sample is not None:
+                row["sample"] = sample
+            if progress.recent_losses:
+                row["window_loss"] = _window_mean(progress)
+            if progress.target_reached is not None:
+                row["target_reached"] = progress.target_reached
+            run.log_metrics(row)
         state = {"train_config": dataclasses.asdict(cfg), "progress": dataclasses.asdict(progress),
                  "world_size": world, "rng": rngs, "corpus_sha256": corpus.sha256}
-        run.log_metrics(row)
         metrics = run.metrics()
         try:
             if keep:
@@ -586,7 +593,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
             raise _write_error(run.path, e) from None
     if dist.is_initialized():
         dist.barrier()
-    return result.nats_per_token, sample
+    return (None if result is None else result.nats_per_token), sample
 
 
 def _sample(model: GPT, cfg: TrainConfig) -> str:
@@ -620,12 +627,14 @@ def _model_name(cfg: TrainConfig) -> str:
     return f"from {cfg.init}" if cfg.init else cfg.preset
 
 
-def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult, metrics: list[dict]) -> dict:
+def _provenance(cfg: TrainConfig, corpus: Corpus, progress: Progress, result: EvalResult | None,
+                metrics: list[dict]) -> dict:
     """What the model file says of its making; `curve` is [step, train loss, val loss] per eval (the page plots it)."""
     return {"corpus": os.path.basename(cfg.data), "corpus_sha256": corpus.sha256, "corpus_bytes": corpus.size_bytes,
             "preset": _model_name(cfg), "steps": progress.step, "tokens_seen": progress.tokens_seen,
             "wall_time_s": round(progress.elapsed_s, 1), "date": datetime.datetime.now(datetime.UTC).isoformat(
-                timespec="seconds"), "val_fraction": cfg.val_fraction, **result.as_dict(),
+                timespec="seconds"), "val_fraction": cfg.val_fraction,
+            **(result.as_dict() if result is not None else {}),
             "recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RECIPE},
             "target_loss": cfg.target_loss, "target_reached": progress.target_reached,
             "curve": [[m["step"], round(m["train_loss"], 4), round(m["val_nats_per_token"], 4)] for m in metrics

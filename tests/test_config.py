@@ -45,14 +45,16 @@ def test_unknown_preset_names_the_choices():
 @pytest.mark.parametrize("change, message", [
     (dict(lr=0), "--lr"), (dict(lr=-1e-3), "--lr"), (dict(steps=0), "--steps"), (dict(minutes=-1), "--minutes"),
     (dict(steps=None), "budget"), (dict(block_size=2048), "context"), (dict(batch_size=0), "--batch-size"),
-    (dict(val_fraction=1.0), "--val-fraction"), (dict(dtype="fp8"), "--dtype"), (dict(windows="all"), "--windows"),
+    (dict(val_fraction=1.0), "--val-fraction"), (dict(val_fraction=-0.1), "--val-fraction must be at least 0"),
+    (dict(dtype="fp8"), "--dtype"), (dict(windows="all"), "--windows"),
     (dict(minutes=math.inf), "--minutes must be a finite"), (dict(lr=math.nan), "--lr must be a finite"),
     (dict(epochs=math.inf), "--epochs"), (dict(beta1=2.0), "--beta1"), (dict(beta2=1.0), "--beta2"),
     (dict(weight_decay=-1.0), "--weight-decay"), (dict(seed=-1), "--seed"), (dict(dropout=1.5), "--dropout"),
     (dict(min_lr=2e-3), "--min-lr"), (dict(decay_steps=0), "--decay-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
     (dict(target_loss=0.0), "--target-loss"), (dict(grad_clip=-1.0), "--grad-clip"), (dict(epochs=0.0), "--epochs"),
     (dict(block_size=0), "--block-size"), (dict(compile="yes"), "--compile"),
-    (dict(eval_interval=0), "--eval-interval"), (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
+    (dict(eval_interval=0), "--eval-interval"), (dict(sample_tokens=-1), "--sample-tokens"),
+    (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
     (dict(ema=1.0), "--ema"), (dict(ema=-0.5), "--ema"), (dict(optimizer="sgd"), "--optimizer"),
 ])
 def test_train_config_validation(change, message):

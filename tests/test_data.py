@@ -73,6 +73,8 @@ def test_val_fraction_moves_the_split(tmp_path):
     path.write_text("abcdefghij" * 100)
     corpus = load_corpus(path, val_fraction=0.25)
     assert corpus.val_chars == 250
+    whole = load_corpus(path, val_fraction=0)  # nothing held out
+    assert whole.val_chars == len(whole.val) == 0 and len(whole.train) > len(corpus.train)
 
 
 def test_batches_are_shifted_windows_of_the_tokens():

@@ -139,6 +139,22 @@ def test_each_eval_prints_and_logs_a_sample_within_the_training_window(small_tex
     assert "sample" not in evals(tmp_path / "quiet")[0] and "sample at" not in capsys.readouterr().err
 
 
+def test_val_fraction_0_trains_on_the_whole_text_and_each_eval_saves_the_latest_weights(small_text, tmp_path):
+    """The seed's job fits all of its text (338,025 tokens, 2,640 steps an epoch at 4 x 32): nothing held out."""
+    summary = train(config(small_text, tmp_path / "run", val_fraction=0.0, steps=20))
+    whole = load_corpus(small_text, val_fraction=0.0)
+    assert summary["epochs"] == round(20 * 4 * 32 / len(whole.train), 3) and len(whole.train) > 11_000
+    assert summary["best_val_nats_per_token"] is None and summary["best_step"] is None
+    assert not evals(tmp_path / "run") and len(RunDir(tmp_path / "run").metrics()) == 3  # steps 1, 10, 20
+    model, metadata = load_model(tmp_path / "run" / "model.safetensors")
+    last = load_model(tmp_path / "run" / "last-0000020.safetensors")[0]
+    assert all(torch.equal(a, b[:len(a)]) for a, b in zip(model.state_dict().values(), last.state_dict().values(),
+                                                           strict=True))
+    training = json.loads(metadata["training"])
+    assert training["steps"] == 20 and training["val_fraction"] == 0 and "val_nats_per_token" not in training
+    assert train(resume_config(tmp_path / "run", steps=30), resume=True)["steps"] == 30
+
+
 @pytest.mark.parametrize("windows, trim_vocab, ema, optimizer", [
     ("random", False, 0.0, "adamw"), ("epoch", False, 0.0, "adamw"), ("random", True, 0.0, "adamw"),
     ("random", True, 0.9, "adamw"), ("random", False, 0.0, "muon")])
