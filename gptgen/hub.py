@@ -164,18 +164,24 @@ def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
                  f"    - {{type: loss, name: val nats/token, value: {info['val_nats_per_token']:.4f}}}",
                  f"    - {{type: loss, name: val nats/char, value: {info['val_nats_per_char']:.4f}}}"]
     yaml.append("---")
-    recipe = " ".join(_flag(k, v) for k, v in info.get("recipe", {}).items() if v is not None)
+    if "imported_from" in info and "corpus" not in info:  # a transformers GPT-2 (OpenAI's, say), not trained here
+        made, facts = f"imported into gptgen from `{info['imported_from']}`", []  # nothing more to say of it
+    else:
+        made = (f"trained with gptgen on `{corpus}`\n({info.get('corpus_bytes', '?')} bytes, sha256 "
+                f"`{info.get('corpus_sha256', '?')}`)")
+        facts = [f"- Steps: {info.get('steps', '?')}, tokens seen: {info.get('tokens_seen', '?')}"]
+        if "val_nats_per_token" in info:  # not with --val-fraction 0
+            facts.append(f"- Val loss: {info['val_nats_per_token']} nats/token, {info['val_nats_per_char']} nats/char")
+        recipe = " ".join(_flag(k, v) for k, v in info.get("recipe", {}).items() if v is not None)
+        facts.append(f"- Recipe: `gptgen train {recipe}`")
+    facts_md = "\n".join(facts)
     body = f"""
 # {repo_id.split('/')[-1]}
 
 A GPT-2 model ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, context
-{config.block_size}, GPT-2 BPE) trained with gptgen on `{corpus}`
-({info.get('corpus_bytes', '?')} bytes, sha256 `{info.get('corpus_sha256', '?')}`); weights:
-{metadata.get('quantization', 'none')}.
+{config.block_size}, GPT-2 BPE) {made}; weights: {metadata.get('quantization', 'none')}.
 
-- Steps: {info.get('steps', '?')}, tokens seen: {info.get('tokens_seen', '?')}
-- Val loss: {info.get('val_nats_per_token', '?')} nats/token, {info.get('val_nats_per_char', '?')} nats/char
-- Recipe: `gptgen train {recipe}`
+{facts_md}
 
 ```python
 import gptgen

@@ -177,6 +177,15 @@ def test_the_card_gives_the_recipe_as_flags_the_cli_takes(tmp_path):
     assert recipe_line == "- Recipe: `gptgen train --compile auto --dropout 0.0 --no-grad-checkpoint --steps 10`"
 
 
+def test_the_card_of_an_imported_model_says_where_it_came_from_and_no_training(tmp_path):
+    from tests.test_model import tiny_model_file
+
+    tiny_model_file(tmp_path / "m.safetensors", training={"imported_from": "openai-community/gpt2@" + "c" * 40})
+    card = hub.model_card(tmp_path / "m.safetensors", "owner/gpt2-int8")
+    assert f"imported into gptgen from `openai-community/gpt2@{'c' * 40}`; weights: none." in card
+    assert "Steps:" not in card and "Recipe:" not in card and "model-index" not in card
+
+
 def test_push_space_sends_app_package_requirements_header_and_model(api):
     hub.push_space(BUNDLED, "owner/gptgen-demo")
     (_, _, repo_kwargs), (_, _, files, commit_kwargs) = api.calls
