@@ -20,7 +20,7 @@ from gptgen.config import LOSS_WINDOW, ConfigError, TrainConfig
 from gptgen.data import load_corpus
 from gptgen.evaluate import evaluate
 from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
-from tests.conftest import CORPUS, sigint_as_usual
+from tests.conftest import CORPUS, ROOT, sigint_as_usual
 from tests.test_model import tiny_model
 
 
@@ -404,6 +404,43 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and r.stderr.count("resuming") == 1, r.stderr[-3000:]  # each rank said so
     assert r.stderr.count("gptgen: error: the run was saved with 2 processes") == 1
+
+
+TOKENIZE_ONCE = """
+import json, os, sys
+import torch.distributed as dist
+import gptgen.data
+from gptgen.config import TrainConfig
+from gptgen.train import load_corpus_once_per_machine
+
+dist.init_process_group("gloo")
+tokenize = gptgen.data.pieces  # called on a token-cache miss only: log who tokenizes
+def pieces(text):
+    with open(sys.argv[2], "a") as f:
+        f.write(os.environ["RANK"])
+    return tokenize(text)
+gptgen.data.pieces = pieces
+corpus = load_corpus_once_per_machine(TrainConfig(data=sys.argv[1], out="x", steps=1), dist.get_rank())
+print(json.dumps([corpus.train.tolist(), corpus.val.tolist()]))
+"""
+
+
+def test_under_torchrun_one_process_a_machine_tokenizes_the_text(small_text, tmp_path):
+    """Each process used to tokenize the text at once: N times the memory (2.3 GB each for a 500 MB text)."""
+    (tmp_path / "child.py").write_text(TOKENIZE_ONCE)
+    text = tmp_path / "new.txt"
+    text.write_text(small_text.read_text() + "a text no cache has seen\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "child.py"), str(text), str(tmp_path / "who")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTGEN_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "who").read_text() == "00"  # rank 0 only: its train split, then its val split
+    first, second = r.stdout.splitlines()
+    assert first == second and json.loads(first)[0] == load_corpus(text).train.tolist()
+    cmd[-2] = str(tmp_path / "missing.txt")  # the first process fails: the others are not left waiting
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("DataError: data file") == 2, r.stderr[-3000:]
 
 
 def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
