@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gptgen.config import ConfigError, GPTConfig, GptgenError, bundled_names
+from gptgen.config import OPENAI_GPT2, ConfigError, GPTConfig, GptgenError, bundled_names
 
 FORMAT = "gptgen/1"
 TIED = "lm_head.weight"  # the head shares wte's tensor; files store it once, as transformer.wte.weight
@@ -116,7 +116,9 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file", with_ten
     if not path.is_file():
         bundled = bundled_names()
         bare = path.name == str(path) and path.name not in bundled  # a name, perhaps a prompt given as the model
-        hint = f" (bundled models, by name: {', '.join(bundled)})" if bare and bundled else ""
+        names = [f"bundled models, by name: {', '.join(bundled)}"] if bundled else []
+        names.append(f"OpenAI's GPT-2: {', '.join(OPENAI_GPT2)}")
+        hint = f" ({'; '.join(names)})" if bare else ""
         raise ModelFileError(f"{what} {str(path)!r} does not exist{hint}")
     try:
         with safe_open(path, framework="pt") as f:

@@ -200,6 +200,11 @@ _PACKAGE = Path(__file__).resolve().parent
 BUNDLED_MODELS = _PACKAGE / "models" if (_PACKAGE / "models").is_dir() else _PACKAGE.parent / "models"
 
 
+# OpenAI's GPT-2 checkpoints by the bare names that nanoGPT and transformers users type; the Hub keeps them here
+OPENAI_GPT2 = {**{name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
+               "distilgpt2": "distilbert/distilgpt2"}
+
+
 def bundled_names() -> list[str]:
     """The bundled models' names, as the page shows them."""
     return sorted(p.stem for p in BUNDLED_MODELS.glob("*.safetensors"))

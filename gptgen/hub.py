@@ -12,16 +12,13 @@ import re
 from pathlib import Path
 
 from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
-from gptgen.config import bundled_model, cache_dir
+from gptgen.config import OPENAI_GPT2, bundled_model, cache_dir
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")  # what huggingface_hub talks through
-# OpenAI's GPT-2 checkpoints by the bare names that nanoGPT and transformers users type; the Hub keeps them here
-OPENAI_GPT2 = {**{name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")},
-               "distilgpt2": "distilbert/distilgpt2"}
 
 
 def is_hub_id(text: str) -> bool:

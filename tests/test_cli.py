@@ -187,7 +187,8 @@ def test_generate_takes_a_bundled_model_by_name_and_a_prompt_given_as_the_model_
     assert status == 0 and json.loads(out)["new_tokens"] == 4
     status, _, err = run_main(capsys, "generate", "ROMEO:")  # the model left out
     assert status == 2 and err.strip() == ("gptgen: error: model file 'ROMEO:' does not exist (bundled models, by "
-                                           "name: shakespeare-mini-int8)")
+                                           "name: shakespeare-mini-int8; OpenAI's GPT-2: gpt2, gpt2-medium, "
+                                           "gpt2-large, gpt2-xl, distilgpt2)")
 
 
 def test_target_not_reached_says_so_plainly(small_text, tmp_path):
