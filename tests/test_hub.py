@@ -88,10 +88,18 @@ def test_a_bundled_model_by_the_name_the_page_shows_unless_a_local_path_has_it(t
 
 def test_openais_gpt2_by_its_bare_name_is_converted_once_and_then_is_a_model_like_any(tmp_path):
     """`gptgen generate gpt2 "..."`, as nanoGPT's `init_from='gpt2'`: openai-community/gpt2 holds transformers'
-    files (config.json, Conv1D weights), made here by exporting the bundled model."""
+    files (config.json, Conv1D weights), made here by exporting the bundled model, its weights then laid out as
+    OpenAI's are there: GPT2Model's names (no `transformer.` prefix, no head) and each layer's causal mask."""
+    from safetensors.torch import load_file, save_file
+
     from gptgen.interop import export_hf
 
     export_hf(BUNDLED, tmp_path / "hf")
+    weights = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "hf" / hub.MODEL_FILE).items()
+               if k != "lm_head.weight"}
+    for i in range(4):
+        weights[f"h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+    save_file(weights, tmp_path / "hf" / hub.MODEL_FILE, metadata={"format": "pt"})
     commit, cache, ours = "c" * 40, tmp_path / "hub", tmp_path / "gptgen-cache"
     cache_repo(cache, "openai-community/gpt2", "main", commit,
                {name: (tmp_path / "hf" / name).read_bytes() for name in ("config.json", hub.MODEL_FILE)})
