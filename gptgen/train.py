@@ -34,6 +34,7 @@ from gptgen.config import LENGTH_BUDGET, LOG_INTERVAL, LOSS_WINDOW, ConfigError,
 from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
+from gptgen.generate import TextModel
 from gptgen.model import GPT
 from gptgen.optim import Optimizer, make_optimizer
 from gptgen.plot import plot_losses
@@ -614,8 +615,6 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
 def _sample(model: GPT, cfg: TrainConfig) -> str:
     """The model's continuation of --sample-prompt, with the run's seed at every eval (two evals' samples differ
     by the weights alone), within the training window (positions past it are untrained)."""
-    from gptgen.generate import TextModel
-
     text_model = TextModel(model, {})
     room = cfg.block_size - max(1, len(text_model.tokenizer.encode_ordinary(cfg.sample_prompt)))
     was_training = model.training
