@@ -85,7 +85,7 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
 
     repo_id = hub_id(repo_id) or repo_id
     path = _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
-    return _converted(repo_id, revision) if _is_transformers_file(path) else path
+    return _converted(repo_id, path) if _is_transformers_file(path) else path
 
 
 def _is_transformers_file(path: Path) -> bool:
@@ -98,16 +98,17 @@ def _is_transformers_file(path: Path) -> bool:
     return not metadata.get("format", "").startswith("gptgen/")
 
 
-def _converted(repo_id: str, revision: str | None) -> Path:
-    """gptgen's file of a transformers GPT-2 repository at its commit, converted on first use."""
+def _converted(repo_id: str, pulled: Path) -> Path:
+    """gptgen's file of a transformers GPT-2 repository at the commit its pulled weights come from (the Hub cache
+    keeps them in a folder named by it), converted on first use."""
     from gptgen.interop import import_hf
 
-    folder = snapshot(repo_id, revision)  # config.json beside the weights; its name is the commit
-    out = cache_dir() / "hub" / repo_id.replace("/", "--") / folder.name / f"{repo_id.split('/')[1]}.safetensors"
+    commit = pulled.parent.name
+    out = cache_dir() / "hub" / repo_id.replace("/", "--") / commit / f"{repo_id.split('/')[1]}.safetensors"
     if not out.is_file():
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        import_hf(folder, out, origin=f"{repo_id}@{folder.name}")
+        import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
     return out
 
 
