@@ -29,7 +29,7 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", rev
     device = pick_device(device)
     floats = inference_dtype(device, dtype)
     model, metadata = load_model(resolve(path, revision), device)
-    if metadata.get("quantization") == "none" or device.type == "cuda":  # a CPU's int8 layers stay packed
+    if metadata.get("quantization", "none") == "none" or device.type == "cuda":  # a CPU's int8 layers stay packed
         model = model.to(floats)
     if compile:
         compile_decoding(model)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from gptgen.config import GptgenError
-from gptgen.generate import Sampling
+from gptgen.generate import ClosingIterator, Sampling
 
 log = logging.getLogger(__name__)
 _exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
@@ -132,7 +132,7 @@ class Engine:
             finally:
                 cancel()
 
-        return _Tokens(receive(), cancel)
+        return ClosingIterator(receive(), cancel)
 
     def _request(self, message: dict) -> tuple[int, queue.Queue]:
         """(request id, the queue its answers arrive in)."""
@@ -190,25 +190,6 @@ class Engine:
             self._start()
 
 
-class _Tokens:
-    """A request's token ids. Closing it cancels the request whether it was read or not: a generator closed
-    before its first next() skips its `finally` (a client gone before the first token left its request
-    decoding to the end)."""
-
-    def __init__(self, tokens: Iterator[int], cancel) -> None:
-        self._tokens, self._cancel = tokens, cancel
-
-    def __iter__(self) -> _Tokens:
-        return self
-
-    def __next__(self) -> int:
-        return next(self._tokens)
-
-    def close(self) -> None:
-        self._tokens.close()
-        self._cancel()
-
-
 def _engine_main(conn, rows: int, device: str, threads: int) -> None:
     """The engine process: models by name, a Batch per model, one decoding step after another."""
     import torch
@@ -261,16 +242,16 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
                 send({"op": "failed", "id": message["id"], "error": _reason(e)})
 
     def step(name: str, batch: Batch) -> None:
-        size = len(batch.active)
+        members = list(batch.active)  # a failed step may have taken out the ones it finished
         try:
             events = batch.step()
         except Exception as e:  # every request in the batch gets the error; the batch starts afresh
-            for seq in batch.active:  # a cancelled one has no owner left
+            for seq in members:  # a cancelled one has no owner left
                 if (rid := owners.pop(seq, None)) is not None:
                     send({"op": "failed", "id": rid, "error": _reason(e)})
             del batches[name]
             return
-        send({"op": "step", "batch": size, "events": [(owners[seq], token, seq.done) for seq, token in events]})
+        send({"op": "step", "batch": len(members), "events": [(owners[seq], token, seq.done) for seq, token in events]})
         for seq, _ in events:
             if seq.done:
                 del owners[seq]

@@ -46,7 +46,11 @@ class Sampling:
             ok = isinstance(value, numbers.Integral if integer else numbers.Real)
             if isinstance(value, bool) or not ok:
                 raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if not integer and not math.isfinite(value):
+            try:
+                finite = integer or math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, int(value) if integer else float(value))
 
@@ -332,6 +336,25 @@ class Stats:
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
 
 
+class ClosingIterator:
+    """An iterator whose close() also runs `on_close`, whether it was read or not: a generator closed before
+    its first next() skips its own `finally` (a client gone before the first token left its request decoding
+    to the end)."""
+
+    def __init__(self, items: Iterator, on_close) -> None:
+        self._items, self._on_close = items, on_close
+
+    def __iter__(self) -> ClosingIterator:
+        return self
+
+    def __next__(self):
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+        self._on_close()
+
+
 class TextModel:
     """A loaded model with its tokenizer: what gptgen.load() returns.
 
@@ -398,16 +421,16 @@ class TextModel:
             with contextlib.closing(tokens):
                 for token in tokens:
                     stats.new_tokens += 1
+                    stats.total_s = time.perf_counter() - start  # before the yield: a stop string reads no further
                     if stats.new_tokens == 1:
-                        stats.first_token_s = time.perf_counter() - start
+                        stats.first_token_s = stats.total_s
                     yield token
-                    stats.total_s = time.perf_counter() - start
 
         def pieces() -> Iterator[str]:
             with contextlib.closing(counted()) as ids:
                 stats.stopped_by_string = yield from stream_text(ids, s.stop)
 
-        return pieces(), stats
+        return ClosingIterator(pieces(), tokens.close), stats
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

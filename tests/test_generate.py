@@ -67,6 +67,7 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     (dict(max_new_tokens="10"), "max_new_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"), (dict(seed=-5), "seed must be between 0"),
     (dict(seed=10**20), "seed must be between 0"), (dict(seed=2**63), "seed must be between 0"),
+    (dict(temperature=10**400), "temperature must be a finite number"), (dict(top_p=-10**400), "top_p"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):
@@ -361,6 +362,38 @@ def test_generation_ends_at_the_end_of_text_token(monkeypatch):
     assert list(generate_tokens(tm.model, [1, 2], Sampling(max_new_tokens=6))) == [5, 6]
     draws = iter([5, 6, EOT_ID, 7, 8, 9])
     assert tm.generate("x", max_new_tokens=6) == get_tokenizer().decode([5, 6]) and tm.last.new_tokens == 2
+
+
+def test_a_stop_string_leaves_the_timings_whole(monkeypatch):
+    """total_s was taken when the next token was asked for, which a stop string never does: 0 for one token."""
+    import gptgen.generate as gen
+
+    draws = iter([5, 6, 7, 8])
+    monkeypatch.setattr(gen, "next_token", lambda *args: next(draws))
+    tm = TextModel(tiny_model().eval(), {})
+    assert tm.generate("x", max_new_tokens=4, stop=get_tokenizer().decode([5])) == ""
+    assert tm.last.new_tokens == 1 and tm.last.total_s == tm.last.first_token_s > 0
+
+
+def test_text_pieces_closed_before_reading_close_their_tokens():
+    """A generator closed before its first next() skips its `finally`: the server's request went on decoding."""
+
+    class Tokens:
+        closed = False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return 5
+
+        def close(self):
+            self.closed = True
+
+    tokens = Tokens()
+    pieces, _ = TextModel.text(tokens, Sampling(), 1)
+    pieces.close()
+    assert tokens.closed
 
 
 def test_tokens_per_second_counts_the_tokens_after_the_first():

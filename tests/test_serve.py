@@ -392,6 +392,44 @@ def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
     assert got == [list(generate_tokens(tiny_file[1], prompt, s))], "the closed requests still hold the row"
 
 
+def test_a_failed_step_fails_every_request_in_it_even_one_it_finished(tiny_file, monkeypatch):
+    """A step that raised after finishing a request (its last token) sent that request nothing: its client waited
+    for ever."""
+    import multiprocessing
+    from dataclasses import asdict
+
+    import torch
+
+    from gptgen.engine import _engine_main
+    from gptgen.generate import Batch
+
+    step = Batch.step
+
+    def failing_step(batch):  # the decode after request 1's last token raises (CUDA out of memory, say)
+        if len(batch.active) == 2 and any(seq.new_tokens == seq.sampling.max_new_tokens - 1 for seq in batch.active):
+            batch.decoder = lambda *args: 1 / 0
+        return step(batch)
+
+    monkeypatch.setattr(Batch, "step", failing_step)
+    ours, theirs = multiprocessing.Pipe()
+    ours.send_bytes(json.dumps({"op": "load", "name": "tiny", "path": str(tiny_file[0]), "id": 0}).encode())
+    for rid, n in [(1, 3), (2, 50)]:  # sent before the engine starts, so both join its first step
+        s = Sampling(max_new_tokens=n, seed=0)
+        ours.send_bytes(json.dumps({"op": "generate", "name": "tiny", "prompt": [1, 2], "sampling": asdict(s),
+                                    "id": rid}).encode())
+    engine = threading.Thread(target=_engine_main, args=(theirs, 4, "cpu", torch.get_num_threads()), daemon=True)
+    engine.start()
+    assert json.loads(ours.recv_bytes()) == {"op": "done", "id": 0}
+    failed = {}
+    while len(failed) < 2 and ours.poll(30):
+        message = json.loads(ours.recv_bytes())
+        if message["op"] == "failed":
+            failed[message["id"]] = message["error"]
+    ours.close()
+    engine.join(timeout=30)
+    assert failed == {1: "ZeroDivisionError: division by zero", 2: "ZeroDivisionError: division by zero"}
+
+
 def test_a_stream_closed_on_its_last_token_leaves_the_reader_thread_running():
     """The reader put a request's last token, its client closed the stream at once (dropping the request), and the
     reader's own `del` of it raised KeyError: the thread died and every later request waited for ever."""
