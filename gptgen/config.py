@@ -179,8 +179,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.sample_tokens < 0:
             raise ConfigError(f"--sample-tokens must be 0 (none) or more, got {self.sample_tokens}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be 0 or more, got {self.seed}")
+        if not 0 <= self.seed < 2**63:  # the samples at each eval seed a torch.Generator, which takes no more
+            raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
         if self.block_size is not None and not 1 <= self.block_size <= model.block_size:

@@ -93,7 +93,7 @@ class Engine:
         self._process = process
         threading.Thread(target=self._receive, args=(self._conn, process), name="gptgen-engine-reader",
                          daemon=True).start()
-        for name, path in self._models.items():
+        for name, path in list(self._models.items()):  # load() may add one from another thread
             self._request({"op": "load", "name": name, "path": path})
 
     def load(self, name: str, path: str) -> None:
@@ -187,7 +187,11 @@ class Engine:
                 log.error(self._stopped)
                 return
             log.error("%s; starting a new one", what)
-            self._start()
+            try:
+                self._start()
+            except Exception as e:  # out of processes or files, say: later requests say so instead of hanging
+                self._stopped = f"{what}, and a new one could not start ({_reason(e)}); restart the server"
+                log.error(self._stopped)
 
 
 def _engine_main(conn, rows: int, device: str, threads: int) -> None:

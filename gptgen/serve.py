@@ -315,8 +315,19 @@ def build_server(shelf: ModelShelf, default: str | None = None):
 
     from gptgen.web import build_app
 
+    @contextlib.asynccontextmanager
+    async def threads_for_every_request(app):
+        """Each request the engine has (decoding or waiting for a row) holds a worker thread while it waits for its
+        next token (Starlette and Gradio read sync iterators in threads), and anyio's default of 40 threads left
+        the page and /v1/models waiting behind 40 streams; the other 40 stay for the rest."""
+        import anyio.to_thread
+
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = shelf.engine.rows + shelf.engine.max_waiting + threads.total_tokens
+        yield
+
     default = default or shelf.names[0]
-    api = FastAPI(title="gptgen")
+    api = FastAPI(title="gptgen", lifespan=threads_for_every_request)
     add_openai_routes(api, shelf, default)
     return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"])
 

@@ -119,7 +119,11 @@ class RunDir:
         """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""
         if not self.path.is_dir():
             return []
-        return sorted(f.name for f in self.path.iterdir() if not any(fnmatch(f.name, own) for own in RUN_FILES))
+        names = {f.name for f in self.path.iterdir()}
+        foreign = {name for name in names if not any(fnmatch(name, own) for own in RUN_FILES)}
+        if MODEL in names and METRICS not in names:  # a model put here, not one a run wrote (its first eval logs)
+            foreign.add(MODEL)
+        return sorted(foreign)
 
     def state(self) -> dict | None:
         f = self.path / STATE
@@ -195,6 +199,9 @@ def _gather(obj):
 def _setup_distributed(device_name: str) -> tuple[int, int]:
     if "RANK" not in os.environ or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if device_name.startswith("cuda:"):  # every process would train on that one GPU
+        raise ConfigError(f"--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                          "give --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     use_nccl = torch.cuda.is_available() and device_name in ("auto", "cuda")
     # NCCL carries CUDA tensors only: the loop's stop flag and all_gather_object's buffers are CPU tensors (gloo)
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_nccl else "gloo")
@@ -245,6 +252,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     run = RunDir(cfg.out)
     saved = run.state()  # the run's state.json, read once
+    if not resume and saved is not None:  # before --init's download and tokenizing, which a wrong --out wastes
+        raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
+                          "another --out")
+    foreign = run.foreign_files() if not resume else []
+    if foreign:
+        raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
     pretrained = None
     if cfg.init and resume:  # the weights come from the state: the --init source may have moved, or be offline
         base = checkpoint.read_config(run.path / saved["weights"])
@@ -266,13 +280,6 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if len(corpus.train) <= cfg.block_size:
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")
-    if not resume and saved is not None:
-        raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
-                          "another --out")
-    foreign = run.foreign_files() if not resume else []
-    if foreign:
-        raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
     if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
         raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "
                           "that text, or start a new run with --out")
@@ -312,9 +319,10 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     steps_per_epoch = len(corpus.train) / tokens_per_step
     total = max_steps(cfg, steps_per_epoch)
     if resume and _should_stop(cfg, progress, total)[0]:
-        raise ConfigError(f"{cfg.out} already stopped by its --{_stopped_by(cfg, progress, total).replace('_', '-')}"
-                          f" at step {progress.step:,}; to go on, give a larger --steps, --epochs or --minutes"
-                          f"{' or a lower --target-loss' if cfg.target_loss is not None else ''}")
+        by = _stopped_by(cfg, progress, total)
+        more = "a lower --target-loss" if by == "target_loss" else "a larger --steps, --epochs or --minutes"
+        raise ConfigError(f"{cfg.out} already stopped by its --{by.replace('_', '-')} at step {progress.step:,}; to "
+                          f"go on, give {more}")
     if rank == 0:
         log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %s steps per "
                  "epoch", _model_name(cfg), f"{model.num_params():,}", device, f"{len(corpus.train):,}",
@@ -452,11 +460,12 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
     epochs = math.ceil(total / steps_per_epoch) if total else None
     bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({_count(steps_per_epoch)} steps each)", refresh=False)
     epoch_loss.add(loss)
-    if int(progress.step // steps_per_epoch) > epoch:  # this step finished an epoch
+    finished = int(progress.step // steps_per_epoch) - epoch  # epochs this step ended (several on a short text)
+    if finished:
         epoch_loss.fold(progress, world)
-        progress.epochs_unprinted += 1
+        progress.epochs_unprinted += finished
         if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:
-            epoch_loss.print_line(progress, epoch + 1, bar)
+            epoch_loss.print_line(progress, epoch + finished, bar)
     if cfg.target_loss is None:
         return
     if world > 1:
@@ -541,15 +550,15 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def _should_stop(cfg: TrainConfig, progress: Progress, total: int | None, ctrl_c: bool = False) -> tuple[bool, bool]:
-    """(budget spent, Ctrl-C pressed), the same on every rank: the ranks' clocks differ, and a Ctrl-C may reach
-    one rank only, or each at a different step."""
-    done = progress.target_reached is not None or (total is not None and progress.step >= total)
-    done = done or (cfg.minutes is not None and progress.elapsed_s >= cfg.minutes * 60)
+    """(budget spent, Ctrl-C pressed), the same on every rank: a Ctrl-C may reach one rank only, or each at a
+    different step. Under DDP the ranks' clocks differ too: each takes the slowest's elapsed time (and first
+    step), so that with --minutes they also agree on the learning rate, which is set from the time."""
     if dist.is_initialized():
-        flags = torch.tensor([float(done), float(ctrl_c)])
+        flags = torch.tensor([float(ctrl_c), progress.elapsed_s, progress.first_step_s], dtype=torch.float64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        done, ctrl_c = bool(flags[0]), bool(flags[1])
-    return done, ctrl_c
+        ctrl_c, progress.elapsed_s, progress.first_step_s = bool(flags[0]), flags[1].item(), flags[2].item()
+    done = progress.target_reached is not None or (total is not None and progress.step >= total)
+    return done or (cfg.minutes is not None and progress.elapsed_s >= cfg.minutes * 60), ctrl_c
 
 
 def _postfix(train_loss: float, val: float | None, rate: float, cfg: TrainConfig, progress: Progress) -> str:

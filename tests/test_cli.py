@@ -267,7 +267,8 @@ def test_a_ctrl_c_that_left_an_exec_still_exits_130(tmp_path):
     (["serve", "--port", "99999"], "port number from 1 to 65535"),
     (["train", "--data", "x.txt", "--out", "r", "--init", "gpt2", "--preset", "tiny"], "--preset or --init"),
     (["train", "--data", "x.txt", "--out", "r", "--minutes", "inf"], "--minutes must be a finite number"),
-    (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", "-1"], "--seed must be 0 or more"),
+    (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", "-1"], "--seed must be between 0 and"),
+    (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", str(2**63)], "--seed must be between 0"),
     (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--dropout", "1.5"], "--dropout must be in"),
     (["eval", "m.safetensors", "--data", "x.txt", "--block-size", "0"], "--block-size: must be a whole number"),
 ])
@@ -283,8 +284,18 @@ def test_train_refuses_an_out_directory_of_other_files(small_text, tmp_path):
     (out / "config.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"the export's weights")
     r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
-    assert r.returncode == 2 and "not a training run's (config.json)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a training run's (config.json, model.safetensors)" in r.stderr, r.stderr
     assert (out / "model.safetensors").read_bytes() == b"the export's weights"
+
+
+def test_train_refuses_an_out_directory_holding_only_a_model(small_text, tmp_path):
+    """A folder with a model.safetensors and nothing else is a model (serve and generate take it so), not a run."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"my model's weights")
+    r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
+    assert r.returncode == 2 and "not a training run's (model.safetensors)" in r.stderr, r.stderr
+    assert (out / "model.safetensors").read_bytes() == b"my model's weights"
 
 
 def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):

@@ -219,6 +219,36 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
         proc.wait(timeout=30)
 
 
+def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads(tmp_path):
+    """Each stream holds a worker thread while it waits for a token, and 40 (anyio's default) held them all: with 45
+    streams open (one decoding, 44 waiting for the row) /v1/models, the page and new requests hung."""
+    import socket
+    import time
+    import urllib.request
+
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")  # ~30 s for 4,096 tokens on 2 cores
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
+    port, streams = int(url.rsplit(":", 1)[1].strip("/")), []
+    body = json.dumps({"prompt": "A", "max_tokens": 4096, "stream": True}).encode()
+    try:
+        for _ in range(45):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            streams.append(s)
+        time.sleep(2)  # all 45 now wait in the server
+        for path in ("v1/models", ""):
+            with urllib.request.urlopen(url + path, timeout=10) as r:
+                assert r.status == 200
+    finally:
+        for s in streams:
+            s.close()
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_openai_stream_usage_comes_last_when_asked(openai_client):
     """stream_options={"include_usage": true}, as OpenAI answers it: usage null in every chunk, then one chunk
     with no choices and the counts."""

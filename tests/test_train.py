@@ -443,6 +443,43 @@ def test_under_torchrun_one_process_a_machine_tokenizes_the_text(small_text, tmp
     assert r.returncode != 0 and r.stderr.count("DataError: data file") == 2, r.stderr[-3000:]
 
 
+ONE_CLOCK = """
+import json, sys
+import torch.distributed as dist
+from gptgen.config import TrainConfig
+from gptgen.train import Progress, _should_stop, lr_at
+
+dist.init_process_group("gloo")
+rank, cfg = dist.get_rank(), TrainConfig(data="x", out="x", minutes=1.0)
+progress = Progress(step=50, elapsed_s=20.0 + rank, first_step_s=2.0 + rank)  # the ranks' clocks differ
+done, _ = _should_stop(cfg, progress, None)
+lr = lr_at(cfg, 50, progress.elapsed_s, None, progress.first_step_s)
+with open(f"{sys.argv[1]}/{rank}.json", "w") as f:
+    json.dump([done, progress.elapsed_s, progress.first_step_s, lr], f)
+"""
+
+
+def test_under_torchrun_the_ranks_share_one_clock_and_so_one_learning_rate(tmp_path):
+    """With --minutes the learning rate follows the time, and each rank took its own: their weights drifted apart."""
+    (tmp_path / "child.py").write_text(ONE_CLOCK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "child.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and first[:3] == [False, 21.0, 3.0]  # the slowest rank's clock
+
+
+def test_under_torchrun_a_gpu_index_is_refused(monkeypatch):
+    """--device cuda:1 put every process on GPU 1, talking over gloo."""
+    from gptgen.train import _setup_distributed
+
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="each process takes the GPU of its LOCAL_RANK; give --device cuda"):
+        _setup_distributed("cuda:1")
+
+
 def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
     """A Ctrl-C reaches torchrun's processes at different moments, or one only (here: rank 1's). Each used to stop
     at its own next step and save with the others still training: they waited on each other forever. Now they
@@ -509,6 +546,11 @@ def test_target_loss_stops_the_run_records_it_and_resumes_to_the_same_step(small
     # A budget that ends at the very step that reaches the target: it counts as reached.
     exact = train(config(small_text, tmp_path / "three", steps=reached["step"], **common))
     assert exact["stopped_by"] == "target_loss" and exact["target_reached"]["step"] == reached["step"]
+
+    # The same target on resume: only a lower one goes on, and the error says so (it asked for more steps).
+    with pytest.raises(ConfigError, match="already stopped by its --target-loss at step .*; to go on, give a lower "
+                                          "--target-loss$"):
+        train(resume_config(tmp_path / "one", steps=reached["step"] + 5), resume=True)
 
     # A lower target on resume: the run goes on (the old target's step is not the new one's).
     lower = train(resume_config(tmp_path / "one", target_loss=0.001, steps=reached["step"] + 5), resume=True)
@@ -593,7 +635,8 @@ def test_resume_checks_the_text_and_takes_it_moved(small_text, tmp_path):
 def test_resuming_a_finished_run_says_its_budget_is_spent(small_text, tmp_path):
     run = tmp_path / "run"
     train(config(small_text, run, steps=4))
-    with pytest.raises(ConfigError, match="already stopped by its --steps at step 4; to go on, give a larger"):
+    with pytest.raises(ConfigError, match="already stopped by its --steps at step 4; to go on, give a larger "
+                                          "--steps, --epochs or --minutes$"):
         train(resume_config(run), resume=True)
 
 
@@ -618,6 +661,16 @@ def test_short_epochs_share_a_line_at_most_every_10_s(tmp_path, monkeypatch, cap
     assert ranges[0] == (1, 1) and any(b > a for a, b in ranges), ranges
     assert ranges[-1][1] == int(summary["epochs"])  # the last epochs get their line when the run ends
     assert all(nxt[0] == prev[1] + 1 for prev, nxt in itertools.pairwise(ranges)), ranges  # no epoch left out
+
+
+def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
+    """A text shorter than a step's tokens ends epochs two or more at a time; each step counted one."""
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS.read_text()[:1500])  # ~370 train tokens: 0.36 steps an epoch at 8 x 128
+    summary = train(config(text, tmp_path / "run", steps=3, batch_size=8, block_size=128, eval_interval=1000))
+    lines = re.findall(r"epochs? (\d+)(?:-(\d+))? done at step (\d+)", capsys.readouterr().err)
+    assert [(int(a), int(b or a), int(step)) for a, b, step in lines] == [(1, 2, 1), (3, 8, 3)]
+    assert int(summary["epochs"]) == 8
 
 
 def test_a_copied_run_resumes_in_its_own_folder(small_text, tmp_path):
