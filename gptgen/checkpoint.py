@@ -52,13 +52,23 @@ def user_mode(mode: int) -> int:
 
 
 @contextlib.contextmanager
+def naming_the_target(path: Path) -> Iterator[None]:
+    """A failure to create the temporary file beside `path` names `path`, which the user gave, not the temporary."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` for the block to write; if the block succeeds it is fsynced, given the
     user's usual mode (mkstemp makes files private) and renamed onto `path`: a kill at any moment leaves
     the old file or the new one, whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with naming_the_target(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)

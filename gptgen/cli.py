@@ -433,3 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`gptgen generate ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
+    except OSError as e:  # a file that could not be read or written (no such folder, read-only, a full disk)
+        if e.filename is None:
+            raise
+        if _rank("LOCAL_RANK") == 0:
+            print(f"gptgen: error: {str(e.filename)!r}: {e.strerror or e}", file=sys.stderr)
+        return 2

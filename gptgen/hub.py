@@ -229,11 +229,14 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
     model = Path(model_path).resolve()
     name = served_name(model.parent.parent, model) if model.stem.split("-")[0] == "model" else model.stem
     _, metadata = read_safetensors(model, with_tensors=False)
-    about = f"A GPT-2 trained by gptgen on {Path(training_info(metadata).get('corpus', 'a text')).name}"
+    training = training_info(metadata)
+    about = (f"GPT-2 imported from {training['imported_from']}" if "imported_from" in training else
+             f"A GPT-2 trained by gptgen on {Path(training.get('corpus', 'a text')).name}")
     about += ", int8" if metadata.get("quantization") == "int8" else ""
     readme = (ROOT / "README.md").read_text()
     header = readme[:readme.index("\n---\n", 4) + 5] if readme.startswith("---\n") else ""
-    header = re.sub(r"^short_description: .*$", f"short_description: {json.dumps(about[:60])}", header, flags=re.M)
+    description = f"short_description: {json.dumps(about[:60])}"  # a function: the JSON's backslashes stay as they are
+    header = re.sub(r"^short_description: .*$", lambda _: description, header, flags=re.M)
     files["README.md"] = (header + "\nThe gptgen page on this model; see the gptgen README for more.\n").encode()
     files[f"models/{name}.safetensors"] = model
     return files

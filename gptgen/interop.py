@@ -4,6 +4,8 @@ in llama.cpp / llama-server; the weight names and the GPT-2 vocabulary are mappe
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +17,9 @@ from gptgen.checkpoint import (
     ModelFileError,
     atomic_path,
     load_model_file,
+    naming_the_target,
     new_file,
+    read_safetensors,
     save_model,
     user_mode,
     write_safetensors,
@@ -24,6 +28,7 @@ from gptgen.config import GptgenError
 from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
 
+log = logging.getLogger(__name__)
 GGUF_TYPES = ("f16", "q8_0")
 
 
@@ -131,6 +136,8 @@ HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp
 HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's MLP uses
 HF_AS_GPTGEN = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "layer_norm_epsilon": 1e-5}  # transformers' GPT-2 options that change the maths, as gptgen computes
+HF_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}  # GPT2Config's
+VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
 
 
 def _fresh_dir(out: Path) -> Path:
@@ -138,8 +145,9 @@ def _fresh_dir(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
                           "overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with naming_the_target(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     os.chmod(tmp, user_mode(0o777))  # mkdtemp makes directories private
     return tmp
 
@@ -196,8 +204,6 @@ def read_hf(source: str | os.PathLike):
     only)."""
     import json
 
-    from safetensors import safe_open
-
     from gptgen.config import GPTConfig
     from gptgen.model import GPT
 
@@ -206,7 +212,13 @@ def read_hf(source: str | os.PathLike):
         raise ModelFileError(f"{str(folder)!r} does not exist: give a transformers model directory or a Hub id")
     if not (folder / "config.json").is_file():
         raise ModelFileError(f"{str(folder)!r} has no config.json: not a transformers model directory")
-    hf = json.loads((folder / "config.json").read_text())
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as e:
+        raise ModelFileError(f"{str(folder / 'config.json')!r} is not readable JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ModelFileError(f"{str(folder / 'config.json')!r} is not a JSON object of settings")
+    hf = {**HF_DEFAULTS, **hf}
     if hf.get("model_type") != "gpt2":
         raise ModelFileError(f"{str(folder)!r} holds a {hf.get('model_type')!r} model; gptgen imports GPT-2 only")
     if hf.get("activation_function", "gelu_new") not in HF_GELU or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
@@ -214,6 +226,9 @@ def read_hf(source: str | os.PathLike):
     other = {k: hf[k] for k, ours in HF_AS_GPTGEN.items() if hf.get(k, ours) != ours}
     if other:  # imported anyway, it would compute something else than the model it came from
         raise ModelFileError(f"{str(folder)!r} sets {json.dumps(other)}; gptgen's GPT-2 has {json.dumps(HF_AS_GPTGEN)}")
+    if hf["vocab_size"] < VOCAB:
+        raise ModelFileError(f"{str(folder)!r} has a vocabulary of {hf['vocab_size']:,} tokens; gptgen's tokenizer "
+                             f"is GPT-2's, of {VOCAB:,}")
     config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                        block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
     weights = sorted(folder.glob("*.safetensors"))
@@ -223,13 +238,12 @@ def read_hf(source: str | os.PathLike):
                              "unpickles .bin files")
     tensors = {}
     for path in weights:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-                if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                    continue  # causal-mask buffers; the head is tied to wte
-                t = f.get_tensor(key).float()
-                tensors[name] = t.t().contiguous() if name.endswith(HF_CONV1D) else t
+        for key, t in read_safetensors(path, what="weights file")[0].items():
+            name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+                continue  # causal-mask buffers; the head is tied to wte
+            t = t.float()
+            tensors[name] = t.t().contiguous() if name.endswith(HF_CONV1D) else t
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -239,6 +253,11 @@ def read_hf(source: str | os.PathLike):
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ModelFileError(f"{str(folder)!r}: tensor {name} is {tuple(tensors[name].shape)}, expected {shape}")
+    if config.vocab_size > VOCAB:  # nanoGPT's padding to 50,304, or an added pad token: ids no text is tokenized to
+        log.warning("%s: keeping the first %s of its %s token embeddings, GPT-2's tokens (the others are ids its "
+                    "tokenizer never gives)", folder, f"{VOCAB:,}", f"{config.vocab_size:,}")
+        tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:VOCAB].clone()
+        config = dataclasses.replace(config, vocab_size=VOCAB)
     return config, tensors
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -130,6 +131,9 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
         names = ", ".join(files) or "none"
         raise ModelFileError(f"--model {model!r} is neither a file, a Hub id, nor a model in {str(folder)!r} "
                              f"(it has: {names})")
+    offered = next((name for name, p in files.items() if p.resolve() == path.resolve()), None)
+    if offered:  # the folder's own file, given by its path: offered once, under the folder's name for it
+        return files, offered
     # runs/my/model.safetensors given as runs/my is my; a bundled model given by its name keeps it
     name = model if path == bundled_model(model) else served_name(Path(model).parent, path)
     return {**files, name: path}, name
@@ -293,7 +297,7 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                for method in getattr(route, "methods", ())}
     routes = " and ".join(f"{method} {path}" for path, method in offered.items())
 
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
     @api.api_route("/v1", methods=methods, include_in_schema=False)  # the API's own root, as any other path
     @api.api_route("/v1/{rest:path}", methods=methods, include_in_schema=False)
@@ -347,6 +351,14 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _loopback(host: str) -> bool:
+    """Only this machine can reach the address (127.0.0.1, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be any of the machine's addresses
+        return False
+
+
 def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           device: str = "auto", max_batch: int = BATCH_ROWS, threads: int | None = None) -> None:
     """Load the first model (so the page is ready when the address is printed), then serve until stopped."""
@@ -356,9 +368,10 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
     files, default = pick_models(models_dir, model)
     with bound_socket(host, port) as sock:
         app = build_server(ModelShelf(files, device, max_batch, threads), default)
-        if host in ("0.0.0.0", "::"):
-            log.warning("serving on %s: anyone who can reach this machine can use the page", host)
-        log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", host, port,
-                 host, port)
+        if not _loopback(host):
+            log.warning("serving on %s: anyone who can reach this machine there can use the page", host)
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", shown, port,
+                 shown, port)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
             uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -12,7 +12,7 @@ import pytest
 
 from gptgen.config import TrainConfig
 from gptgen.data import load_corpus
-from tests.conftest import ROOT
+from tests.conftest import BUNDLED, ROOT
 
 
 def gptgen(*args, cwd=None):
@@ -286,6 +286,17 @@ def test_train_refuses_an_out_directory_of_other_files(small_text, tmp_path):
     r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
     assert r.returncode == 2 and "not a training run's (config.json, model.safetensors)" in r.stderr, r.stderr
     assert (out / "model.safetensors").read_bytes() == b"the export's weights"
+
+
+@pytest.mark.parametrize("args", [["export", BUNDLED.stem, "{out}/x.gguf"], ["export", BUNDLED.stem, "--format", "hf",
+                                                                            "{out}/x"]])
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, args):
+    """A folder that cannot hold files (a file in its place) gave a traceback naming a temporary file."""
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / "file")
+    r = gptgen(*[a.format(out=out) for a in args])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"gptgen: error: '{out}/x"), r.stderr
 
 
 def test_train_refuses_an_out_directory_holding_only_a_model(small_text, tmp_path):

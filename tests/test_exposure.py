@@ -108,11 +108,15 @@ def test_servers_bind_loopback_unless_told(monkeypatch, caplog):
     monkeypatch.setattr(serve, "bound_socket", lambda host, port: contextlib.nullcontext())
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # serve() sets it; restored after the test
     monkeypatch.setattr(uvicorn, "Server", lambda config: types.SimpleNamespace(run=lambda sockets: None))
-    for host, open_to_all in [("127.0.0.1", False), ("0.0.0.0", True), ("::", True)]:
+    for host, open_to_all, url in [("127.0.0.1", False, "http://127.0.0.1:0/"), ("0.0.0.0", True, None),
+                                   ("::", True, "http://[::]:0/"), ("::1", False, "http://[::1]:0/"),
+                                   ("localhost", False, None), ("192.168.1.20", True, None),
+                                   ("myhost.example", True, None)]:
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="gptgen.serve"):
+        with caplog.at_level(logging.INFO, logger="gptgen.serve"):
             serve.serve("models", host=host, port=0)
         warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warned) == (1 if open_to_all else 0) and all(host in m and "anyone" in m for m in warned), warned
+        assert url is None or any(f"the page is on {url} " in r.getMessage() for r in caplog.records), url
     app = (ROOT / "app.py").read_text()
     assert re.search(r'GRADIO_SERVER_NAME", "127\.0\.0\.1"', app)  # 0.0.0.0 only where Spaces asks for it

@@ -300,6 +300,22 @@ def test_an_id_with_dot_dot_is_not_a_hub_id(tmp_path, monkeypatch):
             hub.check_hub_id(repo_id)
 
 
+def test_a_spaces_short_description_says_what_the_model_is_in_any_characters(tmp_path):
+    """A corpus named in other letters crashed re.sub (json's \\u00e8 read as an escape); an imported model was
+    'trained by gptgen'."""
+    from tests.test_model import tiny_model_file
+
+    def description(training):
+        tiny_model_file(tmp_path / "m.safetensors", training=training)
+        readme = hub.space_files(tmp_path / "m.safetensors")["README.md"].decode()
+        return next(line for line in readme.splitlines() if line.startswith("short_description: "))
+
+    assert description({"corpus": "data/poèmes.txt"}) == \
+        'short_description: "A GPT-2 trained by gptgen on po\\u00e8mes.txt"'
+    assert description({"imported_from": "openai-community/gpt2@abc"}) == \
+        'short_description: "GPT-2 imported from openai-community/gpt2@abc"'
+
+
 def test_a_spaces_short_description_is_cut_to_the_hubs_60_characters(tmp_path):
     """The Hub rejects a Space whose short_description is longer than 60 characters (a long corpus name)."""
     from tests.test_model import tiny_model_file

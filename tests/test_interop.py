@@ -91,12 +91,12 @@ def test_int8_model_exports_dequantized(tmp_path):
 
 # transformers as the oracle for its own format: a small random GPT2LMHeadModel saved locally.
 
-def _hf_random(tmp_path):
+def _hf_random(tmp_path, vocab_size=50257):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+                                    embd_pdrop=0.0, attn_pdrop=0.0, vocab_size=vocab_size)).eval()
     hf.save_pretrained(tmp_path / "hf")
     return hf, tmp_path / "hf"
 
@@ -179,6 +179,46 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(ModelFileError, match="never unpickles"):
         import_hf(folder, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_broken_transformers_folder_is_a_clear_error(tmp_path):
+    """Each of these was a traceback (JSONDecodeError, AttributeError, KeyError, SafetensorError)."""
+    import json
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import import_hf, read_hf
+
+    _, folder = _hf_random(tmp_path)
+    config = (folder / "config.json").read_text()
+    for text, message in [("{not json", "is not readable JSON"), ("[1]", "is not a JSON object of settings"),
+                          (json.dumps({**json.loads(config), "vocab_size": 1000}), "a vocabulary of 1,000 tokens; ")]:
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ModelFileError, match=message):
+            import_hf(folder, tmp_path / "x.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # transformers' defaults: GPT-2 small
+    with pytest.raises(ModelFileError, match="does not match its config.json"):  # ... which these weights are not
+        read_hf(folder)
+    (folder / "config.json").write_text(config)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="is not a readable safetensors file"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@torch.no_grad()
+def test_a_padded_vocabulary_imports_as_gpt2s_tokens(tmp_path):
+    """nanoGPT pads GPT-2's 50,257 tokens to 50,304 (and fine-tunes add a pad token): imported as they were, the
+    model could draw an id the tokenizer cannot decode (KeyError: '50257' mid-generation)."""
+    import gptgen
+    from gptgen.interop import import_hf
+
+    hf, folder = _hf_random(tmp_path, vocab_size=50304)
+    import_hf(folder, tmp_path / "imported.safetensors")
+    ours = _float_gptgen(tmp_path / "imported.safetensors")
+    assert ours.config.vocab_size == 50257
+    assert torch.allclose(ours(IDS)[0], hf(IDS).logits[..., :50257], atol=1e-4)
+    assert gptgen.load(tmp_path / "imported.safetensors").generate("A", max_new_tokens=20, seed=0, top_k=0)
 
 
 def test_a_transformers_tensor_of_the_wrong_shape_is_refused_by_name(tmp_path):

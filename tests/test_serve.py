@@ -25,6 +25,9 @@ def test_pick_models_by_name_or_file(tmp_path):
     files, default = pick_models(tmp_path, BUNDLED.stem)  # a bundled model by its name, beside another folder's
     assert files == {"mine": other, "run": tmp_path / "run" / "model.safetensors", BUNDLED.stem: BUNDLED}
     assert default == BUNDLED.stem
+    for path in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):  # a file of the folder: offered once
+        files, default = pick_models(tmp_path, str(path))
+        assert files == {"mine": other, "run": tmp_path / "run" / "model.safetensors"} and default == "run"
 
 
 def test_a_hub_model_is_served_under_the_name_it_was_given(tmp_path, monkeypatch):
@@ -322,10 +325,13 @@ def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_clien
         openai_client.chat.completions.create(model=BUNDLED.stem, messages=[{"role": "user", "content": "Hi"}])
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] is None
     assert "no /v1/chat/completions" in e.value.body["message"] and all(o in e.value.body["message"] for o in offered)
-    r = httpx.get(f"{web_server}v1/completions")
-    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    for method in ("HEAD", "OPTIONS", "GET"):
+        r = httpx.request(method, f"{web_server}v1/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST", method
     assert r.json()["error"]["type"] == "invalid_request_error" and all(o in r.json()["error"]["message"]
                                                                          for o in offered)
+    r = httpx.head(f"{web_server}v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
     r = httpx.get(f"{web_server}v1")  # the API's root, not the page's
     assert r.status_code == 404 and all(o in r.json()["error"]["message"] for o in offered)
     assert httpx.get(web_server).status_code == 200 and httpx.get(f"{web_server}config").status_code == 200  # the page
