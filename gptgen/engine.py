@@ -113,9 +113,11 @@ class Engine:
         rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
 
         def cancel() -> None:
-            """Closed early (Stop, a stop string, a client gone): forget it, free its row. Once the request has
-            ended, its reply is gone already and there is nothing to do."""
+            """Closed early (Stop, a stop string, a client gone): forget it, free its row, and end a read waiting
+            for a token in another thread (a request still waiting for a row). Once the request has ended, its
+            reply is gone already and there is nothing to do."""
             if self._replies.pop(rid, None) is not None:
+                reply.put(("done", None))
                 with contextlib.suppress(EngineError):  # an engine that has stopped has nothing to cancel
                     self._send({"op": "cancel", "id": rid})
 

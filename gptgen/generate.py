@@ -339,7 +339,8 @@ class Stats:
 class ClosingIterator:
     """An iterator whose close() also runs `on_close`, whether it was read or not: a generator closed before
     its first next() skips its own `finally` (a client gone before the first token left its request decoding
-    to the end)."""
+    to the end). close() may come from another thread while one reads (the page's Stop): `on_close` ends the
+    source, and the generator, which Python cannot close while it runs, then ends by itself."""
 
     def __init__(self, items: Iterator, on_close) -> None:
         self._items, self._on_close = items, on_close
@@ -351,8 +352,9 @@ class ClosingIterator:
         return next(self._items)
 
     def close(self) -> None:
-        self._items.close()
         self._on_close()
+        with contextlib.suppress(ValueError):  # "generator already executing": being read in another thread
+            self._items.close()
 
 
 class TextModel:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from gptgen.checkpoint import training_info
 from gptgen.engine import EngineError
-from gptgen.generate import MAX_NEW_TOKENS, Sampling, Stats, TextModel
+from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats, TextModel
 from gptgen.serve import ModelShelf
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def _seed(value) -> int | None:
 
 def stats_line(s: Stats, context: int, stopped: bool = False) -> str:
     head = "Stopped after" if stopped else "Generated"
+    if s.new_tokens == 0:  # stopped while waiting for a free row, or the model ended the text at once
+        return f"{'Stopped' if stopped else 'Ended'} before the first token · prompt {_count(s.prompt_tokens, 'token')}"
     rate = f"**{s.tokens_per_s:.1f} tokens/s**" if s.new_tokens > 1 else "one token: no rate"
     seen = f" (the model saw its last {context})" if s.prompt_tokens > context else ""
     return (f"{head} **{_count(s.new_tokens, 'token')}** in {s.total_s:.2f} s · {rate} · "
@@ -92,20 +94,30 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
     default = default or shelf.names[0]
 
     stop_requests: set[str] = set()  # sessions whose Stop was pressed; their stream ends at the next piece
+    streams: dict[ClosingIterator, str] = {}  # the streams in progress, by session: Stop or a new click ends them
+
+    def session_streams(session: str) -> list[ClosingIterator]:
+        return [stream for stream, owner in list(streams.items()) if owner == session]
 
     def start(request: gr.Request) -> tuple[str, str]:
-        """On a click, before the queued stream: a Stop pressed from now on is this run's (and one pressed
-        while it waits for the queue is not lost), and the last run's text and stats leave the page."""
-        stop_requests.discard(request.session_hash or "")
+        """On a click, before the queued stream: a run still streaming ends without a word more (the page is the
+        new run's), a Stop pressed from now on is this run's (and one pressed while it waits for the queue is not
+        lost), and the last run's text and stats leave the page."""
+        session = request.session_hash or ""
+        for stream in session_streams(session):
+            del streams[stream]
+            stream.close()
+        stop_requests.discard(session)
         return "", ""
 
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
-        text, shown, session = "", 0.0, request.session_hash or ""
+        text, shown, session, pieces = "", 0.0, request.session_hash or "", None
         try:
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
+            streams[pieces] = session
             for piece in pieces:
                 text += piece
                 if session in stop_requests:
@@ -121,13 +133,21 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             log.info("page request refused: %s", e)
             yield text, f"⚠ {e}"  # the page keeps the message after the toast has gone
             raise gr.Error(str(e), print_exception=False) from None
+        finally:
+            ours = streams.pop(pieces, None) is not None
+        if not ours:  # a new click ended this run, and the page is the new run's
+            return
         yield text, stats_line(stats, shelf.get(model_name).config.block_size, stopped=session in stop_requests)
         stop_requests.discard(session)
 
     def stop(request: gr.Request) -> None:
         """A request to end this session's stream cleanly, keeping its text and stats (Gradio's `cancels`
-        would drop them and mark the output as an error)."""
-        stop_requests.add(request.session_hash or "")
+        would drop them and mark the output as an error); closing the stream ends it also while it waits for a
+        free row, where no piece comes to be checked."""
+        session = request.session_hash or ""
+        stop_requests.add(session)
+        for stream in session_streams(session):
+            stream.close()
 
     def show_model(model_name):
         """The picked model's card and curve."""
@@ -169,7 +189,9 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         # Gradio runs up to this many streams at once; the engine decodes them together (a batch row each)
         # or keeps them waiting for a row. Beyond that, Gradio's queue holds QUEUE_SIZE more.
         clicked = gr.on([go.click, prompt.submit], start, None, [output, stats], queue=False, api_visibility="private")
-        clicked.then(generate, inputs, [output, stats], api_name="generate",
+        # always_last: a click while a run streams starts its run once that one has ended (start ends it); with
+        # Gradio's default ("once") the new run was dropped and the old one's text filled the page
+        clicked.then(generate, inputs, [output, stats], api_name="generate", trigger_mode="always_last",
                      concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):

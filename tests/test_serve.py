@@ -428,6 +428,29 @@ def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
     assert got == [list(generate_tokens(tiny_file[1], prompt, s))], "the closed requests still hold the row"
 
 
+def test_a_stream_waiting_for_a_row_ends_when_closed_from_another_thread(tiny_file):
+    """The page's Stop, for a run still waiting for a free row: its reader was blocked until a token came, which
+    took as long as the run holding the row (the Stop did nothing for minutes)."""
+    from gptgen.generate import TextModel
+
+    engine = _engine(tiny_file, rows=1)
+    endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    next(endless)  # it holds the only row
+    s = Sampling(max_new_tokens=5, seed=0)
+    waiting, _ = TextModel.text(engine.tokens("tiny", [3, 4], s), s, 2)
+    read = []
+    reader = threading.Thread(target=lambda: read.extend(waiting), daemon=True)
+    reader.start()
+    reader.join(timeout=1.0)
+    assert reader.is_alive() and not read  # waiting for the row
+    waiting.close()
+    reader.join(timeout=5)
+    assert not reader.is_alive() and not read
+    assert len([next(endless) for _ in range(3)]) == 3  # the other request goes on
+    endless.close()
+    assert not engine._replies
+
+
 def test_a_failed_step_fails_every_request_in_it_even_one_it_finished(tiny_file, monkeypatch):
     """A step that raised after finishing a request (its last token) sent that request nothing: its client waited
     for ever."""
