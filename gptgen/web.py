@@ -114,6 +114,10 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                  request: gr.Request) -> Iterator[tuple[str, str]]:
         text, shown, session, pieces = "", 0.0, request.session_hash or "", None
         try:
+            numbers = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                       "repetition_penalty": repetition_penalty}
+            for name in (name for name, value in numbers.items() if value is None):  # a box left blank
+                raise ValueError(f"{name} is empty; give a number ({getattr(DEFAULTS, name)} is the default)")
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
@@ -174,11 +178,14 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                 # keeping its latest tokens, so a model's context does not bound it.
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULTS.max_new_tokens, step=1,
                                            label="max_new_tokens", elem_id="max_new_tokens")
-                temperature = gr.Number(DEFAULTS.temperature, label="temperature (0 = greedy)", elem_id="temperature")
+                # steps for the arrow keys and the wheel (by 1, they jumped from temperature 0.8 to 1 and the
+                # browser marked 0.8 as invalid)
+                temperature = gr.Number(DEFAULTS.temperature, label="temperature (0 = greedy)", step=0.1,
+                                        elem_id="temperature")
                 top_k = gr.Number(DEFAULTS.top_k, label="top_k (0 = off)", elem_id="top_k")
-                top_p = gr.Number(DEFAULTS.top_p, label="top_p (1 = off)", elem_id="top_p")
+                top_p = gr.Number(DEFAULTS.top_p, label="top_p (1 = off)", step=0.05, elem_id="top_p")
                 repetition_penalty = gr.Number(DEFAULTS.repetition_penalty, label="repetition_penalty (1 = off)",
-                                               elem_id="repetition_penalty")
+                                               step=0.05, elem_id="repetition_penalty")
                 seed = gr.Number(RANDOM_SEED, label="seed (same seed, same text; -1 = random)",
                                  elem_id="seed")
                 with gr.Accordion("About this model", open=True):

@@ -62,6 +62,7 @@ def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, fie
 
 @pytest.mark.parametrize("field, value, message", [
     (6, 1.5, "seed must be a whole number, got 1.5"),  # the page's own check
+    (2, None, "temperature is empty; give a number (0.8 is the default)"),  # a box left blank
     (2, -1.0, "temperature must be 0 (greedy) or positive, got -1.0"),  # Sampling's
 ])
 def test_a_bad_value_is_its_message_alone_and_one_line_in_the_server_log(client, tmp_path_factory, field, value,
