@@ -153,6 +153,9 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
 
 def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     fmt = metadata.get("format")
+    if fmt is None and "param_groups" in metadata:  # a run's optim-STEP.safetensors
+        raise ModelFileError(f"{str(path)!r} is a training run's optimizer state, not a model; the run's model is "
+                             f"{str(Path(path).parent / 'model.safetensors')!r}")
     if fmt is None or not fmt.startswith("gptgen/"):
         raise ModelFileError(f"{str(path)!r} is a safetensors file but not a gptgen model ("
                              f"{'no format metadata' if fmt is None else f'format {fmt!r}'}); a transformers GPT-2 "

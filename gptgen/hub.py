@@ -216,7 +216,7 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
 
     The model is named as `gptgen serve --models` names it in its run folder (runs/my/model-int8.safetensors
     is my-int8), and the header's one-line description says what it was trained on."""
-    from gptgen.serve import served_name
+    from gptgen.serve import given_name
 
     if not (ROOT / "app.py").is_file():
         raise ModelFileError("push --space uploads the gptgen repository's app.py, requirements.txt and README "
@@ -227,7 +227,7 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
         if f.is_file() and "__pycache__" not in f.parts:
             files[f"gptgen/{f.relative_to(package).as_posix()}"] = f
     model = Path(model_path).resolve()
-    name = served_name(model.parent.parent, model) if model.stem.split("-")[0] == "model" else model.stem
+    name = given_name(model)
     _, metadata = read_safetensors(model, with_tensors=False)
     training = training_info(metadata)
     about = (f"GPT-2 imported from {training['imported_from']}" if "imported_from" in training else

@@ -24,7 +24,7 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
-from gptgen.config import GptgenError, bundled_model
+from gptgen.config import STEP_FILES, GptgenError, bundled_model
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
@@ -74,7 +74,7 @@ class ModelShelf:
         return model.text(self.engine.tokens(name, ids, s), s, len(ids))
 
 
-RUN_STATE = ("last-*.safetensors", "optim-*.safetensors")  # a run's resume checkpoint: training state, not models
+RUN_STATE = tuple(f"{name}-*.safetensors" for name in STEP_FILES)  # a run's resume checkpoint: not models to offer
 
 
 def served_name(folder: Path, file: Path) -> str:
@@ -83,6 +83,12 @@ def served_name(folder: Path, file: Path) -> str:
     if file.parent == folder:
         return file.stem
     return file.parent.name if file.stem == "model" else f"{file.parent.name}-{file.stem.removeprefix('model-')}"
+
+
+def given_name(file: Path) -> str:
+    """The name of a model file given by its path: a run's model files by their run folder, as `--models` names them
+    (runs/my/model-int8.safetensors is my-int8), any other file by its stem."""
+    return served_name(file.parent.parent, file) if file.stem.split("-")[0] == "model" else file.stem
 
 
 def find_models(folder: Path) -> dict[str, Path]:
@@ -134,8 +140,7 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
     offered = next((name for name, p in files.items() if p.resolve() == path.resolve()), None)
     if offered:  # the folder's own file, given by its path: offered once, under the folder's name for it
         return files, offered
-    # runs/my/model.safetensors given as runs/my is my; a bundled model given by its name keeps it
-    name = model if path == bundled_model(model) else served_name(Path(model).parent, path)
+    name = model if path == bundled_model(model) else given_name(path)  # a bundled model given by its name keeps it
     return {**files, name: path}, name
 
 

@@ -30,7 +30,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from gptgen import checkpoint
-from gptgen.config import LENGTH_BUDGET, LOG_INTERVAL, LOSS_WINDOW, ConfigError, GPTConfig, GptgenError, TrainConfig
+from gptgen.config import (
+    LENGTH_BUDGET,
+    LOG_INTERVAL,
+    LOSS_WINDOW,
+    STEP_FILES,
+    ConfigError,
+    GPTConfig,
+    GptgenError,
+    TrainConfig,
+)
 from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
@@ -44,7 +53,6 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-STEP_FILES = ("last", "optim", "ema")  # a saved state's weights, optimizer and --ema's average: NAME-STEP.safetensors
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *(f"{name}-*.safetensors" for name in STEP_FILES),
              *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."

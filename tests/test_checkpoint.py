@@ -87,6 +87,11 @@ def test_missing_file_and_foreign_safetensors(tmp_path):
     (tmp_path / "run" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelFileError, match="did you mean .*model.safetensors"):
         load_model(tmp_path / "run")
+    save_file({"state.0.exp_avg": torch.zeros(2)}, tmp_path / "run" / "optim-0000040.safetensors",
+              metadata={"param_groups": "[]"})  # as save_optimizer writes it: not a model, and not an import
+    with pytest.raises(ModelFileError, match="is a training run's optimizer state, not a model; the run's model is "
+                                             ".*run/model.safetensors'$"):
+        load_model(tmp_path / "run" / "optim-0000040.safetensors")
     save_file({"w": torch.zeros(2)}, tmp_path / "v2.safetensors", metadata={"format": "gptgen/2"})
     with pytest.raises(ModelFileError, match="gptgen/2"):
         load_model(tmp_path / "v2.safetensors")

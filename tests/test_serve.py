@@ -22,6 +22,8 @@ def test_pick_models_by_name_or_file(tmp_path):
     (tmp_path / "run" / "model.safetensors").write_bytes(BUNDLED.read_bytes())
     files, default = pick_models(BUNDLED.parent, str(tmp_path / "run"))  # a run's folder: its best weights
     assert files["run"] == tmp_path / "run" / "model.safetensors" and default == "run"
+    files, default = pick_models(BUNDLED.parent, str(tmp_path / "run" / "model.safetensors"))  # named alike
+    assert files["run"] == tmp_path / "run" / "model.safetensors" and default == "run"
     files, default = pick_models(tmp_path, BUNDLED.stem)  # a bundled model by its name, beside another folder's
     assert files == {"mine": other, "run": tmp_path / "run" / "model.safetensors", BUNDLED.stem: BUNDLED}
     assert default == BUNDLED.stem
@@ -50,7 +52,7 @@ def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(
 
     runs, my = tmp_path / "runs", tmp_path / "runs" / "my"
     my.mkdir(parents=True)
-    for stem in ("model", "model-int8", "best", "last-0000101"):  # last-*: a resume checkpoint, a model file too
+    for stem in ("model", "model-int8", "best", "last-0000101", "ema-0000101"):  # a resume checkpoint's: model files
         (my / f"{stem}.safetensors").symlink_to(BUNDLED)
     write_safetensors(my / "optim-0000101.safetensors", {"state.0.exp_avg": torch.zeros(2)}, {"param_groups": "[]"})
     (runs / "hf").mkdir()  # a transformers export
@@ -62,7 +64,7 @@ def test_models_folder_offers_its_run_folders_models_by_name_and_skips_the_rest(
                                               "my": my / "model.safetensors", "my-int8": my / "model-int8.safetensors"}
     hf = runs / "hf" / "model.safetensors"
     assert f"not served: '{hf}' is a safetensors file but not a gptgen model" in caplog.text
-    assert "optim-" not in caplog.text and "last-" not in caplog.text  # training state is skipped by name, quietly
+    assert all(name not in caplog.text for name in ("optim-", "last-", "ema-"))  # training state: skipped quietly
     assert set(pick_models(my, None)[0]) == {"best", "model", "model-int8"}
 
 
