@@ -29,6 +29,7 @@ from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
 log = logging.getLogger(__name__)
+GRACEFUL_STOP_S = 5  # how long a stopping server lets requests in progress go on
 
 
 class UnknownModel(GptgenError):
@@ -379,4 +380,6 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
         log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", shown, port,
                  shown, port)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
-            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            # a stop (Ctrl+C, SIGTERM) gives open streams a few seconds to end, not as long as their texts take
+            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_STOP_S)
+            uvicorn.Server(config).run(sockets=[sock])

@@ -226,7 +226,8 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
 
 def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads(tmp_path):
     """Each stream holds a worker thread while it waits for a token, and 40 (anyio's default) held them all: with 45
-    streams open (one decoding, 44 waiting for the row) /v1/models, the page and new requests hung."""
+    streams open (one decoding, 44 waiting for the row) /v1/models, the page and new requests hung. And a stop
+    then ends the server in seconds."""
     import socket
     import time
     import urllib.request
@@ -247,6 +248,10 @@ def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads
         for path in ("v1/models", ""):
             with urllib.request.urlopen(url + path, timeout=10) as r:
                 assert r.status == 200
+        start = time.monotonic()
+        proc.terminate()  # with the 45 streams still open: the server waited for all of them to end (minutes)
+        proc.wait(timeout=60)
+        assert time.monotonic() - start < 15
     finally:
         for s in streams:
             s.close()
