@@ -134,7 +134,7 @@ class Engine:
             finally:
                 cancel()
 
-        return ClosingIterator(receive(), cancel)
+        return ClosingIterator(receive(), cancel, cancel)  # cancel() from another thread: the read gets "done"
 
     def _request(self, message: dict) -> tuple[int, queue.Queue]:
         """(request id, the queue its answers arrive in)."""

@@ -339,11 +339,12 @@ class Stats:
 class ClosingIterator:
     """An iterator whose close() also runs `on_close`, whether it was read or not: a generator closed before
     its first next() skips its own `finally` (a client gone before the first token left its request decoding
-    to the end). close() may come from another thread while one reads (the page's Stop): `on_close` ends the
-    source, and the generator, which Python cannot close while it runs, then ends by itself."""
+    to the end). close() belongs to the thread that reads; stop() may come from any other (the page's Stop): it
+    ends the source (`on_stop`), and the reader then comes to the end by itself, also from a wait for the first
+    token. (Python cannot close a generator that another thread is running.)"""
 
-    def __init__(self, items: Iterator, on_close) -> None:
-        self._items, self._on_close = items, on_close
+    def __init__(self, items: Iterator, on_close, on_stop=None) -> None:
+        self._items, self._on_close, self._on_stop = items, on_close, on_stop
 
     def __iter__(self) -> ClosingIterator:
         return self
@@ -352,9 +353,13 @@ class ClosingIterator:
         return next(self._items)
 
     def close(self) -> None:
+        self._items.close()
         self._on_close()
-        with contextlib.suppress(ValueError):  # "generator already executing": being read in another thread
-            self._items.close()
+
+    def stop(self) -> None:
+        if self._on_stop is None:
+            raise TypeError("this iterator's source cannot be stopped from another thread; close() it in its own")
+        self._on_stop()
 
 
 class TextModel:
@@ -432,7 +437,7 @@ class TextModel:
             with contextlib.closing(counted()) as ids:
                 stats.stopped_by_string = yield from stream_text(ids, s.stop)
 
-        return ClosingIterator(pieces(), tokens.close), stats
+        return ClosingIterator(pieces(), tokens.close, getattr(tokens, "stop", None)), stats
 
     def generate(self, prompt: str, **sampling) -> str:
         return "".join(self.stream(prompt, **sampling))

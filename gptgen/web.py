@@ -106,7 +106,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         session = request.session_hash or ""
         for stream in session_streams(session):
             del streams[stream]
-            stream.close()
+            stream.stop()
         stop_requests.discard(session)
         return "", ""
 
@@ -124,7 +124,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             streams[pieces] = session
             for piece in pieces:
                 text += piece
-                if session in stop_requests:
+                if session in stop_requests or pieces not in streams:  # Stop, or a new click took the page
                     pieces.close()
                     break
                 if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
@@ -146,12 +146,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     def stop(request: gr.Request) -> None:
         """A request to end this session's stream cleanly, keeping its text and stats (Gradio's `cancels`
-        would drop them and mark the output as an error); closing the stream ends it also while it waits for a
+        would drop them and mark the output as an error); stopping the stream ends it also while it waits for a
         free row, where no piece comes to be checked."""
         session = request.session_hash or ""
         stop_requests.add(session)
         for stream in session_streams(session):
-            stream.close()
+            stream.stop()
 
     def show_model(model_name):
         """The picked model's card and curve."""

@@ -435,7 +435,7 @@ def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
     assert got == [list(generate_tokens(tiny_file[1], prompt, s))], "the closed requests still hold the row"
 
 
-def test_a_stream_waiting_for_a_row_ends_when_closed_from_another_thread(tiny_file):
+def test_a_stream_waiting_for_a_row_ends_when_stopped_from_another_thread(tiny_file):
     """The page's Stop, for a run still waiting for a free row: its reader was blocked until a token came, which
     took as long as the run holding the row (the Stop did nothing for minutes)."""
     from gptgen.generate import TextModel
@@ -450,7 +450,7 @@ def test_a_stream_waiting_for_a_row_ends_when_closed_from_another_thread(tiny_fi
     reader.start()
     reader.join(timeout=1.0)
     assert reader.is_alive() and not read  # waiting for the row
-    waiting.close()
+    waiting.stop()
     reader.join(timeout=5)
     assert not reader.is_alive() and not read
     assert len([next(endless) for _ in range(3)]) == 3  # the other request goes on
