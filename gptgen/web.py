@@ -116,8 +116,9 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         try:
             numbers = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                        "repetition_penalty": repetition_penalty}
-            for name in (name for name, value in numbers.items() if value is None):  # a box left blank
-                raise ValueError(f"{name} is empty; give a number ({getattr(DEFAULTS, name)} is the default)")
+            blank = next((name for name, value in numbers.items() if value is None), None)
+            if blank:
+                raise ValueError(f"{blank} is empty; give a number ({getattr(DEFAULTS, blank)} is the default)")
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
