@@ -421,7 +421,9 @@ def pieces(text):
     return tokenize(text)
 gptgen.data.pieces = pieces
 corpus = load_corpus_once_per_machine(TrainConfig(data=sys.argv[1], out="x", steps=1), dist.get_rank())
-print(json.dumps([corpus.train.tolist(), corpus.val.tolist()]))
+with open(f"{sys.argv[2]}-{os.environ['RANK']}.json", "w") as f:  # a file each: their prints could interleave
+    json.dump([corpus.train.tolist(), corpus.val.tolist()], f)
+dist.destroy_process_group()  # left to exit, gloo's threads sometimes abort the process
 """
 
 
@@ -436,8 +438,8 @@ def test_under_torchrun_one_process_a_machine_tokenizes_the_text(small_text, tmp
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "who").read_text() == "00"  # rank 0 only: its train split, then its val split
-    first, second = r.stdout.splitlines()
-    assert first == second and json.loads(first)[0] == load_corpus(text).train.tolist()
+    first, second = (json.loads((tmp_path / f"who-{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and first[0] == load_corpus(text).train.tolist()
     cmd[-2] = str(tmp_path / "missing.txt")  # the first process fails: the others are not left waiting
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and r.stderr.count("DataError: data file") == 2, r.stderr[-3000:]
@@ -456,6 +458,7 @@ done, _ = _should_stop(cfg, progress, None)
 lr = lr_at(cfg, 50, progress.elapsed_s, None, progress.first_step_s)
 with open(f"{sys.argv[1]}/{rank}.json", "w") as f:
     json.dump([done, progress.elapsed_s, progress.first_step_s, lr], f)
+dist.destroy_process_group()  # left to exit, gloo's threads sometimes abort the process
 """
 
 
