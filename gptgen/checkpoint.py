@@ -151,6 +151,12 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
     return config_of(path, read_safetensors(path, with_tensors=False)[1])
 
 
+def imported_from(info: dict) -> str | None:
+    """Where a model not trained by gptgen came from (a transformers GPT-2, OpenAI's say); None for one trained
+    here, an imported gptgen export included (it brings its training record back)."""
+    return info["imported_from"] if "imported_from" in info and "corpus" not in info else None
+
+
 def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     fmt = metadata.get("format")
     if fmt is None and "param_groups" in metadata:  # a run's optim-STEP.safetensors

@@ -75,7 +75,8 @@ DEVICE_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"
 LENGTH_BUDGET = ("steps", "minutes", "epochs")  # how long a run goes; each counts from its start, not a resume
 LOG_INTERVAL = 10  # steps between train-loss lines in metrics.jsonl (and progress bar updates)
 LOSS_WINDOW = 50  # --target-loss compares the mean train loss of this many latest steps
-STEP_FILES = ("last", "optim", "ema")  # NAME-STEP.safetensors: a run's weights, optimizer, --ema average
+# a run's saved state, NAME-STEP.safetensors: its weights, optimizer, --ema average (resume state, not models to offer)
+STEP_FILES = tuple(f"{name}-*.safetensors" for name in ("last", "optim", "ema"))
 
 
 def _knob(default, text: str):

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from gptgen.checkpoint import ModelFileError, load_model_file, read_safetensors, training_info
+from gptgen.checkpoint import ModelFileError, imported_from, load_model_file, read_safetensors, training_info
 from gptgen.config import OPENAI_GPT2, bundled_model, cache_dir
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
                  f"    - {{type: loss, name: val nats/token, value: {info['val_nats_per_token']:.4f}}}",
                  f"    - {{type: loss, name: val nats/char, value: {info['val_nats_per_char']:.4f}}}"]
     yaml.append("---")
-    if "imported_from" in info and "corpus" not in info:  # a transformers GPT-2 (OpenAI's, say), not trained here
-        made, facts = f"imported into gptgen from `{info['imported_from']}`", []  # nothing more to say of it
+    if origin := imported_from(info):
+        made, facts = f"imported into gptgen from `{origin}`", []  # nothing more to say of it
     else:
         made = (f"trained with gptgen on `{corpus}`\n({info.get('corpus_bytes', '?')} bytes, sha256 "
                 f"`{info.get('corpus_sha256', '?')}`)")
@@ -230,7 +230,8 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
     name = given_name(model)
     _, metadata = read_safetensors(model, with_tensors=False)
     training = training_info(metadata)
-    about = (f"GPT-2 imported from {training['imported_from']}" if "imported_from" in training else
+    origin = imported_from(training)
+    about = (f"GPT-2 imported from {origin}" if origin else
              f"A GPT-2 trained by gptgen on {Path(training.get('corpus', 'a text')).name}")
     about += ", int8" if metadata.get("quantization") == "int8" else ""
     readme = (ROOT / "README.md").read_text()

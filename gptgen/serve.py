@@ -75,8 +75,6 @@ class ModelShelf:
         return model.text(self.engine.tokens(name, ids, s), s, len(ids))
 
 
-RUN_STATE = tuple(f"{name}-*.safetensors" for name in STEP_FILES)  # a run's resume checkpoint: not models to offer
-
 
 def served_name(folder: Path, file: Path) -> str:
     """A file's name on the page and in the API: its stem in the folder itself; in a run folder SUB, `model` is
@@ -100,7 +98,7 @@ def find_models(folder: Path) -> dict[str, Path]:
     """
     files: dict[str, Path] = {}
     for f in [*sorted(folder.glob("*.safetensors")), *sorted(folder.glob("*/*.safetensors"))]:
-        if any(f.match(pattern) for pattern in RUN_STATE):
+        if any(f.match(pattern) for pattern in STEP_FILES):
             continue
         try:
             read_config(f)

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *(f"{name}-*.safetensors" for name in STEP_FILES),
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *STEP_FILES,
              *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 NOT_RECIPE = ("data", "out", "device", "sample_tokens", "sample_prompt")  # knobs that do not shape the model
@@ -148,7 +148,7 @@ class RunDir:
             files["ema"] = f"ema-{step:07d}.safetensors"
             checkpoint.save_model(self.path / files["ema"], ema.state_dict(), ema.config)
         checkpoint.atomic_write(self.path / STATE, json.dumps({**state, **files}, indent=1).encode())
-        for old in (f for name in STEP_FILES for f in self.path.glob(f"{name}-*.safetensors")):
+        for old in (f for pattern in STEP_FILES for f in self.path.glob(pattern)):
             if old.name not in files.values():
                 old.unlink(missing_ok=True)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import gradio as gr
 import pandas as pd
 
-from gptgen.checkpoint import training_info
+from gptgen.checkpoint import imported_from, training_info
 from gptgen.engine import EngineError
 from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats, TextModel
 from gptgen.serve import ModelShelf
@@ -71,7 +71,7 @@ def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
     c, info = model.config, training_info(model.metadata)
     with torch.device("meta"):
         params = GPT(c).num_params()
-    imported = f"imported from {info['imported_from']}" if "imported_from" in info else "custom"
+    imported = f"imported from {origin}" if (origin := imported_from(info)) else "custom"
     rows = [("Preset", info.get("preset", imported)),
             ("Size", f"{params / 1e6:.1f}M parameters · {c.n_layer} layers · {c.n_head} heads · {c.n_embd} dims · "
                      f"context {c.block_size}"),
