@@ -37,7 +37,7 @@ from gptgen.generate import ClosingIterator, Sampling
 log = logging.getLogger(__name__)
 _exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
 BATCH_ROWS = 32  # sequences decoded together per model (each holds a KV cache row of the model's context)
-MAX_WAITING = 64  # requests waiting for a row beyond this are refused with ServerBusy
+MAX_WAITING = 64  # the engine holds BATCH_ROWS + this many requests (all models); more are refused with ServerBusy
 MAX_RESTARTS = 3  # engine processes started again within a minute; more means something is wrong each time
 
 
@@ -106,7 +106,8 @@ class Engine:
     def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
         """The token ids of one request, decoded in its model's batch; closing the iterator cancels it.
 
-        Raises ServerBusy at once when rows + max_waiting requests are already in the engine.
+        Raises ServerBusy at once when rows + max_waiting requests are already in the engine, counted over all
+        models: they share the cores, so a second model adds no capacity.
         """
         if len(self._replies) >= self.rows + self.max_waiting:
             raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few seconds")
