@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import emit
+from report import emit, tokens_in
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,7 +39,7 @@ CLICK_AND_TIME = """() => new Promise((resolve, reject) => {
   const observer = new MutationObserver(() => {
     const now = text();
     if (first === null && now !== before) first = performance.now() - t0;
-    if (first !== null && now.startsWith('Generated')) {
+    if (first !== null && (now.startsWith('Generated') || now.startsWith('Ended'))) {  // Ended: no tokens
       observer.disconnect();
       resolve({first_ms: first, total_ms: performance.now() - t0, stats: now});
     }
@@ -48,10 +48,6 @@ CLICK_AND_TIME = """() => new Promise((resolve, reject) => {
   document.querySelector('#generate').click();
   setTimeout(() => reject(new Error('no finished run after 60 s: ' + text())), 60000);
 })"""
-
-
-def tokens_in(stats: str) -> int:
-    return int(stats.split("**" if "**" in stats else "Generated")[1].split("tokens")[0].strip(" *"))
 
 
 def direct(path: Path, sampling: dict, runs: int) -> dict:
@@ -119,33 +115,38 @@ def through_page(url: str, model_name: str, sampling: dict, runs: int) -> dict:
             "first_token_s": statistics.median(firsts)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--json", help="also write the results to this file")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="gptgen-app-bench-"))
+def measure(work: Path, runs: int) -> list[dict]:
+    """Each model: the server started and driven through the page and gradio_client, then model.stream alone."""
     models = work / "models"
     models.mkdir()
     (models / BUNDLED.name).symlink_to(BUNDLED)
     write_random_int8_model(models / "random-gpt2-int8.safetensors", "gpt2")
-    cases = [(BUNDLED.stem, 256), ("random-gpt2-int8", 256)]
     rows = []
-    for name, n in cases:
+    for name, n in [(BUNDLED.stem, 256), ("random-gpt2-int8", 256)]:
         sampling = {"max_new_tokens": n, "temperature": 0.8, "top_k": 50}
         start = time.perf_counter()
         proc, url = start_server(["--models", str(models), "--model", name], work / f"{name}.log")
         ready_s = time.perf_counter() - start
         try:
-            page = through_page(url, name, sampling, args.runs)
-            client = through_client(url, sampling, args.runs)
+            page = through_page(url, name, sampling, runs)
+            client = through_client(url, sampling, runs)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        alone = direct(models / f"{name}.safetensors", sampling, args.runs)
+        alone = direct(models / f"{name}.safetensors", sampling, runs)
         rows.append({"model": name, "new_tokens": n, "ready_s": ready_s, "first_token_page_s": page["first_token_s"],
                      "client_first_update_s": client["first_update_s"], "page": page, "client": client,
                      "stream": alone})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="gptgen-app-bench-") as tmp:
+        rows = measure(Path(tmp), args.runs)
     print("end to end = tokens / (click or call to the last token); steady = tokens after the first / time after it")
     print(f"{'model':<22}{'ready s':>8}{'1st token':>10}  {'tokens/s end to end: page':>26}{'client':>8}"
           f"{'stream':>8}  {'steady: page':>13}{'client':>8}{'stream':>8}{'page/stream':>12}{'client/stream':>14}")
@@ -160,7 +161,6 @@ def main() -> None:
     print(f"goals: ready <= {GOALS['ready_s']} s, first token on the page <= {GOALS['first_token_page_s']} s, "
           f"page loses <= {GOALS['page_loss']:.0%} of model.stream's tokens/s")
     emit({"benchmark": "app", "runs": args.runs, "rows": rows, "goals": GOALS}, args.json)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

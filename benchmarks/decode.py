@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import emit
+from report import emit, hf_gpt2, status_mib
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
 SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
@@ -76,16 +77,14 @@ def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
 
 
 def run_transformers(path: Path):
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.generation.streamers import BaseStreamer
 
     from gptgen.checkpoint import load_model_file
+    from gptgen.interop import HF_CONV1D
 
     config, tensors, _ = load_model_file(path)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                    n_positions=config.block_size, vocab_size=config.vocab_size)).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    hf.load_state_dict({k: v.t() if k.endswith(conv1d) else v for k, v in tensors.items()}, strict=False)
+    hf = hf_gpt2(config).eval()
+    hf.load_state_dict({k: v.t() if k.endswith(HF_CONV1D) else v for k, v in tensors.items()}, strict=False)
     hf.tie_weights()
 
     class Clock(BaseStreamer):
@@ -132,14 +131,6 @@ def run_llama(path: Path):
     return once
 
 
-def peak_rss_mb() -> float:
-    """This process's high-water RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def one(system: str, files: dict[str, str], device: str) -> dict:
     """One measurement of one system, in a process of its own: a warm-up, a decode run, a prefill run."""
     torch.set_num_threads(2)
@@ -160,14 +151,14 @@ def one(system: str, files: dict[str, str], device: str) -> dict:
     first, total, n = once(prompts(PROMPT_TOKENS), NEW_TOKENS)
     prefill = PREFILL_TOKENS / once(prompts(PREFILL_TOKENS), 1)[0]
     return {"system": system, "decode_tok_s": (n - 1) / (total - first), "first_token_ms": 1000 * first,
-            "prefill_tok_s": prefill, "peak_rss_mb": peak_rss_mb(), "file_mib": path.stat().st_size / 2**20,
+            "prefill_tok_s": prefill, "peak_rss_mib": status_mib("VmHWM"), "file_mib": path.stat().st_size / 2**20,
             "new_tokens": n}
 
 
 def median_row(runs: list[dict]) -> dict:
     """Each figure's median over the rounds, with every round's decode speed beside it."""
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    row = {k: med([r[k] for r in runs]) for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s", "peak_rss_mb")}
+    row = {k: statistics.median([r[k] for r in runs])
+           for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s", "peak_rss_mib")}
     return {"system": runs[0]["system"], **row, "file_mib": runs[0]["file_mib"],
             "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in runs],
             "new_tokens": [r["new_tokens"] for r in runs]}
@@ -186,6 +177,8 @@ def main() -> None:
         print(json.dumps(one(args.one, json.loads(args.files), args.device)))
         return
     systems = (args.systems or ",".join(CUDA_SYSTEMS if args.device == "cuda" else SYSTEMS)).split(",")
+    if args.device == "cpu" and (compiled := [s for s in systems if s.endswith("-compiled")]):
+        p.error(f"{', '.join(compiled)}: gptgen compiles its decoding on CUDA only (--device cuda)")
     results: dict[str, list[dict]] = {system: [] for system in systems}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,30 +198,30 @@ def main() -> None:
                 results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
                 print(f"round {round_ + 1}: {system} {results[system][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
                       flush=True)  # as it comes: a run cut short by a time limit still shows its rows
-    rows = [{"system": s, "error": errors[s]} if s in errors else median_row(results[s]) for s in systems]
+    rows = [{"system": s, "error": errors[s], "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in results[s]]}
+            if s in errors else median_row(results[s]) for s in systems]
     where = torch.cuda.get_device_name() if args.device == "cuda" else "2 threads"
     print(f"gpt2 preset (124M), batch 1, {where}, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
           f"top-k {TOP_K}, median of {args.runs} rounds; torch {torch.__version__}")
-    print(f"{'system':22} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MB':>11} "
+    print(f"{'system':22} {'decode tok/s':>12} {'first token ms':>14} {'prefill 512 tok/s':>17} {'peak RSS MiB':>12} "
           f"{'file MiB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:22} not run: {r['error'][:90]}")
+            done = len(r["decode_tok_s_rounds"])
+            print(f"{r['system']:22} {f'failed after {done} rounds' if done else 'not run'}: {r['error'][:90]}")
         else:
             print(f"{r['system']:22} {r['decode_tok_s']:12.1f} {r['first_token_ms']:14.1f} {r['prefill_tok_s']:17.0f} "
-                  f"{r['peak_rss_mb']:11.0f} {r['file_mib']:8.1f}")
+                  f"{r['peak_rss_mib']:12.0f} {r['file_mib']:8.1f}")
     ok = {r["system"]: r for r in rows if "error" not in r}
-    if "gptgen-int8" in ok:
-        ours = ok["gptgen-int8"]
-        for peer in ("llama.cpp-q8_0", "transformers-fp32"):
-            if peer in ok:
-                ratios = {k: ours[k] / ok[peer][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}
-                print(f"gptgen int8 / {peer}: decode {ratios['decode_tok_s']:.2f}x, "
-                      f"prefill {ratios['prefill_tok_s']:.2f}x, peak RSS {ratios['peak_rss_mb']:.2f}x")
-    if "gptgen-int8-compiled" in ok and "gptgen-bf16-compiled" in ok:
-        print(f"gptgen int8 / bf16, both compiled: decode "
-              f"{ok['gptgen-int8-compiled']['decode_tok_s'] / ok['gptgen-bf16-compiled']['decode_tok_s']:.2f}x")
-    emit(rows, args.json)
+    ratios = {}
+    for ours, peer in [("gptgen-int8", "llama.cpp-q8_0"), ("gptgen-int8", "transformers-fp32"),
+                       ("gptgen-int8-compiled", "gptgen-bf16-compiled")]:
+        if ours in ok and peer in ok:
+            ratios[f"{ours} / {peer}"] = r = {k: ok[ours][k] / ok[peer][k]
+                                              for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mib")}
+            print(f"{ours} / {peer}: decode {r['decode_tok_s']:.2f}x, prefill {r['prefill_tok_s']:.2f}x, "
+                  f"peak RSS {r['peak_rss_mib']:.2f}x")
+    emit({"rows": rows, "ratios": ratios}, args.json)
 
 
 if __name__ == "__main__":

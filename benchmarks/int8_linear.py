@@ -19,6 +19,7 @@ kernel reading the int8 weight (see `Int8Linear.forward`); and `_weight_int8pack
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 
@@ -42,7 +43,7 @@ def bench(fn, x, reps: int = 2000) -> float:
             fn(x)
         sync()
         times.append((time.perf_counter() - t) / (reps // 5))
-    return sorted(times)[2] * 1e6
+    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -147,7 +148,8 @@ def report(rows: list[dict], title: str, json_path: str | None) -> None:
         if "error" in r:
             print(f"{r['path']:48} not available: {r['error']}")
         else:
-            print(f"{r['path']:48} {r['us']:8.1f} {base / r['us']:7.2f}x {r['rel_error']:11.2e}")
+            r["vs_fp32"] = base / r["us"]
+            print(f"{r['path']:48} {r['us']:8.1f} {r['vs_fp32']:7.2f}x {r['rel_error']:11.2e}")
     emit(rows, json_path)
 
 

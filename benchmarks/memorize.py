@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -33,10 +32,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from report import emit
+from report import CORPUS, emit, status_mib
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 # (batch, block, gradient checkpointing, --trim-vocab); trimmed to the reference corpus's train split's tokens
 TEXT_VOCAB = 11_234
 ROWS = [(4, 32, False, False), (8, 1024, False, False), (8, 1024, True, False), (4, 32, False, True),
@@ -75,7 +72,7 @@ def one_row(batch: int, block: int, ckpt: bool, trim: bool, steps: int, device: 
     row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device,
                   vocab=TEXT_VOCAB if trim else None)
     row["grad_checkpoint"], row["trim_vocab"] = ckpt, trim
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mib"] = status_mib("VmHWM")
     return row
 
 
@@ -110,7 +107,8 @@ def proxy(seeds: list[int], variants: list[str]) -> list[dict]:
     for r in runs:
         reached = r["target_reached"]
         first = next(f for f in runs if f["seed"] == r["seed"])["target_reached"]
-        ratio = f"{reached['step'] / first['step']:.3f}" if reached and first else ""
+        r["steps_vs_first"] = reached["step"] / first["step"] if reached and first else None
+        ratio = "" if r["steps_vs_first"] is None else f"{r['steps_vs_first']:.3f}"
         steps = f"{reached['step']:,}" if reached else f"no: {r['last_window_loss']:.3f} at {r['steps']:,}"
         print(f"{r['variant']:>36} {r['seed']:5d} {steps:>16} {reached['epoch'] if reached else '':>7} "
               f"{r['wall_time_s']:7.1f} {ratio:>8}")
@@ -151,17 +149,24 @@ def main() -> None:
                                   *shlex.split(args.recipe_args)])
         job["card"] = torch.cuda.get_device_name()
     rows = []
-    for row in ROWS if args.rows else []:
+    for row in ROWS if args.rows else []:  # a row that fails (out of memory, say) keeps the job's result and the rest
         r = subprocess.run([sys.executable, __file__, "--row", json.dumps(row), "--steps",
-                            str(args.steps), "--device", args.device], capture_output=True, text=True, check=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                            str(args.steps), "--device", args.device], capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            error = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            rows.append({"batch": row[0], "block": row[1], "grad_checkpoint": row[2], "trim_vocab": row[3],
+                         "error": error})
+        else:
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     memory = "peak_gpu_mib" if cuda else "peak_rss_mib"
     print(f"gpt2 preset (124M) training step on {torch.cuda.get_device_name() if cuda else 'CPU, 2 threads'}")
     print(f"{'batch x block':>13} {'checkpointing':>14} {'trim-vocab':>10} {'s/step':>8} {'tokens/s':>9} "
           f"{'peak GPU MiB' if cuda else 'peak RSS MiB':>13}")
     for r in rows:
         print(f"{r['batch']:>5} x {r['block']:<5} {str(r['grad_checkpoint']):>14} {str(r['trim_vocab']):>10} "
-              f"{r['s_per_step']:8.2f} {r['tokens_per_s']:9.0f} {r[memory]:13.0f}")
+              + (f"failed: {r['error'][:80]}" if "error" in r else
+                 f"{r['s_per_step']:8.2f} {r['tokens_per_s']:9.0f} {r[memory]:13.0f}"))
     result = {"benchmark": "memorize", "device": args.device, "rows": rows}
     if job:
         result["job"] = job

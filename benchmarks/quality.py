@@ -16,13 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from report import emit
+from report import CORPUS, emit
 
 from gptgen.checkpoint import load_model
 from gptgen.data import load_corpus
 from gptgen.evaluate import evaluate_corpus
-
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Chosen by measurement (README, "Quality per minute"): the 50,257-way head dominates small models,
 # so short budgets want the narrowest model that still learns, with the head trimmed to the text's tokens (twice

@@ -1,12 +1,41 @@
-"""The machine-readable half of every benchmark's output: one JSON line on stdout, optionally a file."""
+"""What the benchmarks share: one JSON line on stdout (optionally a file), memory readings, the page's stats line."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"  # the reference
 
 
 def emit(result, path: str | None) -> None:
     print(json.dumps(result))
     if path:
         Path(path).write_text(json.dumps(result, indent=1))
+
+
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/PID/status (kB there, KiB in fact) in MiB. VmHWM, the peak, is the process's own:
+    unlike ru_maxrss it is not inherited from the parent across exec."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def hf_gpt2(config, **settings):
+    """The peer: transformers' GPT2LMHeadModel, shaped as a gptgen GPTConfig (random weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                      n_positions=config.block_size, vocab_size=config.vocab_size, **settings))
+
+
+def tokens_in(stats: str) -> int:
+    """The new tokens that the page's stats line (gptgen.web.stats_line, as markdown or as rendered text) reports."""
+    if " before the first token" in stats:
+        return 0
+    if (m := re.match(r"(?:Generated|Stopped after) \**([\d,]+) tokens?\b", stats)) is None:
+        raise ValueError(f"not a stats line: {stats!r}")
+    return int(m[1].replace(",", ""))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import gradio_client
 import openai
-from report import emit
+from report import emit, status_mib, tokens_in
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,8 +61,7 @@ def gradio_request(client, model: str, max_tokens: int) -> tuple[float | None, i
     for text, _ in job:
         if text and first is None:
             first = time.perf_counter() - start
-    text, stats = job.outputs()[-1]
-    return first, int(stats.split("**")[1].split(" tokens")[0])
+    return first, tokens_in(job.outputs()[-1][1])
 
 
 def _count(text: str) -> int:
@@ -83,7 +82,7 @@ class Client(threading.Thread):
     def __init__(self, kind: str, url: str, model: str, max_tokens: int, deadline: float) -> None:
         super().__init__(daemon=True)
         self.kind, self.url, self.model, self.max_tokens, self.deadline = kind, url, model, max_tokens, deadline
-        self.done: list[tuple[float, float, int]] = []  # (first token s, request s, tokens)
+        self.done: list[tuple[float | None, float, int]] = []  # (first text s, or None if none came; request s, tokens)
         self.busy = self.failed = 0
         self.errors: list[str] = []
 
@@ -98,7 +97,7 @@ class Client(threading.Thread):
                     first, tokens = openai_request(self.url, self.model, self.max_tokens)
                 else:
                     first, tokens = gradio_request(gradio, self.model, self.max_tokens)
-                self.done.append((first or 0.0, time.perf_counter() - start, tokens))
+                self.done.append((first, time.perf_counter() - start, tokens))
             except Exception as e:  # counted, never raised: the run goes on
                 if is_busy(e):
                     self.busy += 1
@@ -151,7 +150,7 @@ def level(url: str, model: str, n: int, seconds: float, max_tokens: int, pid: in
     clients, wall = run_clients(url, model, n, seconds, max_tokens)
     server_cores = (cpu_s(pid) - server0) / wall
     client_cores = (cpu_s(os.getpid(), children=False) - client0) / wall
-    firsts = [first for c in clients for first, _, _ in c.done]
+    firsts = [first for c in clients for first, _, _ in c.done if first is not None]
     per_client = [c.tokens / wall for c in clients]
     return {"clients": n, "requests": sum(len(c.done) for c in clients), "tokens": sum(c.tokens for c in clients),
             "wall_s": wall, "aggregate_tok_s": sum(c.tokens for c in clients) / wall,
@@ -162,10 +161,9 @@ def level(url: str, model: str, n: int, seconds: float, max_tokens: int, pid: in
             "errors": [e for c in clients for e in c.errors][:5]}
 
 
-def rss_mb(pid: int) -> float:
+def rss_mib(pid: int) -> float:
     """Resident memory of a process and its descendants."""
-    return sum(int(line.split()[1]) / 1024 for p in process_tree(pid)
-               for line in Path(f"/proc/{p}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return sum(status_mib("VmRSS", p) for p in process_tree(pid))
 
 
 def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_tokens: int,
@@ -180,8 +178,10 @@ def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_token
     samples, page = [], []
     stop = threading.Event()
 
+    start = time.perf_counter()
+    samples.append((0.0, rss_mib(pid)))  # a soak shorter than one interval still has a reading
+
     def watch() -> None:
-        start = time.perf_counter()
         while not stop.wait(sample_every_s):
             t = time.perf_counter()
             try:
@@ -189,7 +189,7 @@ def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_token
             except httpx.HTTPError:
                 ok = False
             page.append((ok, time.perf_counter() - t))
-            samples.append((time.perf_counter() - start, rss_mb(pid)))
+            samples.append((time.perf_counter() - start, rss_mib(pid)))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -197,22 +197,32 @@ def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_token
     stop.set()
     watcher.join()
     warm = [rss for t, rss in samples if t >= seconds / 5] or [samples[-1][1]]
-    return {**result, "rss_start_mb": warm[0], "rss_end_mb": warm[-1], "rss_growth": warm[-1] / warm[0] - 1,
+    return {**result, "rss_start_mib": warm[0], "rss_end_mib": warm[-1], "rss_growth": warm[-1] / warm[0] - 1,
             "rss_samples": len(samples), "page_checks": len(page), "page_ok": sum(ok for ok, _ in page),
             "page_max_s": max((s for _, s in page), default=float("nan"))}
 
 
+def add_ratios(rows: list[dict]) -> None:
+    """Each level's aggregate against one client's (None without a one-client level that made tokens)."""
+    one = next((r["aggregate_tok_s"] for r in rows if r["clients"] == 1), 0)
+    for r in rows:
+        r["vs_one_client"] = r["aggregate_tok_s"] / one if one else None
+
+
 def print_levels(rows: list[dict]) -> None:
-    base = rows[0]["aggregate_tok_s"]
     print(f"{'clients':>7} {'requests':>8} {'agg tok/s':>9} {'vs 1':>6} {'client min':>10} {'client med':>10} "
           f"{'TTFT p50':>8} {'TTFT p95':>8} {'busy':>5} {'failed':>6} {'server CPU':>10} {'client CPU':>10}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['aggregate_tok_s']:>9.1f} {r['aggregate_tok_s'] / base:>5.2f}x "
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['aggregate_tok_s']:>9.1f} {_times(r['vs_one_client']):>6} "
               f"{r['per_client_min_tok_s']:>10.1f} {r['per_client_median_tok_s']:>10.1f} {r['ttft_p50_s']:>7.2f}s "
               f"{r['ttft_p95_s']:>7.2f}s {r['busy']:>5} {r['failed']:>6} {r['server_cores']:>9.2f}c "
               f"{r['client_cores']:>9.2f}c")
         for e in r["errors"]:
             print(f"        error: {e}")
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
 def main() -> None:
@@ -232,21 +242,21 @@ def main() -> None:
         try:
             rows = [level(url, path.stem, int(n), args.seconds, args.max_tokens, proc.pid)
                     for n in args.clients.split(",")]
+            add_ratios(rows)
             result = {"model": path.stem, "max_tokens": args.max_tokens, "levels": rows}
             print(f"{path.stem}, {args.max_tokens} tokens a request, {args.seconds:.0f} s per client count, "
                   f"half openai and half gradio_client")
             print_levels(rows)
             at8 = next((r for r in rows if r["clients"] == 8), None)
             if at8:
-                speedup = at8["aggregate_tok_s"] / rows[0]["aggregate_tok_s"]
-                print(f"at 8 clients: aggregate {speedup:.2f}x one client (goal >= {GOALS['speedup_at_8']}x), "
-                      f"slowest client {at8['per_client_min_tok_s']:.1f} tok/s (goal >= "
-                      f"{GOALS['per_client_tok_s_at_8']})")
+                print(f"at 8 clients: aggregate {_times(at8['vs_one_client'])} one client "
+                      f"(goal >= {GOALS['speedup_at_8']}x), slowest client {at8['per_client_min_tok_s']:.1f} tok/s "
+                      f"(goal >= {GOALS['per_client_tok_s_at_8']})")
             if args.soak_minutes:
                 s = soak(url, path.stem, proc.pid, 32, args.soak_minutes * 60, args.max_tokens)
                 result["soak"] = s
                 print(f"soak: 32 clients for {args.soak_minutes:g} min: {s['requests']} requests, {s['failed']} "
-                      f"failed, {s['busy']} busy; RSS {s['rss_start_mb']:.0f} -> {s['rss_end_mb']:.0f} MB "
+                      f"failed, {s['busy']} busy; RSS {s['rss_start_mib']:.0f} -> {s['rss_end_mib']:.0f} MiB "
                       f"({s['rss_growth']:+.1%}); page answered {s['page_ok']}/{s['page_checks']} "
                       f"(slowest {s['page_max_s']:.2f} s)")
             emit(result, args.json)

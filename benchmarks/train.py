@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
+import statistics
 import time
 
 import torch
-from report import emit
+from report import emit, hf_gpt2
 
 from gptgen.config import GPTConfig, TrainConfig
 from gptgen.device import allow_tf32, autocast_for, keep_freed_memory
@@ -35,11 +36,7 @@ class HFAdapter(torch.nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        self.hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                             n_positions=config.block_size, vocab_size=config.vocab_size,
-                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        self.hf = hf_gpt2(config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
     def forward(self, x, y):
         out = self.hf(input_ids=x, labels=x)  # as users call it: transformers shifts the labels itself
@@ -91,7 +88,7 @@ def measure(system: str, preset: str, batch: int, block: int, steps: int, grad_c
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    median = sorted(times)[len(times) // 2]
+    median = statistics.median(times)
     row = {"system": system, "preset": preset, "batch": batch, "block": block, "device": str(device),
            "params": sum(p.numel() for p in model.parameters()), "s_per_step": median,
            "tokens_per_s": batch * block / median, "warmup_s": warmup, "vocab": high}

@@ -24,3 +24,19 @@ def test_32_clients_for_30_seconds_lose_nothing_and_the_page_answers(tmp_path):
     assert s["requests"] >= 32 and s["tokens"] > 0
     assert s["page_checks"] >= 5 and s["page_ok"] == s["page_checks"]
     assert s["rss_growth"] < 0.10
+
+
+def test_the_benchmarks_read_the_token_count_of_every_stats_line_the_page_writes():
+    """As markdown (gradio_client gets it) and as the browser shows it: thousands, one token, none."""
+    import re
+
+    from report import tokens_in
+
+    from gptgen.generate import Stats
+    from gptgen.web import stats_line
+
+    for n in (0, 1, 2, 1234):
+        for stopped in (False, True):
+            line = stats_line(Stats(prompt_tokens=5, new_tokens=n, first_token_s=0.1, total_s=0.5), 1024, stopped)
+            assert tokens_in(line) == n, line
+            assert tokens_in(re.sub(r"\*\*", "", line)) == n, line
