@@ -161,6 +161,7 @@ def test_quantize_generate_and_export(tmp_path):
     assert gptgen("generate", f32, "x", "--dtype", "fp8").returncode == 2  # argparse names the choices
     r = gptgen("export", f32, tmp_path / "m.gguf", "--type", "q8_0")
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"  # llama.cpp's own test is in test_interop
 
 
 @pytest.mark.parametrize("flags, message", [

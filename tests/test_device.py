@@ -9,8 +9,11 @@ from gptgen.config import ConfigError
 from gptgen.device import allow_tf32, autocast_for, pick_device, use_bf16
 
 
-def test_auto_prefers_cuda_then_mps_then_cpu():
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert pick_device("auto").type == expected
     assert pick_device("cpu") == torch.device("cpu")
 

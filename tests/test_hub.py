@@ -53,7 +53,8 @@ def test_pull_and_generate_by_hub_id_offline_with_revision_pinning(hf_cache):
     assert COMMITS["v1"] in r.stdout and open(r.stdout.strip(), "rb").read() == b"not a model"
     r = gptgen_offline(hf_cache, "generate", "owner/tiny-shakespeare", "ROMEO:", "--max-new-tokens", "8",
                        "--seed", "1")
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    by_path = gptgen_offline(hf_cache, "generate", str(BUNDLED), "ROMEO:", "--max-new-tokens", "8", "--seed", "1")
+    assert r.returncode == 0 and r.stdout.strip() and r.stdout == by_path.stdout, r.stderr  # the same model
 
 
 @pytest.mark.parametrize("command, expect", [

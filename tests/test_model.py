@@ -14,6 +14,17 @@ def tiny_model(**overrides) -> GPT:
     return model
 
 
+def lively_model(**overrides):
+    """tiny_model with its matrices 10x: at init scale its greedy text is one token repeated whatever the context
+    (so a wrong context went unseen); these weights' greedy choices depend on what they see."""
+    model = tiny_model(**overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
 def tiny_model_file(path, **save_options):
     """tiny_model() written to a model file at path (save_model's options, such as training=...); the path."""
     from gptgen.checkpoint import save_model

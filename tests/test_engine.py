@@ -1,0 +1,252 @@
+"""The engine process: continuous batching, on a tiny model's file."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from gptgen.engine import Engine, ServerBusy
+from gptgen.generate import Sampling, generate_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """A tiny model's file, and the same file loaded here (what generating alone gives)."""
+    import gptgen
+    from tests.test_model import tiny_model_file
+
+    path = tiny_model_file(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
+    return path, gptgen.load(str(path), device="cpu").model
+
+
+def _requests(n):
+    return [(list(range(10 + i, 13 + 2 * i)), Sampling(max_new_tokens=25 + 5 * i, temperature=0.9 * (i % 2),
+                                                         seed=i)) for i in range(n)]
+
+
+def _engine(tiny_file, **kwargs) -> Engine:
+    engine = Engine(device="cpu", **kwargs)
+    engine.load("tiny", str(tiny_file[0]))
+    return engine
+
+
+def test_concurrent_requests_decode_together_and_each_gets_its_text_alone(tiny_file):
+    requests = _requests(6)
+    alone = [list(generate_tokens(tiny_file[1], *r)) for r in requests]
+    engine, got, start = _engine(tiny_file, rows=4), {}, threading.Barrier(6)
+
+    def client(i):
+        start.wait()
+        got[i] = list(engine.tokens("tiny", *requests[i]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [got[i] for i in range(6)] == alone
+    assert engine.peak_batch == 4  # six clients, four rows: they did decode together
+
+
+def test_closed_streams_free_their_rows_and_leave_nothing_behind(tiny_file):
+    engine = _engine(tiny_file, rows=1, max_waiting=1)
+    for _ in range(20):  # more than rows + max_waiting: a leak would end in "busy"
+        endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+        assert len([next(endless) for _ in range(3)]) == 3
+        endless.close()
+    assert not engine._replies
+    for _ in range(20):  # closed before its first token was read (a client gone at once): cancelled too
+        engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0)).close()
+    assert not engine._replies
+    prompt, s = _requests(1)[0]
+    got = []  # uncancelled, the 40 closed requests would hold the row for minutes: wait a bounded time
+    reader = threading.Thread(target=lambda: got.append(list(engine.tokens("tiny", prompt, s))), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert got == [list(generate_tokens(tiny_file[1], prompt, s))], "the closed requests still hold the row"
+
+
+def test_a_stream_waiting_for_a_row_ends_when_stopped_from_another_thread(tiny_file):
+    """The page's Stop, for a run still waiting for a free row: its reader was blocked until a token came, which
+    took as long as the run holding the row (the Stop did nothing for minutes)."""
+    from gptgen.generate import TextModel
+
+    engine = _engine(tiny_file, rows=1)
+    endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    next(endless)  # it holds the only row
+    s = Sampling(max_new_tokens=5, seed=0)
+    waiting, _ = TextModel.text(engine.tokens("tiny", [3, 4], s), s, 2)
+    read = []
+    reader = threading.Thread(target=lambda: read.extend(waiting), daemon=True)
+    reader.start()
+    reader.join(timeout=1.0)
+    assert reader.is_alive() and not read  # waiting for the row
+    waiting.stop()
+    reader.join(timeout=5)
+    assert not reader.is_alive() and not read
+    assert len([next(endless) for _ in range(3)]) == 3  # the other request goes on
+    endless.close()
+    assert not engine._replies
+
+
+def test_a_failed_step_fails_every_request_in_it_even_one_it_finished(tiny_file, monkeypatch):
+    """A step that raised after finishing a request (its last token) sent that request nothing: its client waited
+    for ever."""
+    import multiprocessing
+    from dataclasses import asdict
+
+    import torch
+
+    from gptgen.engine import _engine_main
+    from gptgen.generate import Batch
+
+    step = Batch.step
+
+    def failing_step(batch):  # the decode after request 1's last token raises (CUDA out of memory, say)
+        if len(batch.active) == 2 and any(seq.new_tokens == seq.sampling.max_new_tokens - 1 for seq in batch.active):
+            batch.decoder = lambda *args: 1 / 0
+        return step(batch)
+
+    monkeypatch.setattr(Batch, "step", failing_step)
+    ours, theirs = multiprocessing.Pipe()
+    ours.send_bytes(json.dumps({"op": "load", "name": "tiny", "path": str(tiny_file[0]), "id": 0}).encode())
+    for rid, n in [(1, 3), (2, 50)]:  # sent before the engine starts, so both join its first step
+        s = Sampling(max_new_tokens=n, seed=0)
+        ours.send_bytes(json.dumps({"op": "generate", "name": "tiny", "prompt": [1, 2], "sampling": asdict(s),
+                                    "id": rid}).encode())
+    engine = threading.Thread(target=_engine_main, args=(theirs, 4, "cpu", torch.get_num_threads()), daemon=True)
+    engine.start()
+    assert json.loads(ours.recv_bytes()) == {"op": "done", "id": 0}
+    failed = {}
+    while len(failed) < 2 and ours.poll(30):
+        message = json.loads(ours.recv_bytes())
+        if message["op"] == "failed":
+            failed[message["id"]] = message["error"]
+    ours.close()
+    engine.join(timeout=30)
+    assert failed == {1: "ZeroDivisionError: division by zero", 2: "ZeroDivisionError: division by zero"}
+
+
+def test_a_stream_closed_on_its_last_token_leaves_the_reader_thread_running():
+    """The reader put a request's last token, its client closed the stream at once (dropping the request), and the
+    reader's own `del` of it raised KeyError: the thread died and every later request waited for ever."""
+    import queue
+    from types import SimpleNamespace
+
+    engine = Engine.__new__(Engine)  # the reader alone, no process
+
+    class ClosedAtOnce(queue.Queue):
+        def put(self, item, *args):
+            super().put(item, *args)
+            engine._replies.pop(7, None)  # what the client's close does, between the reader's two lines
+
+    messages = [json.dumps({"op": "step", "batch": 1, "events": [[7, 42, True]]}).encode()]
+    engine._replies, engine.peak_batch, stops = {7: ClosedAtOnce()}, 0, []
+    engine._restart = stops.append
+
+    def recv_bytes():
+        if not messages:
+            raise EOFError
+        return messages.pop()
+
+    engine._receive(SimpleNamespace(recv_bytes=recv_bytes), SimpleNamespace(join=lambda timeout: None, exitcode=0))
+    assert stops == ["the engine process stopped (exit code 0)"]  # it read on until the pipe closed
+
+
+def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
+    engine = _engine(tiny_file, rows=1, max_waiting=2)
+    long = Sampling(max_new_tokens=300, temperature=0)
+    accepted, refused = [], []
+    for _ in range(8):
+        try:
+            accepted.append(engine.tokens("tiny", [5, 6], long))
+        except ServerBusy as e:
+            refused.append(str(e))
+    assert len(accepted) == 3 and len(refused) == 5 and "retry" in refused[0]
+    assert all(len(list(stream)) == 300 for stream in accepted)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_a_killed_engine_fails_its_requests_clearly_and_a_new_one_serves_the_next(tiny_file):
+    import os
+    import signal
+
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=2)
+    stream = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    next(stream)
+    os.kill(engine._process.pid, signal.SIGKILL)
+    with pytest.raises(EngineError, match="engine process stopped .* send it again"):
+        list(stream)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))  # reloaded
+
+
+def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, tmp_path):
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=2)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="not a readable safetensors file"):
+        engine.load("bad", str(bad))
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_a_request_for_a_model_not_loaded_fails_in_plain_words(tiny_file):
+    """A client asking for a model the engine never loaded must read why, not a bare KeyError."""
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=1)
+    with pytest.raises(EngineError, match=r"^model 'nope' is not loaded$"):
+        list(engine.tokens("nope", [1, 2], Sampling(max_new_tokens=2)))
+
+
+def test_a_decoding_step_that_fails_fails_its_requests_and_the_model_serves_the_next(tiny_file, tmp_path, monkeypatch):
+    """A failed step (out of memory, say) ends its batch: kept, its broken rows would fail every later request."""
+    from gptgen.engine import EngineError
+    from tests.conftest import ROOT
+
+    (tmp_path / "sitecustomize.py").write_text(  # the engine process's steps fail while a seed-12345 row is in
+        "from gptgen.generate import Batch\n"
+        "step = Batch.step\n"
+        "def failing(self):\n"
+        "    if any(seq.sampling.seed == 12345 for seq in self.active):\n"
+        "        raise RuntimeError('injected step failure')\n"
+        "    return step(self)\n"
+        "Batch.step = failing\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}")
+    engine = _engine(tiny_file, rows=2)
+    with pytest.raises(EngineError, match="RuntimeError: injected step failure"):
+        list(engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=5, seed=12345)))
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_an_engine_that_keeps_dying_stops_being_restarted_and_says_so():
+    """An engine that dies at once each time (a bad model, no memory) must not be restarted for ever."""
+    from gptgen.engine import MAX_RESTARTS, EngineError
+
+    engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
+    engine._lock, engine._replies, engine._restarts, engine._stopped, starts = threading.RLock(), {}, [], None, []
+    engine._start = lambda: starts.append(1)
+    assert MAX_RESTARTS == 3  # the README's "up to 3 restarts a minute"
+    for _ in range(MAX_RESTARTS + 1):
+        engine._restart("the engine process stopped (exit code -9)")
+    assert len(starts) == MAX_RESTARTS
+    with pytest.raises(EngineError, match=f"{MAX_RESTARTS + 1} times in a minute; restart the server"):
+        engine._request({"op": "generate"})
+
+
+def test_the_engine_takes_all_cores_but_one(monkeypatch):
+    """The server's threads and its clients need the last core, or batched decoding stalls (engine docstring)."""
+    from gptgen.engine import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_threads() == 1
