@@ -99,6 +99,15 @@ def unseen_tokens(losses: torch.Tensor, val: np.ndarray, train: np.ndarray, char
             "unseen_floor_nats_per_char": float(len(nats) * np.log(max(1, lacking.sum())) / chars)}
 
 
+def trained_share(info: dict, corpus: Corpus, val_fraction: float) -> float:
+    """The part of the text (0 to val_fraction) scored as val that the model trained on: its file (`info`, the
+    training record) names this very text, with less of it held out. A loss on that part is optimistic."""
+    held_out = info.get("val_fraction")
+    if info.get("corpus_sha256") != corpus.sha256 or not isinstance(held_out, int | float):
+        return 0.0
+    return max(0.0, val_fraction - held_out)
+
+
 def evaluate_corpus(model: torch.nn.Module, corpus: Corpus, *, block_size: int, batch_size: int = 8,
                     device: torch.device | str = "cpu", progress: bool = False) -> tuple[EvalResult, dict]:
     """The val split's loss and its unseen_tokens() part, from one pass over it."""

@@ -536,3 +536,29 @@ def test_export_writes_f16_gguf_unless_a_type_is_given(capsys, monkeypatch, tmp_
         0, f"wrote {tmp_path / 'm.gguf'} (GGUF f16)\n", "")
     assert run_main(capsys, "export", tmp_path / "m.safetensors", tmp_path / "q.gguf", "--type", "q8_0")[0] == 0
     assert seen == ["f16", "q8_0"]
+
+
+@pytest.mark.parametrize("held_out, flag, scored, trained", [
+    (0.2, None, 0.2, 0.0),  # the split the model was trained with, by default
+    (0.2, "0.5", 0.5, 0.3),  # more than was held out: said, and counted
+    (0.0, None, 0.1, 0.1),  # trained on the whole text: every part scored was trained on
+])
+def test_eval_scores_the_part_held_out_in_training_and_says_when_it_scores_trained_text(
+        capsys, caplog, small_text, tmp_path, held_out, flag, scored, trained):
+    import hashlib
+
+    from tests.test_model import tiny_model_file
+
+    sha = hashlib.sha256(open(small_text, "rb").read()).hexdigest()
+    model = tiny_model_file(tmp_path / "m.safetensors", training={"val_fraction": held_out, "corpus_sha256": sha})
+    status, out, err = run_main(capsys, "eval", model, "--data", small_text, "--json",
+                                *(["--val-fraction", flag] if flag else []))
+    report = json.loads(out)
+    assert status == 0 and report["val_fraction"] == scored
+    assert report["trained_on_scored_text"] == pytest.approx(trained)
+    assert ("the loss is lower than on text it never saw" in caplog.text) == (trained > 0), caplog.text
+    assert ("--val-fraction 0.2 scores only the part it did not" in caplog.text) == (flag is not None), caplog.text
+    caplog.clear()
+    other = tiny_model_file(tmp_path / "other.safetensors", training={"val_fraction": 0.0, "corpus_sha256": "0" * 64})
+    status, out, err = run_main(capsys, "eval", other, "--data", small_text, "--json")  # trained on another text
+    assert status == 0 and json.loads(out)["trained_on_scored_text"] == 0 and "warning" not in caplog.text
