@@ -28,7 +28,7 @@ def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
     raw = path.read_bytes()
-    if not raw.strip():
+    if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # a byte order mark alone is no text either
         raise DataError(f"data file {str(path)!r} is empty; pass a UTF-8 text file with some text in it")
     if b"\x00" in raw:
         raise DataError(f"data file {str(path)!r} looks binary (it contains NUL bytes; UTF-16 text "

@@ -95,6 +95,12 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
         raise GptgenError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     out = new_file(out, ".gguf")
     config, tensors, metadata = _float_tensors(model_path)
+    if not config.bias or config.vocab_size != VOCAB:  # llama.cpp's gpt2 needs the biases, and GPT-2's token list
+        raise GptgenError(f"{str(model_path)!r}: GGUF export takes GPT-2's layout (biases, {VOCAB:,} tokens); this "
+                          f"model has {'no biases' if not config.bias else f'{config.vocab_size:,} tokens'}")
+    if gguf_type == "q8_0" and config.n_embd % 32:
+        raise GptgenError(f"--type q8_0 stores a scale per 32 weights of a row, and this model's rows are "
+                          f"{config.n_embd} wide; use --type f16")
     names = _gguf_names(config.n_layer)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, "gpt2")
@@ -181,10 +187,12 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
                             "training": json.loads(metadata.get("training", "{}"))},
         }
         for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
+            (tmp / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
         tokens, merges = gpt2_vocab()
-        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        # GPT-2's byte-level symbols (Ġ, ¡, ...) are not ASCII: UTF-8 whatever the locale (a C or cp1252 one failed)
+        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+                                        encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -208,12 +216,14 @@ def read_hf(source: str | os.PathLike):
     from gptgen.model import GPT
 
     folder = _hf_folder(source)
+    if folder.is_file():
+        raise ModelFileError(f"{str(folder)!r} is a file: give the transformers model's directory (or a Hub id)")
     if not folder.is_dir():
         raise ModelFileError(f"{str(folder)!r} does not exist: give a transformers model directory or a Hub id")
     if not (folder / "config.json").is_file():
         raise ModelFileError(f"{str(folder)!r} has no config.json: not a transformers model directory")
     try:
-        hf = json.loads((folder / "config.json").read_text())
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise ModelFileError(f"{str(folder / 'config.json')!r} is not readable JSON ({e})") from None
     if not isinstance(hf, dict):
@@ -271,7 +281,7 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike, origin: str | N
     training, made_by_gptgen = {}, folder / "gptgen.json"  # an export of a gptgen model: keep how it was trained
     if made_by_gptgen.is_file():
         try:
-            training = dict(json.loads(made_by_gptgen.read_text())["training"])
+            training = dict(json.loads(made_by_gptgen.read_text(encoding="utf-8"))["training"])
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{str(made_by_gptgen)!r} is not the gptgen.json that an export writes ({e!r}); "
                                  "remove it to import the weights alone") from None

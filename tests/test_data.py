@@ -57,8 +57,8 @@ def test_tokens_are_cached_by_content(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "does not exist"), (b"", "empty"), (b"  \n ", "empty"), (b"abc\x00def", "binary"),
-    (b"caf\xe9 au lait", "not valid UTF-8"),
+    (None, "does not exist"), (b"", "empty"), (b"  \n ", "empty"), (b"\xef\xbb\xbf\n", "empty"),
+    (b"abc\x00def", "binary"), (b"caf\xe9 au lait", "not valid UTF-8"),
 ])
 def test_bad_data_files(tmp_path, content, message):
     path = tmp_path / "data.txt"

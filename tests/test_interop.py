@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from gptgen.checkpoint import load_model, user_mode
+from gptgen.checkpoint import load_model, save_model, user_mode
 from gptgen.config import GptgenError
 from gptgen.generate import Sampling, generate_tokens
 from gptgen.interop import export_gguf, gpt2_vocab
@@ -175,6 +175,8 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     with pytest.raises(ModelFileError, match="missing"):
         import_hf(folder, tmp_path / "x.safetensors")
+    with pytest.raises(ModelFileError, match="is a file: give the transformers model's directory"):
+        import_hf(folder / "model.safetensors", tmp_path / "x.safetensors")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ModelFileError, match="never unpickles"):
         import_hf(folder, tmp_path / "x.safetensors")
@@ -268,3 +270,32 @@ def test_train_init_fine_tunes_a_transformers_gpt2(small_text, tmp_path):
     from gptgen.train import resume_config
 
     assert train(resume_config(tmp_path / "run", steps=4), resume=True)["steps"] == 4
+
+
+def test_hf_export_writes_utf8_whatever_the_locale(tmp_path):
+    """GPT-2's byte-level symbols (Ġ, ¡) in vocab.json and merges.txt made a C locale's (or cp1252's) export fail."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import BUNDLED
+
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([sys.executable, "-m", "gptgen", "export", BUNDLED, tmp_path / "hf", "--format", "hf"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "merges.txt").read_text(encoding="utf-8").splitlines()[1] == gpt2_vocab()[1][0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=48, n_head=2), "rows are 48 wide; use --type f16"),  # Q8_0: a scale per 32 weights
+    (dict(bias=False), "has no biases"),  # llama.cpp's gpt2 requires them
+])
+def test_gguf_export_refuses_what_llama_cpp_cannot_take(tmp_path, overrides, message):
+    from tests.test_model import tiny_model
+
+    model = tiny_model(**overrides)
+    save_model(tmp_path / "m.safetensors", model.state_dict(), model.config)
+    with pytest.raises(GptgenError, match=message):
+        export_gguf(tmp_path / "m.safetensors", tmp_path / "m.gguf", "q8_0")
+    assert not (tmp_path / "m.gguf").exists()
