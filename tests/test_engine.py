@@ -169,6 +169,17 @@ def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
+def test_the_request_cap_counts_every_models_requests_together(tiny_file):
+    """The models share the cores, so a second model adds no room (README: --max-batch + 64 in all)."""
+    engine = _engine(tiny_file, rows=1, max_waiting=1)
+    engine.load("tiny-again", str(tiny_file[0]))
+    long = Sampling(max_new_tokens=300, temperature=0)
+    held = [engine.tokens("tiny", [5, 6], long), engine.tokens("tiny-again", [5, 6], long)]
+    with pytest.raises(ServerBusy, match="2 requests in progress"):
+        engine.tokens("tiny-again", [5, 6], long)
+    assert [len(list(stream)) for stream in held] == [300, 300]
+
+
 def test_a_killed_engine_fails_its_requests_clearly_and_a_new_one_serves_the_next(tiny_file):
     import os
     import signal

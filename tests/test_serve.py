@@ -244,7 +244,9 @@ def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             streams.append(s)
-        time.sleep(2)  # all 45 now wait in the server
+        for s in streams:  # each has its answer's head: its stream is being read, holding a worker thread
+            s.settimeout(30)
+            assert s.recv(12) == b"HTTP/1.1 200"
         for path in ("v1/models", ""):
             with urllib.request.urlopen(url + path, timeout=10) as r:
                 assert r.status == 200
