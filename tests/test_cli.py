@@ -563,3 +563,16 @@ def test_eval_scores_the_part_held_out_in_training_and_says_when_it_scores_train
     other = tiny_model_file(tmp_path / "other.safetensors", training={"val_fraction": 0.0, "corpus_sha256": "0" * 64})
     status, out, err = run_main(capsys, "eval", other, "--data", small_text, "--json")  # trained on another text
     assert status == 0 and json.loads(out)["trained_on_scored_text"] == 0 and "warning" not in caplog.text
+
+
+def test_generate_stop_ends_the_text_before_the_first_stop_string_given(capsys):
+    """--stop, repeatable: the output is the text up to the earliest of them, without it."""
+    from tests.conftest import BUNDLED
+
+    flags = ["--seed", "2", "--max-new-tokens", "60", "--json"]
+    full = json.loads(run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags)[1])["text"]
+    words = full.split()
+    first, later = words[2], words[-1]
+    status, out, _ = run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", later, "--stop", first)
+    report = json.loads(out)
+    assert status == 0 and report["text"] == full[:min(full.index(first), full.index(later))] and report["new_tokens"] < 60, (full, report)

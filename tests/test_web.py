@@ -3,13 +3,16 @@ Playwright) and gradio_client."""
 
 import re
 import shutil
+import sys
 import time
 
 import pytest
 
 import gptgen
 from gptgen.web import EXAMPLES
-from tests.conftest import ARTIFACTS, BUNDLED
+from tests.conftest import ARTIFACTS, BUNDLED, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # report.tokens_in: the benchmarks' reader of the stats line
 
 SAMPLING = dict(max_new_tokens=40, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=7)
 
@@ -40,6 +43,29 @@ def test_api_streams_growing_text_that_ends_as_the_plain_call(client):
     assert len(texts) >= 2 and finished
     assert all(finished.startswith(t) for t in texts)  # each update is a prefix of the final text
     assert finished == client.predict(*_args("JULIET:", s), api_name="/generate")[0]
+
+
+def test_the_page_is_updated_at_most_about_ten_times_a_second_however_fast_the_text_comes(client):
+    """Decoding makes hundreds of pieces a second; each update resends the whole text to the browser."""
+    from report import tokens_in
+
+    s = {**SAMPLING, "max_new_tokens": 1000, "seed": 4}
+    start = time.perf_counter()
+    job = client.submit(*_args("ROMEO:", s), api_name="/generate")
+    updates = list(job)
+    seconds = time.perf_counter() - start
+    tokens = tokens_in(job.outputs()[-1][1])
+    assert tokens > 5 * len(updates), (tokens, len(updates))  # pieces were gathered, not sent one by one
+    assert len(updates) <= 10 * seconds + 3, (len(updates), seconds)  # + the first and the last
+
+
+def test_the_model_is_optional_and_minus_one_or_none_means_a_random_seed(client):
+    s = {**SAMPLING, "max_new_tokens": 20}
+    ours = client.predict(*_args("ROMEO:", s), api_name="/generate")[0]
+    assert client.predict(*_args("ROMEO:", s)[:-1], api_name="/generate")[0] == ours  # the default model
+    texts = {client.predict(*_args("ROMEO:", {**s, "seed": seed}), api_name="/generate")[0]
+             for seed in (-1, None, -1, None)}
+    assert len(texts) > 1  # four random seeds, not one fixed seed
 
 
 @pytest.mark.parametrize("field, value, message", [
