@@ -123,6 +123,8 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
             streams[pieces] = session
+            if session in stop_requests:  # pressed while this run waited in Gradio's queue: end it before a row
+                pieces.stop()
             for piece in pieces:
                 text += piece
                 if session in stop_requests or pieces not in streams:  # Stop, or a new click took the page

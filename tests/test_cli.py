@@ -575,4 +575,5 @@ def test_generate_stop_ends_the_text_before_the_first_stop_string_given(capsys):
     first, later = words[2], words[-1]
     status, out, _ = run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", later, "--stop", first)
     report = json.loads(out)
-    assert status == 0 and report["text"] == full[:min(full.index(first), full.index(later))] and report["new_tokens"] < 60, (full, report)
+    assert report["text"] == full[:min(full.index(first), full.index(later))], (full, report)
+    assert status == 0 and report["new_tokens"] < 60

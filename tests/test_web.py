@@ -171,6 +171,16 @@ def _set_max_new_tokens(page, n: int) -> None:
     page.locator("#max_new_tokens input[type=number]").press("Enter")  # the slider takes the box's value
 
 
+# Generate, then Stop as soon as the click has cleared the last run's text (its start() has run, and the run waits
+# in Gradio's queue or for a row).
+CLICK_THEN_STOP_ONCE_CLEARED = """() => new Promise(resolve => {
+  document.querySelector('#generate').click();
+  const cleared = () => document.querySelector('#output textarea').value === ''
+    ? resolve(document.querySelector('#stop').click()) : requestAnimationFrame(cleared);
+  cleared();
+})"""
+
+
 def _finish_a_short_run(page) -> None:
     page.fill("#prompt textarea", "Hello")
     _set_max_new_tokens(page, 5)
@@ -239,16 +249,37 @@ def test_stop_pressed_while_the_run_waits_to_start_is_not_lost(page):
     """A Stop pressed before the first text (the run still queued) used to be wiped when the run started."""
     _finish_a_short_run(page)
     _set_max_new_tokens(page, 200)
-    page.evaluate("""() => new Promise(resolve => {
-      document.querySelector('#generate').click();
-      const cleared = () => document.querySelector('#output textarea').value === ''
-        ? resolve(document.querySelector('#stop').click()) : requestAnimationFrame(cleared);
-      cleared();
-    })""")  # the click cleared the last run's text: the new run is on its way, and Stop comes before its text
+    page.evaluate(CLICK_THEN_STOP_ONCE_CLEARED)  # the new run is on its way, and Stop comes before its text
     page.wait_for_selector("#stats:has-text('Stopped')", timeout=30_000)
     stats = page.inner_text("#stats")
     before_any = stats.startswith("Stopped before the first token")
     assert before_any or int(stats.split("Stopped after")[1].split("token")[0]) < 200
+
+
+def test_stop_pressed_while_the_run_waits_for_a_row_ends_it_before_its_first_token(page, tmp_path):
+    """With the one row (--max-batch 1) held by another user's long run, a page's run waits, in Gradio's queue or
+    in the engine, where no piece comes to be checked: a Stop pressed as soon as the click has cleared the page must
+    end it there, and the page say so."""
+    from gradio_client import Client
+
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")  # ~30 s for 4,096 tokens on 2 cores
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
+    tab = page.context.browser.new_page()  # the module's browser, on this server
+    try:
+        tab.goto(url)
+        _finish_a_short_run(tab)  # text on the page, for the next click to clear
+        holder = Client(url, verbose=False).submit(*_args("A", {**SAMPLING, "max_new_tokens": 4096}, model.stem),
+                                                   api_name="/generate")
+        next(iter(holder))  # its first text: it has the row
+        tab.evaluate(CLICK_THEN_STOP_ONCE_CLEARED)
+        tab.wait_for_selector("#stats:has-text('Stopped before the first token')", timeout=15_000)
+        assert _output(tab) == "" and not holder.done()
+    finally:
+        tab.close()
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
