@@ -252,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.config import ConfigError
     from gptgen.data import load_corpus
     from gptgen.device import keep_freed_memory, pick_device
-    from gptgen.evaluate import evaluate_corpus, trained_share
+    from gptgen.evaluate import evaluate_corpus, held_out, trained_share
     from gptgen.hub import resolve
 
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
@@ -263,11 +263,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     block = args.block_size or info.get("recipe", {}).get("block_size") or model.config.block_size
     if not 1 <= block <= model.config.block_size:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
-    fraction = args.val_fraction or info.get("val_fraction") or 0.1
+    fraction = args.val_fraction or held_out(info) or 0.1
     corpus = load_corpus(args.data, fraction, progress=True)
     if trained := trained_share(info, corpus, fraction):
-        held_out = fraction - trained
-        hint = f"; --val-fraction {held_out:g} scores only the part it did not" if held_out else ""
+        hint = f"; --val-fraction {fraction - trained:g} scores only the part it did not" if fraction > trained else ""
         logging.getLogger("gptgen").warning(f"warning: the model trained on {trained:.1%} of the text (of the last "
                                             f"{fraction:.1%}, scored here): the loss is lower than on text it never "
                                             f"saw{hint}")

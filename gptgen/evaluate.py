@@ -99,13 +99,18 @@ def unseen_tokens(losses: torch.Tensor, val: np.ndarray, train: np.ndarray, char
             "unseen_floor_nats_per_char": float(len(nats) * np.log(max(1, lacking.sum())) / chars)}
 
 
+def held_out(info: dict) -> float | None:
+    """The part of its text that a model's training held out, from its file's training record (`info`)."""
+    fraction = info.get("val_fraction")
+    return fraction if isinstance(fraction, int | float) and 0 <= fraction < 1 else None
+
+
 def trained_share(info: dict, corpus: Corpus, val_fraction: float) -> float:
-    """The part of the text (0 to val_fraction) scored as val that the model trained on: its file (`info`, the
-    training record) names this very text, with less of it held out. A loss on that part is optimistic."""
-    held_out = info.get("val_fraction")
-    if info.get("corpus_sha256") != corpus.sha256 or not isinstance(held_out, int | float):
+    """The part of the text (0 to val_fraction) scored as val that the model trained on: its file's training record
+    (`info`) names this very text, with less of it held out. A loss on that part is optimistic."""
+    if info.get("corpus_sha256") != corpus.sha256 or (fraction := held_out(info)) is None:
         return 0.0
-    return max(0.0, val_fraction - held_out)
+    return max(0.0, val_fraction - fraction)
 
 
 def evaluate_corpus(model: torch.nn.Module, corpus: Corpus, *, block_size: int, batch_size: int = 8,

@@ -58,3 +58,10 @@ def test_unseen_tokens_sums_the_loss_on_kinds_that_the_train_split_lacks():
     assert math.isclose(r["unseen_floor_nats_per_char"], 2 * math.log(20 - 3) / 10)  # kinds 5, 6 and 8 seen
     none = unseen_tokens(losses, val, np.arange(20, dtype=np.uint16), chars=10, vocab_size=20)
     assert none["unseen_val_tokens"] == 0 and none["unseen_nats_per_char"] == 0.0
+
+
+def test_the_held_out_part_is_read_from_the_training_record_only_when_it_is_a_fraction():
+    from gptgen.evaluate import held_out
+
+    assert [held_out(info) for info in ({"val_fraction": 0.2}, {"val_fraction": 0}, {})] == [0.2, 0, None]
+    assert [held_out({"val_fraction": v}) for v in ("0.2", 1.5, -0.1, None, True)] == [None] * 5
