@@ -265,8 +265,8 @@ def test_stop_pressed_while_the_run_waits_for_a_row_ends_it_before_its_first_tok
     from tests.conftest import start_server, write_random_int8_model
 
     model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")  # ~30 s for 4,096 tokens on 2 cores
-    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
     tab = page.context.browser.new_page()  # the module's browser, on this server
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
     try:
         tab.goto(url)
         _finish_a_short_run(tab)  # text on the page, for the next click to clear
