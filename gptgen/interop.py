@@ -16,6 +16,8 @@ import torch
 from gptgen.checkpoint import (
     ModelFileError,
     atomic_path,
+    atomic_write,
+    fsync_dir,
     load_model_file,
     naming_the_target,
     new_file,
@@ -169,6 +171,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
         config, tensors, metadata = _float_tensors(model_path)
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
         write_safetensors(tmp / "model.safetensors", hf, {"format": "pt"})  # the user's usual mode, as the rest
+        tokens, merges = gpt2_vocab()
         files = {
             "config.json": {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                             "vocab_size": config.vocab_size, "n_positions": config.block_size,
@@ -185,17 +188,16 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
             "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
             "gptgen.json": {"source": Path(model_path).name, "quantization": metadata.get("quantization", "none"),
                             "training": json.loads(metadata.get("training", "{}"))},
+            "vocab.json": {t: i for i, t in enumerate(tokens)},
+            "merges.txt": "\n".join(["#version: 0.2", *merges]),
         }
-        for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
-        tokens, merges = gpt2_vocab()
-        # GPT-2's byte-level symbols (Ġ, ¡, ...) are not ASCII: UTF-8 whatever the locale (a C or cp1252 one failed)
-        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                        encoding="utf-8")
-        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        for name, content in files.items():  # each written whole and synced, as the weights are, before the rename
+            text = content + "\n" if isinstance(content, str) else json.dumps(content, indent=1, ensure_ascii=False)
+            atomic_write(tmp / name, text.encode())  # UTF-8 whatever the locale: GPT-2's Ġ, ¡ ... are not ASCII
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
