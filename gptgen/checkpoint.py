@@ -245,3 +245,17 @@ def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) ->
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = t
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+
+
+def served_name(folder: Path, file: Path) -> str:
+    """A file's name on the page and in the API: its stem in the folder itself; in a run folder SUB, `model` is
+    SUB and `model-REST` is SUB-REST (runs/my/model-int8.safetensors is my-int8), any other STEM SUB-STEM."""
+    if file.parent == folder:
+        return file.stem
+    return file.parent.name if file.stem == "model" else f"{file.parent.name}-{file.stem.removeprefix('model-')}"
+
+
+def given_name(file: Path) -> str:
+    """The name of a model file given by its path: a run's model files by their run folder, as `--models` names them
+    (runs/my/model-int8.safetensors is my-int8), any other file by its stem."""
+    return served_name(file.parent.parent, file) if file.stem.split("-")[0] == "model" else file.stem

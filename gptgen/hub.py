@@ -11,7 +11,14 @@ import os
 import re
 from pathlib import Path
 
-from gptgen.checkpoint import ModelFileError, imported_from, load_model_file, read_safetensors, training_info
+from gptgen.checkpoint import (
+    ModelFileError,
+    given_name,
+    imported_from,
+    load_model_file,
+    read_safetensors,
+    training_info,
+)
 from gptgen.config import OPENAI_GPT2, bundled_model, cache_dir
 
 log = logging.getLogger(__name__)
@@ -216,8 +223,6 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
 
     The model is named as `gptgen serve --models` names it in its run folder (runs/my/model-int8.safetensors
     is my-int8), and the header's one-line description says what it was trained on."""
-    from gptgen.serve import given_name
-
     if not (ROOT / "app.py").is_file():
         raise ModelFileError("push --space uploads the gptgen repository's app.py, requirements.txt and README "
                              "header, which an installed wheel does not have: run it from a clone (pip install -e .)")

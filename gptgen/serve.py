@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
-from gptgen.checkpoint import ModelFileError, config_of, read_config, read_safetensors
+from gptgen.checkpoint import ModelFileError, config_of, given_name, read_config, read_safetensors, served_name
 from gptgen.config import STEP_FILES, GptgenError, bundled_model
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
@@ -74,20 +74,6 @@ class ModelShelf:
         ids, s = model.prepare(prompt, **sampling)
         return model.text(self.engine.tokens(name, ids, s), s, len(ids))
 
-
-
-def served_name(folder: Path, file: Path) -> str:
-    """A file's name on the page and in the API: its stem in the folder itself; in a run folder SUB, `model` is
-    SUB and `model-REST` is SUB-REST (runs/my/model-int8.safetensors is my-int8), any other STEM SUB-STEM."""
-    if file.parent == folder:
-        return file.stem
-    return file.parent.name if file.stem == "model" else f"{file.parent.name}-{file.stem.removeprefix('model-')}"
-
-
-def given_name(file: Path) -> str:
-    """The name of a model file given by its path: a run's model files by their run folder, as `--models` names them
-    (runs/my/model-int8.safetensors is my-int8), any other file by its stem."""
-    return served_name(file.parent.parent, file) if file.stem.split("-")[0] == "model" else file.stem
 
 
 def find_models(folder: Path) -> dict[str, Path]:

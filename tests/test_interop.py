@@ -69,6 +69,7 @@ def test_export_is_a_gguf_file_of_its_type(trained, tmp_path, gguf_type, matrice
     assert types["position_embd.weight"] == gguf.GGMLQuantizationType.F16
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
+    assert reader.fields["general.name"].contents() == "run"  # runs/NAME/model.safetensors is NAME, as served
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert (tmp_path / "q.gguf").stat().st_mode & 0o777 == user_mode(0o666)  # readable as the user's files are
 
