@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from report import emit, hf_gpt2, status_mib
+from report import emit, failure, hf_gpt2, status_mib
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
 SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
@@ -155,12 +155,16 @@ def one(system: str, files: dict[str, str], device: str) -> dict:
             "new_tokens": n}
 
 
+def rounds(runs: list[dict]) -> list[float]:
+    return [round(r["decode_tok_s"], 1) for r in runs]
+
+
 def median_row(runs: list[dict]) -> dict:
     """Each figure's median over the rounds, with every round's decode speed beside it."""
     row = {k: statistics.median([r[k] for r in runs])
            for k in ("decode_tok_s", "first_token_ms", "prefill_tok_s", "peak_rss_mib")}
     return {"system": runs[0]["system"], **row, "file_mib": runs[0]["file_mib"],
-            "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in runs],
+            "decode_tok_s_rounds": rounds(runs),
             "new_tokens": [r["new_tokens"] for r in runs]}
 
 
@@ -193,12 +197,12 @@ def main() -> None:
                 if r.stderr.strip():  # its warnings (a compiled step that fell back to eager, say) and logs
                     print(f"{system} said:\n{r.stderr.rstrip()}", file=sys.stderr, flush=True)
                 if r.returncode != 0:
-                    errors[system] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+                    errors[system] = failure(r)
                     continue
                 results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
                 print(f"round {round_ + 1}: {system} {results[system][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
                       flush=True)  # as it comes: a run cut short by a time limit still shows its rows
-    rows = [{"system": s, "error": errors[s], "decode_tok_s_rounds": [round(r["decode_tok_s"], 1) for r in results[s]]}
+    rows = [{"system": s, "error": errors[s], "decode_tok_s_rounds": rounds(results[s])}
             if s in errors else median_row(results[s]) for s in systems]
     where = torch.cuda.get_device_name() if args.device == "cuda" else "2 threads"
     print(f"gpt2 preset (124M), batch 1, {where}, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from report import CORPUS, emit, status_mib
+from report import CORPUS, emit, failure, status_mib
 
 # (batch, block, gradient checkpointing, --trim-vocab); trimmed to the reference corpus's train split's tokens
 TEXT_VOCAB = 11_234
@@ -154,9 +154,8 @@ def main() -> None:
                             str(args.steps), "--device", args.device], capture_output=True, text=True)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
-            error = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
             rows.append({"batch": row[0], "block": row[1], "grad_checkpoint": row[2], "trim_vocab": row[3],
-                         "error": error})
+                         "error": failure(r)})
         else:
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     memory = "peak_gpu_mib" if cuda else "peak_rss_mib"

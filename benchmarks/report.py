@@ -32,6 +32,11 @@ def hf_gpt2(config, **settings):
                                       n_positions=config.block_size, vocab_size=config.vocab_size, **settings))
 
 
+def failure(run) -> str:
+    """What a failed benchmark subprocess (a CompletedProcess) said last, for its row."""
+    return run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
+
+
 def tokens_in(stats: str) -> int:
     """The new tokens that the page's stats line (gptgen.web.stats_line, as markdown or as rendered text) reports."""
     if " before the first token" in stats:
