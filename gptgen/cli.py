@@ -162,7 +162,7 @@ def _whole_number(what: str, low: int, high: int | None = None):
 
 
 _positive_int = _whole_number("a whole number of at least 1", 1)
-_port = _whole_number("a port number from 1 to 65535", 1, 65535)
+_port = _whole_number("a port number from 0 to 65535", 0, 65535)
 
 
 def _serve_parser(sub) -> None:
@@ -175,7 +175,8 @@ def _serve_parser(sub) -> None:
                    "(runs/my/model-int8.safetensors is my-int8), the page offers (default: the bundled ones)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                    "0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=_port, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--port", type=_port, default=7860,
+                   help="port to listen on (default: 7860; 0: any free one, printed)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-batch", type=_positive_int, default=BATCH_ROWS,
                    help=f"requests decoded together per model (default {BATCH_ROWS}); each holds a KV cache "

@@ -357,6 +357,7 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline-first tool
     files, default = pick_models(models_dir, model)
     with bound_socket(host, port) as sock:
+        port = sock.getsockname()[1]  # the one the system chose for --port 0
         app = build_server(ModelShelf(files, device, max_batch, threads), default)
         if not _loopback(host):
             log.warning("serving on %s: anyone who can reach this machine there can use the page", host)

@@ -53,36 +53,33 @@ BUNDLED = ROOT / "models" / "shakespeare-mini-int8.safetensors"
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots of the page, kept after the run
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], log: Path, timeout_s: float = 90.0):
-    """`gptgen serve ARGS` in a subprocess on a free port; returns (process, url) once the page answers."""
+def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_entry: bool = False):
+    """`gptgen serve ARGS` (or the Spaces entry point, app.py) in a subprocess on a port the system picks (port
+    0: no other test can take it between a check and the bind); returns (process, url) once the printed address
+    answers."""
+    import re
     import subprocess
     import sys
     import time
     import urllib.request
 
-    port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptgen", "serve", "--port", str(port), *args],
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": "0"}
+    command = ["app.py"] if spaces_entry else ["-m", "gptgen", "serve", "--port", "0"]
+    proc = subprocess.Popen([sys.executable, *command, *args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout_s
+    deadline, url = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        url = url or next(iter(re.findall(r"the page is on (http://127\.0\.0\.1:\d+/) ", log.read_text())), None)
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
+            if url:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()}")
 

@@ -265,7 +265,7 @@ def test_a_ctrl_c_that_left_an_exec_still_exits_130(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["serve", "--port", "99999"], "port number from 1 to 65535"),
+    (["serve", "--port", "99999"], "port number from 0 to 65535"),
     (["train", "--data", "x.txt", "--out", "r", "--init", "gpt2", "--preset", "tiny"], "--preset or --init"),
     (["train", "--data", "x.txt", "--out", "r", "--minutes", "inf"], "--minutes must be a finite number"),
     (["train", "--data", "x.txt", "--out", "r", "--steps", "1", "--seed", "-1"], "--seed must be between 0 and"),
