@@ -136,7 +136,7 @@ def test_openai_completion_equals_the_python_api(openai_client):
     import gptgen
 
     out = openai_client.completions.create(model=BUNDLED.stem, prompt="ROMEO:", max_tokens=30, temperature=0.7,
-                                           top_p=0.9, seed=11, stop=["\n\n"])
+                                           top_p=0.9, seed=11, stop=["\n\n"], user="reader-7")  # changes no text
     expected = gptgen.load(str(BUNDLED), device="cpu").generate("ROMEO:", max_new_tokens=30, temperature=0.7,
                                                                   top_p=0.9, top_k=0, seed=11, stop=["\n\n"])
     assert out.choices[0].text == expected

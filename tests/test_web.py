@@ -203,6 +203,20 @@ def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
     page.screenshot(path=ARTIFACTS / "page-generated.png", full_page=True)
 
 
+def test_shift_enter_in_the_prompt_generates_and_plain_enter_starts_a_new_line(page):
+    from playwright.sync_api import expect
+
+    _finish_a_short_run(page)
+    before = page.text_content("#stats")
+    page.fill("#prompt textarea", "ROMEO:")
+    page.locator("#prompt textarea").press("Enter")
+    expect(page.locator("#prompt textarea")).to_have_value("ROMEO:\n")
+    page.locator("#prompt textarea").press("Shift+Enter")
+    expect(page.locator("#stats")).not_to_have_text(before, timeout=30_000)
+    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+    expect(page.locator("#prompt textarea")).to_have_value("ROMEO:\n")  # Shift+Enter added no line
+
+
 def test_a_refused_request_clears_the_last_run_and_keeps_its_message(page):
     _finish_a_short_run(page)
     assert _output(page) != ""  # a last run's text, for the refusal to clear
