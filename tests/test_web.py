@@ -128,8 +128,13 @@ def test_the_model_panel_says_how_a_model_was_made_or_where_it_was_imported_from
     assert "**Trained on**: unknown" in text and curve.empty
 
 
+def _ready(page) -> None:
+    page.wait_for_selector("#prompt textarea")
+    page.wait_for_load_state("networkidle")  # the page's own load event (the model panel) has run
+
+
 @pytest.fixture(scope="module")
-def page(web_server):
+def browser_tab(web_server):
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")
@@ -137,12 +142,19 @@ def page(web_server):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(web_server)
-        page.wait_for_selector("#prompt textarea")
-        page.wait_for_load_state("networkidle")  # the page's own load event (the model panel) has run
-        yield page
+        tab = browser.new_page(viewport={"width": 1280, "height": 1000})
+        tab.goto(web_server)
+        _ready(tab)
+        yield tab
         browser.close()
+
+
+@pytest.fixture
+def page(browser_tab):
+    """The page as loaded, for each test: a test that fails half-way leaves no settings or run to the next."""
+    yield browser_tab
+    browser_tab.reload()
+    _ready(browser_tab)
 
 
 def _output(page) -> str:
