@@ -311,8 +311,8 @@ def test_stop_pressed_while_the_run_waits_for_a_row_ends_it_before_its_first_tok
 def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
     """Stop after a run has ended is a no-op: it must not end the next run at its first piece."""
     _finish_a_short_run(page)
-    page.click("#stop")
-    time.sleep(1.0)  # the Stop request (not queued) reaches the server
+    with page.expect_response(lambda r: r.request.method == "POST" and "/run/predict" in r.url):
+        page.click("#stop")  # its request (not queued) answered: the server has taken the Stop
     _set_max_new_tokens(page, 7)  # this run's stats differ from the last one's
     page.click("#generate")
     page.wait_for_selector("#stats:has-text('Generated 7 tokens'), #stats:has-text('Stopped after')", timeout=30_000)
