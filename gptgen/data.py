@@ -198,15 +198,19 @@ DATASETS = {
 
 
 def download(name: str, out_dir: str | os.PathLike = "data") -> Path:
-    """Fetch a known corpus into out_dir, checked against its sha256; an existing good copy is kept."""
+    """Fetch a known corpus into out_dir, checked against its sha256; an existing good copy is kept, and a file of
+    that name holding something else (the user's edit, another text) is never replaced."""
     import urllib.request
 
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     ds = DATASETS[name]
     path = Path(out_dir) / ds.filename
-    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == ds.sha256:
-        return path
+    if path.exists():
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == ds.sha256:
+            return path
+        raise DataError(f"{path} already exists and is not {name} as published; nothing was downloaded: move it "
+                        f"away or give another folder with --out")
     try:
         with urllib.request.urlopen(ds.url, timeout=60) as r:
             raw = r.read()

@@ -152,7 +152,7 @@ def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):
     assert list(encode("some text to encode")) == get_tokenizer().encode_ordinary("some text to encode")
 
 
-def test_download_checks_the_hash_and_keeps_a_good_copy(tmp_path, monkeypatch):
+def test_download_checks_the_hash_keeps_a_good_copy_and_replaces_no_other_file(tmp_path, monkeypatch):
     import gptgen.data as data
 
     good = data.DATASETS["shakespeare"]
@@ -161,9 +161,15 @@ def test_download_checks_the_hash_and_keeps_a_good_copy(tmp_path, monkeypatch):
     assert path.read_bytes() == CORPUS.read_bytes()
     monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset("file:///nonexistent", good.sha256, good.filename))
     assert data.download("shakespeare", tmp_path) == path  # a good copy is not fetched again
-    path.write_bytes(b"a truncated download")
+    path.write_bytes(b"the user's own edit")
     monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset(CORPUS.as_uri(), good.sha256, good.filename))
-    assert data.download("shakespeare", tmp_path).read_bytes() == CORPUS.read_bytes()  # a bad copy is replaced
+    with pytest.raises(DataError, match="already exists and is not shakespeare as published; nothing was downloaded"):
+        data.download("shakespeare", tmp_path)
+    assert path.read_bytes() == b"the user's own edit"
+    path.unlink()
+    path.mkdir()  # a folder of that name
+    with pytest.raises(DataError, match="already exists"):
+        data.download("shakespeare", tmp_path)
     monkeypatch.setitem(data.DATASETS, "shakespeare", data.Dataset("file:///nonexistent", good.sha256, good.filename))
     other = tmp_path / "other"
     with pytest.raises(DataError, match="could not download"):
