@@ -167,9 +167,9 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
     import shutil
 
     out = Path(out_dir)
+    config, tensors, metadata = _float_tensors(model_path)  # first: a bad model file leaves no folder behind
     tmp = _fresh_dir(out)
     try:
-        config, tensors, metadata = _float_tensors(model_path)
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
         write_safetensors(tmp / "model.safetensors", hf, {"format": "pt"})  # the user's usual mode, as the rest
         tokens, merges = gpt2_vocab()

@@ -162,6 +162,10 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(GptgenError, match="not an empty directory"):
         export_hf(BUNDLED, busy)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(ModelFileError):
+        export_hf(tmp_path / "corrupt.safetensors", tmp_path / "new" / "hf")
+    assert not (tmp_path / "new").exists()  # no folder made for an export that could not start
     with pytest.raises(ModelFileError, match="'nothere' does not exist"):
         import_hf("nothere", tmp_path / "x.safetensors")
     _, folder = _hf_random(tmp_path)
