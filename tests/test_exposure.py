@@ -105,11 +105,12 @@ def test_servers_bind_loopback_unless_told(monkeypatch, caplog):
     monkeypatch.setattr(serve, "pick_models", lambda models_dir, model: ({}, None))
     monkeypatch.setattr(serve, "ModelShelf", lambda *args: None)
     monkeypatch.setattr(serve, "build_server", lambda shelf, default: None)
-    monkeypatch.setattr(serve, "bound_socket", lambda host, port: contextlib.nullcontext())
+    given = types.SimpleNamespace(getsockname=lambda: ("", 8123))  # port 0: the port the system chose is printed
+    monkeypatch.setattr(serve, "bound_socket", lambda host, port: contextlib.nullcontext(given))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # serve() sets it; restored after the test
     monkeypatch.setattr(uvicorn, "Server", lambda config: types.SimpleNamespace(run=lambda sockets: None))
-    for host, open_to_all, url in [("127.0.0.1", False, "http://127.0.0.1:0/"), ("0.0.0.0", True, None),
-                                   ("::", True, "http://[::]:0/"), ("::1", False, "http://[::1]:0/"),
+    for host, open_to_all, url in [("127.0.0.1", False, "http://127.0.0.1:8123/"), ("0.0.0.0", True, None),
+                                   ("::", True, "http://[::]:8123/"), ("::1", False, "http://[::1]:8123/"),
                                    ("localhost", False, None), ("192.168.1.20", True, None),
                                    ("myhost.example", True, None)]:
         caplog.clear()
