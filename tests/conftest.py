@@ -57,6 +57,7 @@ def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_ent
     """`gptgen serve ARGS` (or the Spaces entry point, app.py) in a subprocess on a port the system picks (port
     0: no other test can take it between a check and the bind); returns (process, url) once the printed address
     answers."""
+    import contextlib
     import re
     import subprocess
     import sys
@@ -72,13 +73,10 @@ def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_ent
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         url = url or next(iter(re.findall(r"the page is on (http://127\.0\.0\.1:\d+/) ", log.read_text())), None)
-        try:
-            if url:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return proc, url
-        except OSError:
-            pass
+        if url:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()}")
