@@ -61,23 +61,39 @@ def naming_the_target(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def parents_made(path: Path) -> Iterator[None]:
+    """Makes the missing folders above `path`; if the block fails (a full disk, a bad input), removes those it
+    made, so a failed write leaves nothing behind."""
+    missing = [p for p in path.parents if not p.exists()]  # the deepest first, the order to remove them in
+    with naming_the_target(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile; keep it
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside `path` for the block to write; if the block succeeds it is fsynced, given the
     user's usual mode (mkstemp makes files private) and renamed onto `path`: a kill at any moment leaves
     the old file or the new one, whole."""
     path = Path(path)
-    with naming_the_target(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, user_mode(0o666))
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with parents_made(path):
+        with naming_the_target(path):
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, user_mode(0o666))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

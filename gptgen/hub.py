@@ -114,7 +114,6 @@ def _converted(repo_id: str, pulled: Path) -> Path:
     out = cache_dir() / "hub" / repo_id.replace("/", "--") / commit / f"{repo_id.split('/')[1]}.safetensors"
     if not out.is_file():
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
     return out
 

@@ -4,10 +4,13 @@ in llama.cpp / llama-server; the weight names and the GPT-2 vocabulary are mappe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from gptgen.checkpoint import (
     load_model_file,
     naming_the_target,
     new_file,
+    parents_made,
     read_safetensors,
     save_model,
     user_mode,
@@ -149,27 +153,30 @@ HF_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, 
 VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
 
 
-def _fresh_dir(out: Path) -> Path:
-    """A temporary directory beside out (renamed onto it when complete); out must not hold anything yet."""
+@contextlib.contextmanager
+def _fresh_dir(out: Path) -> Iterator[Path]:
+    """A temporary directory beside out for the block to fill and rename onto out; out must not hold anything
+    yet. Removed, with any folders made above it, if the block fails."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
                           "overwritten)")
-    with naming_the_target(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    os.chmod(tmp, user_mode(0o777))  # mkdtemp makes directories private
-    return tmp
+    with parents_made(out):
+        with naming_the_target(out):
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            os.chmod(tmp, user_mode(0o777))  # mkdtemp makes directories private
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """A directory that transformers loads (GPT2LMHeadModel, AutoTokenizer); int8 weights are dequantized."""
     import json
-    import shutil
 
     out = Path(out_dir)
-    config, tensors, metadata = _float_tensors(model_path)  # first: a bad model file leaves no folder behind
-    tmp = _fresh_dir(out)
-    try:
+    config, tensors, metadata = _float_tensors(model_path)
+    with _fresh_dir(out) as tmp:
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
         write_safetensors(tmp / "model.safetensors", hf, {"format": "pt"})  # the user's usual mode, as the rest
         tokens, merges = gpt2_vocab()
@@ -199,8 +206,6 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
             out.rmdir()
         os.replace(tmp, out)
         fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hf_folder(source: str | os.PathLike) -> Path:

@@ -129,6 +129,18 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_a_failed_write_removes_the_folders_it_made_and_keeps_what_others_wrote(tmp_path, monkeypatch):
+    """A full disk while writing into new folders: the folders it made go, unless something else wrote in them."""
+    def full_disk(fd):
+        (tmp_path / "a" / "other.txt").write_text("another program's")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(tmp_path / "a" / "b" / "c" / "f.bin", b"data")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/other.txt"]
+
+
 def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatch):
     """The rename lives in the directory's data: unsynced, a power cut after "saved" can bring back the old file."""
     events, real_replace, real_fsync = [], os.replace, os.fsync

@@ -149,6 +149,21 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokens(tmp_path, 
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == get_tokenizer().encode_ordinary(text)
 
 
+def test_hf_export_that_fails_part_way_leaves_no_folder(tmp_path, monkeypatch):
+    import errno
+
+    import gptgen.interop
+    from tests.conftest import BUNDLED
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gptgen.interop, "write_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        gptgen.interop.export_hf(BUNDLED, tmp_path / "new" / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     import json
 
