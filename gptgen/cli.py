@@ -312,14 +312,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
                     seed=args.seed)
-    try:
-        from gptgen.generate import Sampling
+    from gptgen.generate import Sampling, check_prompt
 
+    try:
         Sampling(**sampling)
     except ValueError as e:  # "top_k must be ..." names the parameter; here its flag: "--top-k must be ..."
         name, rest = str(e).split(" ", 1)
         raise GptgenError(f"--{name.replace('_', '-')} {rest}" if name in sampling else str(e)) from None
     prompt = _read_prompt(args)
+    check_prompt(prompt)  # before the model loads
     model = gptgen.load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
         print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)

@@ -21,11 +21,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gptgen.checkpoint import ModelFileError
+from gptgen.config import GptgenError
 from gptgen.quantize import int8_decoder
 from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 MAX_NEW_TOKENS = 4096  # a cap per request, so one call cannot hold a server for ever
 MAX_PROMPT_CHARS = 100_000  # checked before tokenizing; the model sees only its context's worth anyway
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings a call takes, and their length: they are looked for every token
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Sampling:
     top_k: int = 50  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # a string or strings (None: none); the text ends before the first one found
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,9 +72,12 @@ class Sampling:
         number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if len(stop) > MAX_STOPS or max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise ValueError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS:,} characters each, "
+                             f"got {len(stop)} of up to {max(map(len, stop)):,}")
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None:
             number("seed", self.seed, integer=True)
@@ -294,6 +300,16 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
             model.clear_caches()
 
 
+def check_prompt(prompt: str) -> None:
+    """A clear error (for the CLI too, before it loads a model) for a prompt that is not text or is too long:
+    the length is capped before tokenizing, so work cannot grow without bound."""
+    if not isinstance(prompt, str):
+        raise GptgenError(f"prompt must be a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GptgenError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (a model reads "
+                          "only its context's worth of the end anyway)")
+
+
 def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Generator[str, None, bool]:
     """Text pieces from token ids: whole UTF-8 characters only, ending before the first stop string.
 
@@ -310,7 +326,8 @@ def stream_text(token_ids: Iterator[int], stop: tuple[str, ...] = ()) -> Generat
             if min(hits):
                 yield pending[:min(hits)]
             return True
-        hold = max((n for s in stop for n in range(len(s) - 1, 0, -1) if pending.endswith(s[:n])), default=0)
+        hold = max((n for s in stop for n in range(min(len(s) - 1, len(pending)), 0, -1) if pending.endswith(s[:n])),
+                   default=0)
         if len(pending) > hold:
             yield pending[:len(pending) - hold]
             pending = pending[len(pending) - hold:]
@@ -374,11 +391,16 @@ class TextModel:
         self.metadata = metadata
         self.config = config or model.config
         self.tokenizer = get_tokenizer()
+        if self.config.vocab_size != self.tokenizer.n_vocab:  # its ids would not all be text, or its input ids
+            raise ModelFileError(f"this model has {self.config.vocab_size:,} tokens and gptgen's tokenizer (GPT-2's) "
+                                 f"{self.tokenizer.n_vocab:,}: it cannot read or write text (`gptgen import` "
+                                 "fits a transformers model's padded vocabulary)")
         self.last = Stats()
         self._busy = threading.Lock()  # the model's KV caches serve one generation at a time
         self._busy_thread: int | None = None
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        """generate()'s text in pieces as they are made (whole characters; close() it to stop early)."""
         pieces, self.last = self.stream_with_stats(prompt, **sampling)
         return pieces
 
@@ -403,13 +425,8 @@ class TextModel:
                 self._busy_thread = None
 
     def prepare(self, prompt: str, **sampling) -> tuple[list[int], Sampling]:
-        """(prompt token ids, Sampling); ValueError names a bad parameter. The prompt's length is capped
-        before tokenizing, so work cannot grow without bound."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,} (only the "
-                             f"last {self.config.block_size} tokens are used anyway)")
+        """(prompt token ids, Sampling); ValueError names a bad parameter."""
+        check_prompt(prompt)
         unknown = sorted(sampling.keys() - set(SAMPLING_PARAMS))
         if unknown:  # Sampling.__init__'s own TypeError names a class the caller never saw, and not the valid names
             raise TypeError(f"unknown sampling parameter {', '.join(map(repr, unknown))}; they are: "
@@ -440,4 +457,8 @@ class TextModel:
         return ClosingIterator(pieces(), tokens.close, getattr(tokens, "stop", None)), stats
 
     def generate(self, prompt: str, **sampling) -> str:
+        """The prompt's continuation. Sampling keywords, as in the CLI and on the page: max_new_tokens=200 (at
+        most 4096), temperature=0.8 (0: greedy), top_k=50 (0: off), top_p=1.0, repetition_penalty=1.0 (1: off),
+        stop=() (a string or strings: the text ends before the first), seed=None (the same seed, the same text).
+        A bad one is a ValueError that names it; the call's counts and timings are in .last afterwards."""
         return "".join(self.stream(prompt, **sampling))

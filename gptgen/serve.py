@@ -61,8 +61,9 @@ class ModelShelf:
             raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
         with self._lock:  # one load per model, however many requests ask for it at once
             if name not in self._loaded:
+                model = TextModel(None, self._metadata[name], self._configs[name])  # refuses a model it cannot read
                 self.engine.load(name, str(self.paths[name]))
-                self._loaded[name] = TextModel(None, self._metadata[name], self._configs[name])
+                self._loaded[name] = model
         return self._loaded[name]
 
     def stream(self, name: str, prompt: str, **sampling) -> tuple[Iterator[str], Stats]:

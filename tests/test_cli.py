@@ -168,10 +168,18 @@ def test_quantize_generate_and_export(tmp_path):
     (["--temperature", "-1"], "--temperature must be"), (["--temperature", "nan"], "--temperature must be"),
     (["--top-k", "-2"], "--top-k must be"), (["--top-p", "0"], "--top-p must be"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be"), (["--max-new-tokens", "100000"], "--max-new-tokens must"),
+    (["--stop", "x" * 1001], "--stop takes at most 16 strings of at most 1,000 characters each, got 1 of up to 1,001"),
 ])
 def test_generate_rejects_bad_parameters(tmp_path, flags, message):
     r = gptgen("generate", tmp_path / "unused.safetensors", "hi", *flags)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_refuses_a_prompt_file_too_long_before_it_loads_the_model(tmp_path):
+    (tmp_path / "long.txt").write_text("a " * 50_001)
+    r = gptgen("generate", tmp_path / "unused.safetensors", "--prompt-file", tmp_path / "long.txt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "prompt is 100,002 characters; the limit is 100,000" in r.stderr  # not "unused.safetensors does not exist"
 
 
 def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):

@@ -68,10 +68,24 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     (dict(stop=[""]), "stop"), (dict(seed="x"), "seed"), (dict(seed=-5), "seed must be between 0"),
     (dict(seed=10**20), "seed must be between 0"), (dict(seed=2**63), "seed must be between 0"),
     (dict(temperature=10**400), "temperature must be a finite number"), (dict(top_p=-10**400), "top_p"),
+    (dict(stop=["x"] * 17), "stop takes at most 16 strings"), (dict(stop="x" * 1001), "stop takes at most 16 strings"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, name):
     with pytest.raises(ValueError, match=name):
         Sampling(**bad)
+
+
+def test_no_stop_strings_may_be_given_as_none_as_seed_may():
+    assert Sampling(stop=None).stop == () and Sampling(stop=["a" * 1000] * 16).stop == ("a" * 1000,) * 16
+
+
+def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_refused():
+    """Its ids past the tokenizer's would be no text, and the tokenizer's past its own an IndexError."""
+    from gptgen.checkpoint import ModelFileError
+
+    for vocab in (1000, 50304):
+        with pytest.raises(ModelFileError, match=f"this model has {vocab:,} tokens and gptgen's tokenizer"):
+            TextModel(tiny_model(vocab_size=vocab), {})
 
 
 def test_the_largest_seed_torch_takes_is_accepted():
