@@ -22,17 +22,17 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # TypeError: not a string (None, say)
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):  # torch knows more (meta, xpu): not ours to run
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is available; use auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 "
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 "
                           f"to cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
+        raise ConfigError(f"device {name!r} was asked for but Apple MPS is not available; use auto or cpu")
     return device
 
 

@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from gptgen.checkpoint import (
     ModelFileError,
@@ -68,6 +70,20 @@ def _hub_call(repo_id: str):
         raise ModelFileError(f"could not reach the Hugging Face Hub for {repo_id}: {e}") from None
 
 
+def _no_network() -> bool:
+    """The Hub's name does not resolve here, and no proxy would resolve it instead: without a network,
+    huggingface_hub retries for ~25 s (5 warnings) before it looks in its cache; this asks the cache at once."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except (socket.gaierror, UnicodeError):
+        return True
+    return False
+
+
 def _fetch(download, repo_id: str, revision: str | None, **kwargs) -> Path:
     """A huggingface_hub download (its cache, HF_HUB_OFFLINE honoured) with its failures in one plain sentence."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -75,7 +91,8 @@ def _fetch(download, repo_id: str, revision: str | None, **kwargs) -> Path:
     check_hub_id(repo_id)
     with _hub_call(repo_id):
         try:
-            return Path(download(repo_id, revision=revision, library_name="gptgen", **kwargs))
+            return Path(download(repo_id, revision=revision, library_name="gptgen", local_files_only=_no_network(),
+                                 **kwargs))
         except LocalEntryNotFoundError:
             raise ModelFileError(f"{repo_id}{'@' + revision if revision else ''} is not in the Hugging Face cache "
                                  "and cannot be downloaded (offline, or HF_HUB_OFFLINE=1)") from None
@@ -133,8 +150,13 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"a model is a file path or a Hub id (owner/name), got {type(path_or_id).__name__}")
     path_or_id = os.fspath(path_or_id)
+    if not path_or_id:
+        raise ModelFileError("the model is empty: give a model file, a run folder, a bundled model's name or a Hub "
+                             "id (owner/name)")
     repo_id = hub_id(path_or_id)
     if repo_id is None:
+        if revision is not None:  # silently ignored, it would give another model than the one asked for
+            raise ModelFileError(f"{path_or_id!r} is a local path; a revision ({revision!r}) names a Hub commit")
         path = Path(path_or_id)
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE

@@ -18,9 +18,10 @@ def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     assert pick_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name", ["tpu", "cuda:x", "meta", "xpu"])  # torch knows meta and xpu: tracebacks, later
+# torch knows meta and xpu (tracebacks, later), and meets None with a TypeError of its own
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "meta", "xpu", None])
 def test_unknown_device_is_a_clear_error(name):
-    with pytest.raises(ConfigError, match=f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps"):
+    with pytest.raises(ConfigError, match=f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"):
         pick_device(name)
 
 
@@ -28,7 +29,7 @@ def test_a_gpu_index_beyond_the_machines_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+    with pytest.raises(ConfigError, match=r"device 'cuda:2': this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
         pick_device("cuda:2")
 
 

@@ -73,6 +73,10 @@ def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_e
     assert hub.resolve(BUNDLED.parent) == BUNDLED.parent  # a folder without a run's model file stays as it is
     with pytest.raises(TypeError, match="a model is a file path or a Hub id"):
         hub.resolve(None)
+    with pytest.raises(ModelFileError, match="the model is empty"):  # was "model file '.' is a directory"
+        hub.resolve("")
+    with pytest.raises(ModelFileError, match="is a local path; a revision .'v1'. names a Hub commit"):
+        hub.resolve(BUNDLED, revision="v1")
     r = gptgen_offline(hf_cache, "generate", "nothere/model", "hi")
     assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr and "nor is it a local file" in r.stderr
 
@@ -262,6 +266,26 @@ def test_a_connection_failure_is_one_sentence_and_other_errors_pass_through():
         raise ConnectionRefusedError("refused")
     with pytest.raises(KeyError), hub._hub_call("owner/x"):
         raise KeyError("a bug")
+
+
+def test_without_a_network_the_cache_is_asked_at_once_without_retries(hf_cache, monkeypatch, caplog):
+    """No DNS (offline): huggingface_hub retried for ~25 s, with five warnings, before its cache was asked."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert hub.pull("owner/tiny-shakespeare").read_bytes() == BUNDLED.read_bytes()
+    with pytest.raises(ModelFileError, match="nobody/nothing-here is not in the Hugging Face cache"):
+        hub.pull("nobody/nothing-here")
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
 
 
 def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
