@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float = _knob(1.0, "clip the gradients' global norm to this (0 = off)")
     dropout: float = _knob(0.0, "dropout probability in the model")
     ema: float = _knob(0.0, "evaluate and save an exponential moving average of the weights with this decay a "
-                            "step (0 = off; 0.99 averages ~100 steps): better val loss on a text seen many times")
+                            "step (0 = off; 0.99 averages ~100 steps): a better model from a run stopped early")
     seed: int = _knob(1337, "seed of the initial weights and the data order")
     val_fraction: float = _knob(0.1, "the text's last fraction, held out for the eval loss (0: the whole text "
                                      "trains; evals then only save)")

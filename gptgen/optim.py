@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gptgen.config import TrainConfig
+from gptgen.config import ConfigError, TrainConfig
 from gptgen.model import GPT
 
 
@@ -15,6 +15,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
     (Moonshot's "match_rms_adamw"), so that --lr and --weight-decay mean the same for both; the embeddings
     (the tied head among them), biases and norms stay with AdamW, as Muon's authors use it."""
     muon = cfg.optimizer == "muon"
+    if muon and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"--optimizer muon needs PyTorch 2.9 or newer (torch.optim.Muon); this is "
+                          f"{torch.__version__}")
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
