@@ -77,7 +77,7 @@ class Sampling:
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if len(stop) > MAX_STOPS or max(map(len, stop), default=0) > MAX_STOP_CHARS:
             raise ValueError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS:,} characters each, "
-                             f"got {len(stop)} of up to {max(map(len, stop)):,}")
+                             f"got {len(stop)}, the longest of {max(map(len, stop)):,}")
         object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None:
             number("seed", self.seed, integer=True)

@@ -168,7 +168,7 @@ def test_quantize_generate_and_export(tmp_path):
     (["--temperature", "-1"], "--temperature must be"), (["--temperature", "nan"], "--temperature must be"),
     (["--top-k", "-2"], "--top-k must be"), (["--top-p", "0"], "--top-p must be"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be"), (["--max-new-tokens", "100000"], "--max-new-tokens must"),
-    (["--stop", "x" * 1001], "--stop takes at most 16 strings of at most 1,000 characters each, got 1 of up to 1,001"),
+    (["--stop", "x" * 1001], "--stop takes at most 16 strings of at most 1,000 characters each, got 1, the longest of 1,001"),
 ])
 def test_generate_rejects_bad_parameters(tmp_path, flags, message):
     r = gptgen("generate", tmp_path / "unused.safetensors", "hi", *flags)
