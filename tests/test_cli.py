@@ -168,7 +168,7 @@ def test_quantize_generate_and_export(tmp_path):
     (["--temperature", "-1"], "--temperature must be"), (["--temperature", "nan"], "--temperature must be"),
     (["--top-k", "-2"], "--top-k must be"), (["--top-p", "0"], "--top-p must be"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be"), (["--max-new-tokens", "100000"], "--max-new-tokens must"),
-    (["--stop", "x" * 1001], "--stop takes at most 16 strings of at most 1,000 characters each, got 1, the longest of 1,001"),
+    (["--stop", "x" * 1001], "--stop takes at most 16 strings of at most 1,000 characters each, got 1, the longest"),
 ])
 def test_generate_rejects_bad_parameters(tmp_path, flags, message):
     r = gptgen("generate", tmp_path / "unused.safetensors", "hi", *flags)
@@ -343,14 +343,9 @@ def test_export_refuses_a_gguf_type_for_a_transformers_export(tmp_path):
 
 def test_a_server_error_of_the_users_making_is_one_plain_line():
     """`serve --device cuda:99`, a GPU no machine here has: the engine's ConfigError, without its class name."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = gptgen("serve", "--device", "cuda:99", "--port", port)
+    r = gptgen("serve", "--device", "cuda:99", "--port", 0)
     assert r.returncode == 2 and "ConfigError" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("gptgen: error: --device cuda"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("gptgen: error: device 'cuda:99'"), r.stderr
 
 
 def test_a_mistyped_flag_gets_its_commands_usage_and_the_nearest_flag():
