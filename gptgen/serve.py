@@ -29,6 +29,7 @@ from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
 log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 * 2**20  # a completion request's; the longest prompt, escaped as \uXXXX, is 0.6 MB
 GRACEFUL_STOP_S = 5  # how long a stopping server lets requests in progress go on
 
 
@@ -155,6 +156,7 @@ class UnknownFields(ValueError):
     otherwise be ignored without a word."""
 
     def __init__(self, names: list[str]) -> None:
+        names = [n.encode("utf-8", "backslashreplace").decode() for n in names]  # a lone surrogate cannot be sent
         super().__init__(f"Unrecognized request argument{'s' * (len(names) > 1)} supplied: {', '.join(names)}")
         self.param = names[0]
 
@@ -210,15 +212,29 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
 
     started = int(time.time())
 
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "gptgen"}
+
     @api.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": started, "owned_by": "gptgen"}
-                                           for n in shelf.names]}
+        return {"object": "list", "data": [card(n) for n in shelf.names]}
+
+    @api.get("/v1/models/{model:path}")  # a Hub id's name has a slash
+    def model(model: str):
+        if model not in shelf.names:
+            return _openai_error(f"the model {model!r} does not exist; this server has: {', '.join(shelf.names)}",
+                                 "model", 404)
+        return card(model)
 
     @api.post("/v1/completions")
     async def completions(request: Request):
+        body = bytearray()
+        async for part in request.stream():  # read up to the cap: no client gets a huge body parsed into memory
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                return _openai_error(f"the body is over {MAX_BODY_BYTES // 2**20} MiB", status=413)
         try:
-            body = await request.json()
+            body = json.loads(body)
         except ValueError:
             return _openai_error("the body is not valid JSON")
         except RecursionError:  # json's parser recurses once per level of nesting
@@ -284,7 +300,7 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
             pieces.close()
         return chunk("".join(text), finish(), usage=usage())
 
-    offered = {route.path: method for route in api.routes if route.path.startswith("/v1/")
+    offered = {route.path.replace(":path}", "}"): method for route in api.routes if route.path.startswith("/v1/")
                for method in getattr(route, "methods", ())}
     routes = " and ".join(f"{method} {path}" for path, method in offered.items())
 

@@ -334,6 +334,34 @@ def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_clien
     assert httpx.get(web_server).status_code == 200 and httpx.get(f"{web_server}config").status_code == 200  # the page
 
 
+def test_one_model_by_id_as_openais_models_retrieve_asks(openai_client):
+    import openai
+
+    assert openai_client.models.retrieve(BUNDLED.stem).id == BUNDLED.stem
+    with pytest.raises(openai.NotFoundError, match="the model 'nope' does not exist; this server has: "):
+        openai_client.models.retrieve("nope")
+
+
+def test_a_body_over_the_cap_is_a_413_before_it_is_parsed(web_server):
+    import httpx
+
+    raw = json.dumps({"prompt": "Hi", "max_tokens": 1, "user": "x" * (4 * 2**20)})
+    r = httpx.post(f"{web_server}v1/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"] == "the body is over 4 MiB"
+
+
+def test_a_field_name_that_is_no_unicode_text_is_a_400_that_shows_it_escaped(web_server):
+    """A lone surrogate in an unknown field's name made the error response itself fail: a 500."""
+    import httpx
+
+    r = httpx.post(f"{web_server}v1/completions", content='{"\\ud800": 1}',
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Unrecognized request argument supplied: \\ud800", "type": "invalid_request_error",
+        "param": "\\ud800", "code": None}
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
