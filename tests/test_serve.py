@@ -183,10 +183,20 @@ def _give_up_on_a_plain_request(client):
         client.with_options(timeout=1).completions.create(model="gpt2", prompt="A", max_tokens=4096, temperature=0)
 
 
-@pytest.mark.parametrize("leave", [_close_a_stream, _give_up_on_a_plain_request])
+def _give_up_on_a_plain_request_waiting_for_the_row(client):
+    """The gone request waits on for the row the stream below holds, and leaves it at its first token."""
+    holder = client.completions.create(model="gpt2", prompt="A", max_tokens=4096, stream=True, temperature=0)
+    next(holder)  # it holds the one row
+    _give_up_on_a_plain_request(client)
+    holder.close()
+
+
+@pytest.mark.parametrize("leave", [_close_a_stream, _give_up_on_a_plain_request,
+                                   _give_up_on_a_plain_request_waiting_for_the_row])
 def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
     """One row, and a client that leaves a 4,096-token request: it closes the stream after 3 chunks, or gives up on
-    a plain request after 1 s (the gpt2-size model decodes ~120 tokens/s on 2 cores, so the rest would take ~30 s).
+    a plain request after 1 s, running or waiting for the row (the gpt2-size model decodes ~120 tokens/s on 2
+    cores, so the rest would take ~30 s).
     The next request must get the row at once. Before, a closed stream decoded on until the garbage collector freed
     it (seconds, longer each time as the server's heap grew: hence 3 rounds), a plain request to its end. Greedy:
     sampling from random weights can draw <|endoftext|> and end a request early (seen once in CI)."""
