@@ -60,6 +60,8 @@ class ModelShelf:
     def get(self, name: str) -> TextModel:
         if name not in self.paths:
             raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
+        if name in self._loaded:  # without waiting behind another model's load
+            return self._loaded[name]
         with self._lock:  # one load per model, however many requests ask for it at once
             if name not in self._loaded:
                 model = TextModel(None, self._metadata[name], self._configs[name])  # refuses a model it cannot read
