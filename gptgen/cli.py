@@ -284,8 +284,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"            {result.nats_per_char:.4f} nats/char\n"
               f"scored      {result.tokens:,} tokens, {result.chars:,} chars (windows of {block}, each token once)\n"
               f"unseen      {n_unseen:,} of them ({n_unseen / result.tokens:.1%}) never occur in the train split: "
-              f"{unseen['unseen_nats_per_char']:.4f} of the nats/char (at least "
-              f"{unseen['unseen_floor_nats_per_char']:.4f} for any model trained on that split alone)")
+              f"{unseen['unseen_nats_per_char']:.4f} of the nats/char ("
+              f"{unseen['unseen_floor_nats_per_char']:.4f} for a model trained on that split alone that spreads its "
+              "probability evenly over the kinds it lacks)")
     return 0
 
 

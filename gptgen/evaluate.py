@@ -88,9 +88,10 @@ def token_losses(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int,
 
 def unseen_tokens(losses: torch.Tensor, val: np.ndarray, train: np.ndarray, chars: int, vocab_size: int) -> dict:
     """The part of the val loss on tokens that the train split never holds. Never a target in training, those
-    kinds cannot be ranked against each other by a model trained on that split, so each such token costs it at
-    least log(how many kinds the split lacks): a floor that no training lowers, and that a character-level
-    model (every val character in its train split, as a rule) does not have."""
+    kinds cannot be ranked against each other by a model trained on that split, so each such token costs it
+    about log(how many kinds the split lacks), what it pays when it spreads them evenly (a given model lands a
+    little above or below by chance): a price that no training lowers, and that a character-level model (every
+    val character in its train split, as a rule) does not pay."""
     lacking = np.bincount(train, minlength=vocab_size) == 0
     unseen = lacking[val]
     nats = losses.double().numpy()[unseen]

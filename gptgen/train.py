@@ -285,12 +285,13 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")
     corpus = load_corpus_once_per_machine(cfg, rank)
-    if len(corpus.train) <= cfg.block_size:
-        raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
-                        f"{cfg.block_size} + 1; use a longer text or a smaller --block-size")
     if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
         raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "
                           "that text, or start a new run with --out")
+    if len(corpus.train) <= cfg.block_size:
+        held = f", a smaller --val-fraction (it holds out {cfg.val_fraction:g} of the text)" * (cfg.val_fraction > 0)
+        raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
+                        f"{cfg.block_size} + 1; use a longer text{held} or a smaller --block-size")
     if rank == 0:
         run.check_writable()
 
@@ -378,15 +379,18 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             _track_epochs_and_target(cfg, progress, loss / cfg.grad_accum, epoch_loss, steps_per_epoch, total, bar,
                                      world)
             bar.update(1)
-            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step:  # or this session's first
-                rate = session_tokens / (time.perf_counter() - session_start)
+            done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
+            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step or done or interrupted:
+                rate = session_tokens / (time.perf_counter() - session_start)  # ^ or this session's first or last
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
                 if rank == 0:
-                    run.log_metrics(_metrics_row(progress, corpus, lr, recent), durable=False)
+                    row = _metrics_row(progress, corpus, lr, recent)
+                    if done and progress.target_reached is not None and not len(corpus.val):
+                        row["target_reached"] = progress.target_reached  # with a val split, on the eval's line
+                    run.log_metrics(row, durable=False)
                 recent_sum.zero_()
                 recent_count = 0
-            done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
             if progress.step % cfg.eval_interval == 0 or done or interrupted:
                 epoch_loss.fold(progress, world)
                 last_val, sample = _eval_and_save(cfg, run, model, optimizer, corpus, progress,

@@ -77,6 +77,7 @@ def bad_inputs(tmp_path, small_text):
         "binary data": (["--data", tmp_path / "bin.dat", "--steps", "2"], "binary"),
         "not utf-8": (["--data", tmp_path / "latin1.txt", "--steps", "2"], "UTF-8"),
         "too short": (["--data", tmp_path / "short.txt", "--steps", "2"], "fewer than one block"),
+        "held out": ([*ok, "--val-fraction", "0.999"], "a smaller --val-fraction (it holds out 0.999 of the text)"),
         "unknown preset": ([*ok, "--preset", "gpt5"], "unknown preset"),
         "block above context": ([*ok, "--block-size", "5000"], "context"),
         "zero lr": ([*ok, "--lr", "0"], "--lr"),
@@ -85,7 +86,7 @@ def bad_inputs(tmp_path, small_text):
     }
 
 
-CASES = ["missing data", "empty data", "binary data", "not utf-8", "too short", "unknown preset",
+CASES = ["missing data", "empty data", "binary data", "not utf-8", "too short", "held out", "unknown preset",
          "block above context", "zero lr", "negative steps", "unwritable out"]
 
 

@@ -518,6 +518,26 @@ def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_t
     assert all(torch.equal(weights_one[k], weights_stopped[k]) for k in weights_one)
 
 
+def test_without_a_val_split_the_last_steps_and_the_target_are_in_the_metrics(small_text, tmp_path):
+    """--val-fraction 0 (the seed's job) has no eval line: the steps after the last 10-step line, and the target
+    reached, were written nowhere (nor in loss.png)."""
+    budget = train(config(small_text, tmp_path / "budget", val_fraction=0.0, steps=25, eval_interval=100))
+    assert [r["step"] for r in RunDir(tmp_path / "budget").metrics()] == [1, 10, 20, 25] and budget["steps"] == 25
+    reached = train(config(small_text, tmp_path / "target", val_fraction=0.0, steps=300, eval_interval=1000,
+                           target_loss=9.5))
+    assert reached["stopped_by"] == "target_loss"
+    rows = RunDir(tmp_path / "target").metrics()
+    assert rows[-1]["step"] == reached["steps"] and [r for r in rows if "target_reached" in r] == rows[-1:]
+    assert rows[-1]["target_reached"] == reached["target_reached"]
+
+
+def test_resuming_on_another_text_says_so_even_when_that_text_is_short(small_text, tmp_path):
+    train(config(small_text, tmp_path / "run", steps=2, eval_interval=2))
+    (tmp_path / "short.txt").write_text("Just a few words.")
+    with pytest.raises(ConfigError, match="is not the text the run was trained on"):
+        train(resume_config(tmp_path / "run", steps=4, data=str(tmp_path / "short.txt")), resume=True)
+
+
 def _window_target(small_text, tmp_path) -> float:
     """A target a little below where a 120-step run's 50-step mean ends, so the run reaches it near its end."""
     summary = train(config(small_text, tmp_path / "probe", steps=120, decay_steps=300, target_loss=0.001))
