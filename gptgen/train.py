@@ -380,8 +380,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                                      world)
             bar.update(1)
             done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
+            # a metrics line every LOG_INTERVAL steps, and at this session's first step and its last
             if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step or done or interrupted:
-                rate = session_tokens / (time.perf_counter() - session_start)  # ^ or this session's first or last
+                rate = session_tokens / (time.perf_counter() - session_start)
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
                 if rank == 0:
