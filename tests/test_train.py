@@ -287,7 +287,8 @@ def test_a_run_killed_inside_its_first_writes_starts_again_and_resumes_without_t
     (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.9}\n')
     train(config(small_text, run, steps=2, eval_interval=2))
     assert not RunDir(run).partial_writes() and leftovers[2].exists()  # not a partial write: left alone
-    assert [r["step"] for r in RunDir(run).metrics()] == [1, 2] and RunDir(run).metrics()[0]["train_loss"] != 10.9
+    assert [r["step"] for r in RunDir(run).metrics()] == [1, 2, 2]  # the first and last steps' lines, the eval's
+    assert RunDir(run).metrics()[0]["train_loss"] != 10.9  # the dead start's line is gone
     leftovers[0].write_bytes(b"half a file")
     train(resume_config(run, steps=4), resume=True)
     assert not RunDir(run).partial_writes() and _state_is_whole(run) == 4
