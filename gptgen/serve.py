@@ -230,13 +230,13 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
 
     @api.post("/v1/completions")
     async def completions(request: Request):
-        body = bytearray()
+        raw = bytearray()
         async for part in request.stream():  # read up to the cap: no client gets a huge body parsed into memory
-            body += part
-            if len(body) > MAX_BODY_BYTES:
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
                 return _openai_error(f"the body is over {MAX_BODY_BYTES // 2**20} MiB", status=413)
         try:
-            body = json.loads(body)
+            body = json.loads(raw)
         except ValueError:
             return _openai_error("the body is not valid JSON")
         except RecursionError:  # json's parser recurses once per level of nesting
