@@ -244,7 +244,12 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.target_loss}; the mean of the last {window} steps was {last:.4f}. "
               f"Continue with: gptgen train --resume {cfg.out} --steps N", file=sys.stderr)
     elif stopped_by == "minutes" and cfg.steps is not None:
-        print(f"the --minutes budget ran out at step {summary['steps']} of {cfg.steps}", file=sys.stderr)
+        print(f"the --minutes budget ran out at step {summary['steps']} of {cfg.steps}; continue with: gptgen "
+              f"train --resume {cfg.out} --steps {cfg.steps}", file=sys.stderr)
+    elif stopped_by == "minutes" and cfg.epochs is not None:
+        print(f"the --minutes budget ran out at epoch {summary['epochs']:g} of {cfg.epochs:g} (step "
+              f"{summary['steps']}); continue with: gptgen train --resume {cfg.out} --epochs {cfg.epochs:g}",
+              file=sys.stderr)
     return 0
 
 

@@ -429,7 +429,17 @@ def test_a_minutes_budget_ending_before_the_steps_says_so(capsys, fake_train, sm
     fake_train["summary"] = {**fake_train["summary"], "stopped_by": "minutes"}
     status, _, err = run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run", "--steps", 10,
                               "--minutes", 1)
-    assert status == 0 and "the --minutes budget ran out at step 3 of 10" in err, err
+    assert status == 0 and (f"the --minutes budget ran out at step 3 of 10; continue with: gptgen train --resume "
+                            f"{tmp_path / 'run'} --steps 10") in err, err
+
+
+def test_a_minutes_budget_ending_before_the_epochs_says_so(capsys, fake_train, small_text, tmp_path):
+    """With --epochs and --minutes, a run cut short by time said nothing of the epochs it did not reach."""
+    fake_train["summary"] = {**fake_train["summary"], "stopped_by": "minutes", "epochs": 0.25}
+    status, _, err = run_main(capsys, "train", "--data", small_text, "--out", tmp_path / "run", "--epochs", 2,
+                              "--minutes", 1)
+    assert status == 0 and (f"the --minutes budget ran out at epoch 0.25 of 2 (step 3); continue with: gptgen "
+                            f"train --resume {tmp_path / 'run'} --epochs 2") in err, err
 
 
 def test_resume_may_move_a_run_to_another_device(capsys, tmp_path):
