@@ -55,6 +55,7 @@ MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *STEP_FILES,
              *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
+BAR_INTERVAL_S = 1.0  # the bar's loss is read at most this often between metrics lines (each read is a host sync)
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 NOT_RECIPE = ("data", "out", "device", "sample_tokens", "sample_prompt")  # knobs that do not shape the model
 WARMUP_TIME_FRACTION = 0.25  # of a --minutes budget after the first step: the default warmup's time limit
@@ -71,8 +72,10 @@ class Progress:
     best_step: int = 0
     recent_losses: list[float] = dataclasses.field(default_factory=list)  # the last LOSS_WINDOW steps' losses
     first_step_s: float = 0.0  # the first step's time (compiling, mostly), which a timed warmup leaves out
-    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] not yet printed
-    epochs_unprinted: int = 0  # finished epochs that epoch_loss covers
+    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # [sum, steps] of the epoch under way
+    unprinted_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0])  # ... of finished epochs
+    epochs_unprinted: int = 0  # finished epochs that await their line, which unprinted_loss covers
+    unprinted_step: int = 0  # the step that finished the last of them
     target_reached: dict | None = None
 
 
@@ -348,6 +351,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     loss_sum, loss_count, last_val = torch.zeros((), device=device), 0, None  # train loss since the last eval
     recent_sum, recent_count = torch.zeros((), device=device), 0  # ... and since the last bar update
     session_tokens, session_start = 0, time.perf_counter()
+    shown_at = session_start  # when the bar's loss was last updated
     epoch_loss = EpochLoss(device)
     # A Ctrl-C stops the run at the end of a step, saved (the RNG, the optimizer and the files then agree on one
     # step, so resuming is exact), and under torchrun every process at the same step: it reaches them at
@@ -380,11 +384,15 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                                      world)
             bar.update(1)
             done, interrupted = _should_stop(cfg, progress, total, ctrl_c())
-            # a metrics line every LOG_INTERVAL steps, and at this session's first step and its last
-            if progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step or done or interrupted:
-                rate = session_tokens / (time.perf_counter() - session_start)
+            # a metrics line every LOG_INTERVAL steps, and at this session's first step and its last; the bar's
+            # loss between them too where steps are slow (a large model on a CPU takes seconds a step)
+            log_row = progress.step % LOG_INTERVAL == 0 or session_tokens == tokens_per_step or done or interrupted
+            if log_row or time.perf_counter() - shown_at >= BAR_INTERVAL_S:
+                shown_at = time.perf_counter()
+                rate = session_tokens / (shown_at - session_start)
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
+            if log_row:
                 if rank == 0:
                     row = _metrics_row(progress, corpus, lr, recent)
                     if done and progress.target_reached is not None and not len(corpus.val):
@@ -406,7 +414,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 interrupted = interrupted and not done  # a Ctrl-C on the last step: the run is complete anyway
                 break
     if progress.epochs_unprinted:  # the last short epochs, which waited for their line
-        epoch_loss.print_line(progress, int(progress.step // steps_per_epoch), bar)
+        epoch_loss.print_line(progress, int(progress.unprinted_step // steps_per_epoch), bar)
     bar.close()
     scored = math.isfinite(progress.best_val)  # not with --val-fraction 0
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
@@ -437,11 +445,11 @@ class EpochLoss:
 
     def print_line(self, progress: Progress, last: int, bar: tqdm) -> None:
         """The finished epochs not yet printed, up to epoch `last` (1-based), on one line with their mean loss."""
-        mean = progress.epoch_loss[0] / max(1, progress.epoch_loss[1])
+        mean = progress.unprinted_loss[0] / max(1, progress.unprinted_loss[1])
         first = last + 1 - progress.epochs_unprinted
         _say(bar, f"{f'epoch {last}' if first == last else f'epochs {first}-{last}'} done at step "
-                  f"{progress.step:,}: mean train loss {mean:.4f}")
-        progress.epoch_loss, progress.epochs_unprinted = [0.0, 0], 0
+                  f"{progress.unprinted_step:,}: mean train loss {mean:.4f}")
+        progress.unprinted_loss, progress.epochs_unprinted = [0.0, 0], 0
         self.printed_at = time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
@@ -456,6 +464,15 @@ class EpochLoss:
         progress.epoch_loss = [progress.epoch_loss[0] + self.sum.item(), progress.epoch_loss[1] + self.steps]
         self.sum.zero_()
         self.steps = 0
+
+    def finish(self, progress: Progress, epochs: int, world: int) -> None:
+        """This step ended `epochs` epochs (several on a short text): their loss awaits its line, and the loss
+        read from here on is the next epoch's (a run that ends mid-epoch leaves it out of that line)."""
+        self.fold(progress, world)
+        progress.unprinted_loss = [a + b for a, b in zip(progress.unprinted_loss, progress.epoch_loss, strict=True)]
+        progress.epoch_loss = [0.0, 0]
+        progress.epochs_unprinted += epochs
+        progress.unprinted_step = progress.step
 
 
 def _count(steps: float) -> str:
@@ -475,8 +492,7 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
     epoch_loss.add(loss)
     finished = int(progress.step // steps_per_epoch) - epoch  # epochs this step ended (several on a short text)
     if finished:
-        epoch_loss.fold(progress, world)
-        progress.epochs_unprinted += finished
+        epoch_loss.finish(progress, finished, world)
         if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:
             epoch_loss.print_line(progress, epoch + finished, bar)
     if cfg.target_loss is None:

@@ -687,6 +687,46 @@ def test_short_epochs_share_a_line_at_most_every_10_s(tmp_path, monkeypatch, cap
     assert all(nxt[0] == prev[1] + 1 for prev, nxt in itertools.pairwise(ranges)), ranges  # no epoch left out
 
 
+def test_the_last_epochs_line_leaves_out_the_unfinished_epoch(tmp_path, monkeypatch, capsys):
+    """A run that ended mid-epoch folded that epoch's steps into the line of the epochs before, at the last step."""
+    import gptgen.train
+
+    steps_run = itertools.count(1)
+    monkeypatch.setattr(gptgen.train, "optimizer_step",  # a step's loss is its number: each line's mean is known
+                        lambda model, optimizer, batches, **_: torch.tensor(float(next(steps_run)) * len(batches)))
+    monkeypatch.setattr(gptgen.train, "EPOCH_LINE_INTERVAL_S", 1e9)  # after the first epoch's, one line at the end
+    text = tmp_path / "text.txt"
+    text.write_text(CORPUS.read_text()[:2500])  # ~5 steps an epoch at 4 x 32: step 52 is in epoch 11
+    summary = train(config(text, tmp_path / "run", steps=52, eval_interval=20))
+    lines = re.findall(r"epochs? (\d+)(?:-(\d+))? done at step (\d+): mean train loss ([\d.]+)",
+                       capsys.readouterr().err)
+    ends = [0] + [int(step) for *_, step, _ in lines]
+    assert len(lines) == 2 and int(lines[-1][1]) == int(summary["epochs"]) and ends[-1] < 52, lines
+    for (*_, mean), (first, last) in zip(lines, itertools.pairwise(ends), strict=True):  # its own steps' mean
+        assert float(mean) == pytest.approx((first + 1 + last) / 2, abs=1e-4), lines
+
+
+def test_the_bar_shows_the_loss_of_slow_steps_between_metrics_lines(small_text, tmp_path, monkeypatch, capsys):
+    """The bar's loss changed only every 10 steps: a minute or more apart for a large model on a CPU."""
+    import gptgen.train
+
+    class Clock:  # 0.5 s a reading: over a second a step
+        t = 0.0
+
+        def perf_counter(self):
+            self.t += 0.5
+            return self.t
+
+    steps_run = itertools.count(1)
+    monkeypatch.setattr(gptgen.train, "optimizer_step",  # a step's loss is its number
+                        lambda model, optimizer, batches, **_: torch.tensor(float(next(steps_run)) * len(batches)))
+    monkeypatch.setattr(gptgen.train, "time", Clock())
+    train(config(small_text, tmp_path / "run", steps=6, eval_interval=1000))
+    shown = re.findall(r"loss (\d+\.\d+), val", capsys.readouterr().err)
+    # step 1 has a metrics line; steps 2-5 show the mean since it: 2, 2.5, 3, 3.5; step 6's line too
+    assert [float(x) for x in dict.fromkeys(shown)] == [1.0, 2.0, 2.5, 3.0, 3.5, 4.0], shown
+
+
 def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
     """A text shorter than a step's tokens ends epochs two or more at a time; each step counted one."""
     text = tmp_path / "text.txt"
