@@ -109,9 +109,11 @@ class Engine:
         Raises ServerBusy at once when rows + max_waiting requests are already in the engine, counted over all
         models: they share the cores, so a second model adds no capacity.
         """
-        if len(self._replies) >= self.rows + self.max_waiting:
-            raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few seconds")
-        rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
+        with self._lock:  # the count and the new request at once: requests arriving together cannot overshoot it
+            if len(self._replies) >= self.rows + self.max_waiting:
+                raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few "
+                                 "seconds")
+            rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
 
         def cancel() -> None:
             """Closed early (Stop, a stop string, a client gone): forget it, free its row, and end a read waiting

@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -167,6 +168,30 @@ def test_a_full_queue_is_refused_at_once_and_the_engine_goes_on(tiny_file):
     assert all(len(list(stream)) == 300 for stream in accepted)
     prompt, s = _requests(1)[0]
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_requests_arriving_together_cannot_overshoot_the_cap(tiny_file, monkeypatch):
+    """The count was read before the request was made: threads that all read it first all got in."""
+    engine = _engine(tiny_file, rows=1, max_waiting=2)
+    make = engine._request
+    monkeypatch.setattr(engine, "_request", lambda message: time.sleep(0.1) or make(message))  # a thread switch
+    long = Sampling(max_new_tokens=300, temperature=0)
+    start, accepted, refused = threading.Barrier(8), [], []
+
+    def ask() -> None:
+        start.wait()
+        try:
+            accepted.append(engine.tokens("tiny", [5, 6], long))
+        except ServerBusy:
+            refused.append(True)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(accepted), len(refused)) == (3, 5)
+    assert all(len(list(stream)) == 300 for stream in accepted)
 
 
 def test_the_request_cap_counts_every_models_requests_together(tiny_file):
