@@ -162,9 +162,33 @@ def read_safetensors(path: str | os.PathLike, what: str = "model file", with_ten
 
 
 def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, weights, metadata) of a gptgen model file; the tied head is not in the weights."""
+    """(config, weights, metadata) of a gptgen model file, checked tensor by tensor against its config (so that
+    quantize and export refuse what load refuses); the tied head is not in the weights."""
+    from gptgen.model import GPT
+    from gptgen.quantize import SCALE, is_quantized
+
     tensors, metadata = read_safetensors(path)
-    return config_of(path, metadata), tensors, metadata
+    config = config_of(path, metadata)
+    quantization = metadata.get("quantization", "none")
+    if quantization not in ("none", "int8"):
+        raise ModelFileError(f"{str(path)!r} has quantization {quantization!r}; this gptgen reads none or int8")
+    with torch.device("meta"):
+        expected = {k: (tuple(v.shape), None) for k, v in GPT(config).state_dict().items() if k != TIED}
+    if quantization == "int8":
+        for k, (shape, _) in list(expected.items()):
+            if is_quantized(k, shape):
+                expected[k] = (shape, torch.int8)
+                expected[k + SCALE] = ((shape[0],), torch.float32)
+    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or unexpected:
+        raise ModelFileError(f"{str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    for name, t in tensors.items():
+        shape, dtype = expected[name]
+        if tuple(t.shape) != shape or (t.dtype != dtype if dtype is not None else not t.is_floating_point()):
+            raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
+                                 f"{dtype or 'float'} {shape}")
+    return config, tensors, metadata
 
 
 def read_config(path: str | os.PathLike) -> GPTConfig:
@@ -209,36 +233,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     Built on the meta device, so no memory is spent on a throwaway init.
     """
     from gptgen.model import GPT
-    from gptgen.quantize import SCALE, Int8Linear, int8_model, is_quantized
+    from gptgen.quantize import Int8Linear, int8_model
 
     config, tensors, metadata = load_model_file(path)
-    quantization = metadata.get("quantization", "none")
-    if quantization not in ("none", "int8"):
-        raise ModelFileError(f"{str(path)!r} has quantization {quantization!r}; this gptgen reads none or int8")
-    with torch.device("meta"):
-        model = GPT(config)
-    expected = {k: (tuple(v.shape), None) for k, v in model.state_dict().items() if k != TIED}
-    if quantization == "int8":
-        for k, (shape, _) in list(expected.items()):
-            if is_quantized(k, shape):
-                expected[k] = (shape, torch.int8)
-                expected[k + SCALE] = ((shape[0],), torch.float32)
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing or unexpected:
-        raise ModelFileError(f"{str(path)!r} does not match its config: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-    for name, t in tensors.items():
-        shape, dtype = expected[name]
-        if tuple(t.shape) != shape or (t.dtype != dtype if dtype is not None else not t.is_floating_point()):
-            raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
-                                 f"{dtype or 'float'} {shape}")
-    if quantization == "int8":
+    if metadata.get("quantization") == "int8":
         model = int8_model(config, tensors).to(device).eval()
         del tensors  # the modules hold the weights now; packing then frees each plain copy as it goes
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.pack(keep_weight=module is model.lm_head)
         return model, metadata
+    with torch.device("meta"):
+        model = GPT(config)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
     return model.to(device).eval(), metadata

@@ -191,7 +191,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         if is_quantized(name, tuple(t.shape)):
             out[name], out[name + SCALE] = quantize_rows(t)
         else:
-            out[name] = t
+            out[name] = t.float()  # a half-precision model's norms and biases too: int8 layers take float32
     return out
 
 
@@ -205,7 +205,9 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
         model = GPT(config)
     # Tensors that stay for the model's life are copied out of the file's memory map, so the map (and the
     # int8 weights fbgemm repacks) can be released once packing is done.
-    float_tensors = {k: v.clone() for k, v in tensors.items() if v.dtype != torch.int8 and not k.endswith(SCALE)}
+    # float32, as fbgemm's int8 layers take it, also from a file whose norms and biases are half precision
+    float_tensors = {k: v.to(torch.float32, copy=True) for k, v in tensors.items()
+                     if v.dtype != torch.int8 and not k.endswith(SCALE)}
     model.load_state_dict(float_tensors, strict=False, assign=True)
     wte = "transformer.wte.weight"
     head = Int8Linear(tensors[wte].clone(), tensors[wte + SCALE].clone(), None)
@@ -216,7 +218,8 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
             if isinstance(child, nn.Linear) and child is not head:
                 key = f"{name}.{child_name}" if name else child_name
                 weight, scale, bias = (tensors.get(key + suffix) for suffix in (".weight", ".weight" + SCALE, ".bias"))
-                setattr(module, child_name, Int8Linear(weight, scale.clone(), None if bias is None else bias.clone()))
+                bias = None if bias is None else bias.to(torch.float32, copy=True)
+                setattr(module, child_name, Int8Linear(weight, scale.clone(), bias))
     return model
 
 

@@ -337,6 +337,22 @@ def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):
     assert r.returncode == 2 and "cannot read --prompt-file" in r.stderr and "No such file" in r.stderr
 
 
+@pytest.mark.parametrize("args", [["quantize", "{model}", "{out}/q.safetensors"],
+                                  ["export", "{model}", "{out}/hf", "--format", "hf"],
+                                  ["export", "{model}", "{out}/m.gguf"]])
+def test_quantize_and_export_refuse_a_file_that_load_refuses(capsys, tmp_path, args):
+    """A file missing a layer's weight was quantized and exported (transformers then filled it in at random)."""
+    from gptgen.checkpoint import TIED, save_model
+    from tests.test_model import tiny_model
+
+    m = tiny_model()
+    state = {k: v for k, v in m.state_dict().items() if k not in (TIED, "transformer.h.1.mlp.c_proj.weight")}
+    save_model(tmp_path / "m.safetensors", state, m.config)
+    status, _, err = run_main(capsys, *(a.format(model=tmp_path / "m.safetensors", out=tmp_path) for a in args))
+    assert status == 2 and "does not match its config: missing ['transformer.h.1.mlp.c_proj.weight']" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 def test_export_refuses_a_gguf_type_for_a_transformers_export(tmp_path):
     r = gptgen("export", tmp_path / "unused.safetensors", tmp_path / "hf", "--format", "hf", "--type", "q8_0")
     assert r.returncode == 2 and "--type is for --format gguf" in r.stderr and not (tmp_path / "hf").exists()

@@ -71,6 +71,22 @@ def test_int8_logits_and_greedy_text_are_close_to_float(tmp_path):
     assert list(generate_tokens(q, [1, 2, 3], s)) == text  # int8's cached step
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_quantizes_to_an_int8_file_that_runs(tmp_path, dtype):
+    """Its norms and biases went into the int8 file as they were, and fbgemm's layers refused them (mixed dtype)."""
+    model = tiny_model()
+    _, i8 = float_and_int8_files(model.to(dtype), tmp_path)
+    tensors = load_model_file(i8)[1]
+    assert {t.dtype for t in tensors.values()} == {torch.int8, torch.float32}
+    s = Sampling(max_new_tokens=4, temperature=0)
+    assert len(list(generate_tokens(load_model(i8)[0], [1, 2, 3], s))) == 4
+    halves = {k: v.to(dtype) if v.dtype == torch.float32 and not k.endswith(".scale") else v  # a hand-made file
+              for k, v in tensors.items()}
+    save_model(tmp_path / "halves.safetensors", halves, model.config, quantization="int8")
+    assert list(generate_tokens(load_model(tmp_path / "halves.safetensors")[0], [1, 2, 3], s)) == \
+        list(generate_tokens(load_model(i8)[0], [1, 2, 3], s))
+
+
 def test_int8_file_is_checked_like_any_other(files, tmp_path):
     model, f32, _ = files
     _, tensors, _ = load_model_file(f32)
