@@ -220,11 +220,31 @@ def config_of(path: str | os.PathLike, metadata: dict[str, str]) -> GPTConfig:
     return config
 
 
+def _number(v) -> bool:
+    return isinstance(v, int | float)
+
+
+# The training record's fields by what their readers (the page, the Hub card, `gptgen eval`) take: one that is
+# not so (a record edited by hand, or by another tool) is left out, rather than a crash in one of them.
+RECORD_FIELDS = {
+    **dict.fromkeys(("corpus", "corpus_sha256", "preset", "imported_from"), lambda v: isinstance(v, str)),
+    **dict.fromkeys(("corpus_bytes", "steps", "tokens_seen", "wall_time_s", "val_fraction", "val_nats_per_token",
+                     "val_nats_per_char"), _number),
+    "recipe": lambda v: isinstance(v, dict),
+    "curve": lambda v: isinstance(v, list) and all(isinstance(row, list) and len(row) == 3 and all(map(_number, row))
+                                                   for row in v),  # [step, train loss, val loss] per eval
+}
+
+
 def training_info(metadata: dict[str, str]) -> dict:
+    """The file's training record, as train (or import) wrote it, less the fields RECORD_FIELDS refuses."""
     try:
-        return json.loads(metadata.get("training", "{}"))
+        info = json.loads(metadata.get("training", "{}"))
     except json.JSONDecodeError:
         return {}
+    if not isinstance(info, dict):
+        return {}
+    return {k: v for k, v in info.items() if k not in RECORD_FIELDS or RECORD_FIELDS[k](v)}
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -266,7 +266,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, metadata = load_model(resolve(args.model), device)
     info = training_info(metadata)
-    block = args.block_size or info.get("recipe", {}).get("block_size") or model.config.block_size
+    trained_block = info.get("recipe", {}).get("block_size")
+    block = args.block_size or (trained_block if isinstance(trained_block, int) else None) or model.config.block_size
     if not 1 <= block <= model.config.block_size:
         raise ConfigError(f"--block-size must be between 1 and the model's context ({model.config.block_size})")
     fraction = args.val_fraction or held_out(info) or 0.1

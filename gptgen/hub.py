@@ -183,7 +183,8 @@ def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
     corpus = info.get("corpus", "unknown")
     yaml = ["---", "license: mit", "library_name: gptgen", "pipeline_tag: text-generation",
             "tags:", "- gptgen", "- gpt2", "- text-generation", f"- {metadata.get('quantization', 'none')}"]
-    if "val_nats_per_token" in info:
+    scored = info.keys() >= {"val_nats_per_token", "val_nats_per_char"}  # not with --val-fraction 0
+    if scored:
         yaml += ["model-index:", f"- name: {repo_id.split('/')[-1]}", "  results:",
                  "  - task: {type: text-generation}", f"    dataset: {{name: {json.dumps(corpus)}, type: text}}",
                  "    metrics:",
@@ -196,7 +197,7 @@ def model_card(model_path: str | os.PathLike, repo_id: str) -> str:
         made = (f"trained with gptgen on `{corpus}`\n({info.get('corpus_bytes', '?')} bytes, sha256 "
                 f"`{info.get('corpus_sha256', '?')}`)")
         facts = [f"- Steps: {info.get('steps', '?')}, tokens seen: {info.get('tokens_seen', '?')}"]
-        if "val_nats_per_token" in info:  # not with --val-fraction 0
+        if scored:
             facts.append(f"- Val loss: {info['val_nats_per_token']} nats/token, {info['val_nats_per_char']} nats/char")
         recipe = " ".join(_flag(k, v) for k, v in info.get("recipe", {}).items() if v is not None)
         facts.append(f"- Recipe: `gptgen train {recipe}`")

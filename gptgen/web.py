@@ -76,12 +76,12 @@ def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
             ("Size", f"{params / 1e6:.1f}M parameters · {c.n_layer} layers · {c.n_head} heads · {c.n_embd} dims · "
                      f"context {c.block_size}"),
             ("Weights", "int8 (per-row scales)" if model.metadata.get("quantization") == "int8" else "float"),
-            ("Trained on", f"{info['corpus']} ({info['corpus_bytes']:,} bytes, sha256 "
-                           f"{info['corpus_sha256'][:8]}…)" if "corpus" in info else "unknown")]
-    if "steps" in info:
+            ("Trained on", f"{info['corpus']} ({info['corpus_bytes']:,} bytes, sha256 {info['corpus_sha256'][:8]}…)"
+                           if info.keys() >= {"corpus", "corpus_bytes", "corpus_sha256"} else "unknown")]
+    if info.keys() >= {"steps", "tokens_seen", "wall_time_s"}:
         rows.append(("Training", f"{info['steps']:,} steps · {info['tokens_seen']:,} tokens · "
                                  f"{info['wall_time_s'] / 60:.1f} min"))
-    if "val_nats_per_token" in info:
+    if info.keys() >= {"val_nats_per_token", "val_nats_per_char"}:
         rows.append(("Val loss", f"{info['val_nats_per_token']:.4f} nats/token · "
                                  f"{info['val_nats_per_char']:.4f} nats/char (before quantization)"))
     facts = "\n".join(f"- **{k}**: {v}" for k, v in rows)

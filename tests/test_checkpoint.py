@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gptgen.checkpoint import (
+    RECORD_FIELDS,
     TIED,
     ModelFileError,
     atomic_write,
@@ -18,6 +19,7 @@ from gptgen.checkpoint import (
     load_optimizer,
     save_model,
     save_optimizer,
+    training_info,
 )
 from gptgen.config import GPTConfig
 from gptgen.quantize import quantize_state_dict
@@ -228,6 +230,26 @@ def test_any_metadata_is_loaded_or_a_clear_error(small_file, tmp_path, changes):
         load_model(path)
     except ModelFileError:
         pass
+
+
+RECORD = st.dictionaries(st.sampled_from([*RECORD_FIELDS, "date"]), JSON | st.floats(), max_size=8)
+
+
+@FUZZ
+@given(st.one_of(RECORD, JSON))
+def test_any_training_record_reaches_the_page_and_the_card_without_an_exception(tmp_path, record):
+    """A record that was not an object, or a field of another type, crashed the page's model panel, the Hub card
+    and `gptgen eval`: only loading was fuzzed."""
+    from types import SimpleNamespace
+
+    from gptgen import hub, web
+
+    model = tiny_model(vocab_size=256)
+    save_model(tmp_path / "m.safetensors", model.state_dict(), model.config, training=record)
+    metadata = load_model_file(tmp_path / "m.safetensors")[2]
+    assert isinstance(training_info(metadata), dict)
+    assert "### m" in web.model_card("m", SimpleNamespace(config=model.config, metadata=metadata))[0]
+    assert "# my-model" in hub.model_card(tmp_path / "m.safetensors", "you/my-model")
 
 
 def test_the_umask_is_read_without_being_set(monkeypatch):

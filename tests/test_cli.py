@@ -486,6 +486,18 @@ def test_eval_refuses_a_block_longer_than_the_models_context(capsys, small_text,
     assert status == 2 and "--block-size must be between 1 and the model's context (16)" in err, err
 
 
+@pytest.mark.parametrize("training, block", [({"recipe": {"block_size": 8}}, 8), ({"recipe": {"block_size": "8"}}, 16),
+                                             ({"recipe": [8]}, 16), ([8], 16)])
+def test_eval_scores_in_the_trained_block_when_the_record_gives_a_whole_one(capsys, small_text, tmp_path, training,
+                                                                             block):
+    """A record that gave it as text (edited by hand) was a TypeError."""
+    from tests.test_model import tiny_model_file
+
+    model = tiny_model_file(tmp_path / "m.safetensors", training=training)
+    status, out, err = run_main(capsys, "eval", model, "--data", small_text, "--json")
+    assert status == 0 and json.loads(out)["block_size"] == block, err
+
+
 def test_quantize_refuses_an_int8_model(capsys, tiny_file, tmp_path):
     """Quantizing int8 weights again would write a broken (or pointless) file; the user is told instead."""
     assert run_main(capsys, "quantize", tiny_file, tmp_path / "i8.safetensors")[0] == 0
