@@ -297,7 +297,14 @@ def served_name(folder: Path, file: Path) -> str:
     return file.parent.name if file.stem == "model" else f"{file.parent.name}-{file.stem.removeprefix('model-')}"
 
 
-def given_name(file: Path) -> str:
+def given_name(file: str | os.PathLike) -> str:
     """The name of a model file given by its path: a run's model files by their run folder, as `--models` names them
-    (runs/my/model-int8.safetensors is my-int8), any other file by its stem."""
-    return served_name(file.parent.parent, file) if file.stem.split("-")[0] == "model" else file.stem
+    (runs/my/model-int8.safetensors is my-int8), one in the Hugging Face cache by its repository's name (not the
+    name of the blob its link leads to, nor of the commit's folder), any other file by its stem."""
+    file = Path(os.path.abspath(file))  # model.safetensors given in its run folder is named by the folder too
+    if file.stem.split("-")[0] != "model":
+        return file.stem
+    snapshots = file.parent.parent  # the cache's models--OWNER--NAME/snapshots/COMMIT/model.safetensors
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        file = Path(snapshots.parent.name.split("--")[-1], file.name)
+    return served_name(file.parent.parent, file)

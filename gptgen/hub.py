@@ -253,8 +253,7 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
     for f in sorted(package.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:
             files[f"gptgen/{f.relative_to(package).as_posix()}"] = f
-    model = Path(model_path).resolve()
-    name = given_name(model)
+    model, name = Path(model_path), given_name(model_path)
     _, metadata = read_safetensors(model, with_tensors=False)
     training = training_info(metadata)
     origin = imported_from(training)

@@ -111,7 +111,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
     names = _gguf_names(config.n_layer)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, "gpt2")
-        w.add_name(given_name(Path(model_path).resolve()))  # a run's model.safetensors by its run folder's name
+        w.add_name(given_name(model_path))  # a run's model.safetensors by its run folder's name
         w.add_context_length(config.block_size)
         w.add_embedding_length(config.n_embd)
         w.add_feed_forward_length(4 * config.n_embd)

@@ -227,6 +227,28 @@ def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learne
         hub.space_files(BUNDLED)
 
 
+def test_a_model_from_the_hub_cache_is_named_by_its_repository(api, tmp_path, monkeypatch):
+    """The cache's model.safetensors is a link to blobs/SHA256: the Space's file and the GGUF name were that hash."""
+    import gguf
+
+    from gptgen.checkpoint import given_name
+    from gptgen.interop import export_gguf
+    from tests.test_model import tiny_model_file
+
+    repo = tmp_path / "hub" / "models--you--my-model"
+    for folder in ("blobs", "snapshots/c0ffee"):
+        (repo / folder).mkdir(parents=True)
+    blob = tiny_model_file(repo / "blobs" / ("ab" * 32), training={"corpus": "poems.txt"})
+    (repo / "snapshots" / "c0ffee" / "model.safetensors").symlink_to(blob)
+    cached = repo / "snapshots" / "c0ffee" / "model.safetensors"
+    assert "models/my-model.safetensors" in hub.space_files(cached)
+    export_gguf(cached, tmp_path / "m.gguf", "f16")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.name"].contents() == "my-model"
+    (tmp_path / "runs" / "my").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs" / "my")  # given in its run folder, by its bare name
+    assert given_name("model-int8.safetensors") == "my-int8"
+
+
 def test_push_takes_a_run_folder_as_its_model(api, tmp_path, capsys):
     from gptgen.cli import main
 
