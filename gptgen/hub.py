@@ -270,15 +270,19 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
 
 
 def push_space(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> str:
-    """Create or update a Gradio Space that serves the model with gptgen's page."""
-    from huggingface_hub import CommitOperationAdd
+    """Create or update a Gradio Space that serves the model with gptgen's page. An update also deletes what an
+    earlier push left in models/ and gptgen/ (another model, which the page would offer too; a removed module)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     check_hub_id(repo_id)
     load_model_file(model_path)
     api = _api()
+    files = space_files(model_path)
     operations = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
-                  for path, data in space_files(model_path).items()]
+                  for path, data in files.items()]
     with _hub_call(repo_id):
         url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        operations += [CommitOperationDelete(path) for path in api.list_repo_files(repo_id, repo_type="space")
+                       if path.startswith(("models/", "gptgen/")) and path not in files]
         api.create_commit(repo_id, operations, repo_type="space", commit_message="gptgen: update the Space")
     return str(url)

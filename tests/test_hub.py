@@ -150,15 +150,18 @@ class FakeApi:
     """Records what gptgen asks the Hub to do."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.files = [], []  # files: what the repository holds already
+
+    def list_repo_files(self, repo_id, **kwargs):
+        return self.files
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}"
 
     def create_commit(self, repo_id, operations, **kwargs):
-        self.calls.append(("create_commit", repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations},
-                           kwargs))
+        self.calls.append(("create_commit", repo_id,  # a deletion as None
+                           {op.path_in_repo: getattr(op, "path_or_fileobj", None) for op in operations}, kwargs))
 
 
 @pytest.fixture
@@ -210,6 +213,17 @@ def test_push_space_sends_app_package_requirements_header_and_model(api):
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
     assert 'short_description: "A GPT-2 trained by gptgen on tinyshakespeare.txt, int8"' in readme
     assert "pyproject.toml" not in files  # the Space imports the package from its folder
+
+
+def test_a_space_pushed_again_with_another_model_keeps_only_the_new_one(api):
+    """An earlier push's model stayed in the Space, which then offered both (and opened on the first by name)."""
+    api.files = [".gitattributes", "README.md", "app.py", "models/old-model.safetensors", "gptgen/removed.py",
+                 "gptgen/model.py", f"models/{BUNDLED.name}", "notes/mine.md"]
+    hub.push_space(BUNDLED, "owner/space")
+    files = api.calls[-1][2]
+    assert {path for path, data in files.items() if data is None} == {"models/old-model.safetensors",
+                                                                      "gptgen/removed.py"}
+    assert files[f"models/{BUNDLED.name}"] == str(BUNDLED) and "notes/mine.md" not in files  # not gptgen's: kept
 
 
 def test_a_space_names_a_run_folders_model_as_serve_does_and_says_what_it_learned(api, tmp_path, monkeypatch):
