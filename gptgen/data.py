@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from gptgen.checkpoint import atomic_write
 from gptgen.config import GptgenError, cache_dir
+from gptgen.device import available_cpus
 from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 
@@ -89,7 +90,7 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
         bar.update(len(piece))
         return ids
 
-    with bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # tiktoken lets go of the GIL while it encodes
+    with bar, ThreadPoolExecutor(available_cpus()) as pool:  # tiktoken lets go of the GIL while it encodes
         ids = np.concatenate(list(pool.map(encode_piece, parts)))
     try:
         atomic_write(path, ids.tobytes())

@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 
 import torch
 
 from gptgen.config import DTYPES, ConfigError
+
+CPU_QUOTA = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "QUOTA PERIOD" (microseconds), or "max PERIOD" for none
+
+
+def available_cpus() -> int:
+    """The cores this process may use: its affinity, capped by its cgroup's CPU quota, which the affinity does not
+    show (a container's --cpus, a Space's vCPUs on a bigger host: threads for every host core would spin on 2)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    try:
+        with open(CPU_QUOTA) as f:
+            quota, period = f.read().split()
+        return min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 file (not Linux, v1), or "max": no quota
+        return cpus
 
 
 def pick_device(name: str = "auto") -> torch.device:

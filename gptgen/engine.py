@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import multiprocessing
-import os
 import queue
 import sys
 import threading
@@ -62,7 +61,9 @@ def _at_exit() -> None:
 
 def default_threads() -> int:
     """All cores but one for the engine's torch ops (at least one)."""
-    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2) - 1)
+    from gptgen.device import available_cpus
+
+    return max(1, available_cpus() - 1)
 
 
 class Engine:

@@ -286,3 +286,17 @@ def test_the_engine_takes_all_cores_but_one(monkeypatch):
     assert default_threads() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_threads() == 1
+
+
+@pytest.mark.parametrize("quota, threads", [("200000 100000\n", 1), ("150000 100000\n", 1), ("350000 100000\n", 3),
+                                            ("max 100000\n", 7), ("garbled\n", 7), (None, 7)])
+def test_the_engine_counts_the_cores_a_cpu_quota_leaves_it(monkeypatch, tmp_path, quota, threads):
+    """A container limited to 2 CPUs on a 16-core host (a Space) sees all 16 in its affinity: 15 spinning threads."""
+    import gptgen.device
+    from gptgen.engine import default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    if quota is not None:
+        (tmp_path / "cpu.max").write_text(quota)
+    monkeypatch.setattr(gptgen.device, "CPU_QUOTA", str(tmp_path / "cpu.max"))
+    assert default_threads() == threads
