@@ -24,7 +24,7 @@ from pathlib import Path
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from gptgen.checkpoint import ModelFileError, config_of, given_name, read_config, read_safetensors, served_name
-from gptgen.config import STEP_FILES, GptgenError, bundled_model
+from gptgen.config import STEP_FILES, GPTConfig, GptgenError, bundled_model
 from gptgen.engine import BATCH_ROWS, Engine, EngineError, ServerBusy
 from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 
@@ -57,14 +57,20 @@ class ModelShelf:
     def names(self) -> list[str]:
         return list(self.paths)
 
-    def get(self, name: str) -> TextModel:
+    def about(self, name: str) -> tuple[GPTConfig, dict[str, str]]:
+        """A model's config and metadata, from its file's header: what the page's card shows, without loading it
+        (a load pauses every other model's decoding)."""
         if name not in self.paths:
             raise UnknownModel(f"unknown model {name!r}; this server has: {', '.join(self.paths)}")
+        return self._configs[name], self._metadata[name]
+
+    def get(self, name: str) -> TextModel:
+        config, metadata = self.about(name)
         if name in self._loaded:  # without waiting behind another model's load
             return self._loaded[name]
         with self._lock:  # one load per model, however many requests ask for it at once
             if name not in self._loaded:
-                model = TextModel(None, self._metadata[name], self._configs[name])  # refuses a model it cannot read
+                model = TextModel(None, metadata, config)  # refuses a model it cannot read
                 self.engine.load(name, str(self.paths[name]))
                 self._loaded[name] = model
         return self._loaded[name]

@@ -15,8 +15,9 @@ import gradio as gr
 import pandas as pd
 
 from gptgen.checkpoint import imported_from, training_info
+from gptgen.config import GPTConfig
 from gptgen.engine import EngineError
-from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats, TextModel
+from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats
 from gptgen.serve import ModelShelf
 
 log = logging.getLogger(__name__)
@@ -62,20 +63,20 @@ def _count(n: int, what: str) -> str:
     return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
-def model_card(name: str, model: TextModel) -> tuple[str, pd.DataFrame]:
-    """(markdown, loss-curve rows) for the model panel, from the file's own metadata."""
+def model_card(name: str, c: GPTConfig, metadata: dict[str, str]) -> tuple[str, pd.DataFrame]:
+    """(markdown, loss-curve rows) for the model panel, from the file's own config and metadata."""
     import torch
 
     from gptgen.model import GPT
 
-    c, info = model.config, training_info(model.metadata)
+    info = training_info(metadata)
     with torch.device("meta"):
         params = GPT(c).num_params()
     imported = f"imported from {origin}" if (origin := imported_from(info)) else "custom"
     rows = [("Preset", info.get("preset", imported)),
             ("Size", f"{params / 1e6:.1f}M parameters · {c.n_layer} layers · {c.n_head} heads · {c.n_embd} dims · "
                      f"context {c.block_size}"),
-            ("Weights", "int8 (per-row scales)" if model.metadata.get("quantization") == "int8" else "float"),
+            ("Weights", "int8 (per-row scales)" if metadata.get("quantization") == "int8" else "float"),
             ("Trained on", f"{info['corpus']} ({info['corpus_bytes']:,} bytes, sha256 {info['corpus_sha256'][:8]}…)"
                            if info.keys() >= {"corpus", "corpus_bytes", "corpus_sha256"} else "unknown")]
     if info.keys() >= {"steps", "tokens_seen", "wall_time_s"}:
@@ -158,10 +159,10 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     def show_model(model_name):
         """The picked model's card and curve."""
-        card, curve = model_card(model_name, shelf.get(model_name))
+        card, curve = model_card(model_name, *shelf.about(model_name))  # not loaded: that waits for a request
         return card, gr.LinePlot(curve, visible=not curve.empty)
 
-    card, curve = model_card(default, shelf.get(default))
+    card, curve = model_card(default, *shelf.about(default))
     with gr.Blocks(title="gptgen") as app:
         gr.Markdown("# gptgen\nA small GPT-2 trained by gptgen. Type the start of a text and it continues it. "
                     "Programs can use this server too: *Use via API* below, or the OpenAI-compatible API at `/v1`.")

@@ -240,15 +240,13 @@ RECORD = st.dictionaries(st.sampled_from([*RECORD_FIELDS, "date"]), JSON | st.fl
 def test_any_training_record_reaches_the_page_and_the_card_without_an_exception(tmp_path, record):
     """A record that was not an object, or a field of another type, crashed the page's model panel, the Hub card
     and `gptgen eval`: only loading was fuzzed."""
-    from types import SimpleNamespace
-
     from gptgen import hub, web
 
     model = tiny_model(vocab_size=256)
     save_model(tmp_path / "m.safetensors", model.state_dict(), model.config, training=record)
     metadata = load_model_file(tmp_path / "m.safetensors")[2]
     assert isinstance(training_info(metadata), dict)
-    assert "### m" in web.model_card("m", SimpleNamespace(config=model.config, metadata=metadata))[0]
+    assert "### m" in web.model_card("m", model.config, metadata)[0]
     assert "# my-model" in hub.model_card(tmp_path / "m.safetensors", "you/my-model")
 
 

@@ -113,17 +113,38 @@ def test_the_stats_say_the_model_saw_only_its_context_when_the_prompt_was_longer
     assert "saw its last" not in stats_line(Stats(prompt_tokens=128, new_tokens=2), 128)
 
 
+def test_picking_a_model_shows_its_card_without_loading_it(monkeypatch):
+    """The pick loaded the model in the engine, which decodes nothing for anyone while it loads (tens of seconds
+    compiling on CUDA): a visitor browsing the list stalled every stream."""
+    from gptgen.serve import ModelShelf, UnknownModel
+    from gptgen.web import build_app
+
+    shelf = ModelShelf({"a": BUNDLED, "b": BUNDLED})
+    loads = []
+    monkeypatch.setattr(shelf.engine, "load", lambda name, path: loads.append(name))
+    app = build_app(shelf, "a")
+    show_model = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "show_model")
+    card, _ = show_model("b")
+    assert card.startswith("### b\n") and "16.1M parameters" in card and loads == []
+    with pytest.raises(UnknownModel, match="unknown model 'c'"):
+        show_model("c")
+    shelf.get("b")  # its first request loads it
+    assert loads == ["b"]
+
+
 def test_the_model_panel_says_how_a_model_was_made_or_where_it_was_imported_from(tmp_path):
     from gptgen.interop import export_hf, import_hf
     from gptgen.web import model_card
 
-    text, curve = model_card("bundled", gptgen.load(BUNDLED))
+    bundled = gptgen.load(BUNDLED)
+    text, curve = model_card("bundled", bundled.config, bundled.metadata)
     assert "**Preset**: mini" in text and "**Trained on**: tinyshakespeare.txt (1,115,394 bytes" in text
     assert len(curve) > 10
     export_hf(BUNDLED, tmp_path / "hf")
     (tmp_path / "hf" / "gptgen.json").unlink()  # a plain transformers GPT-2, as openai-community/gpt2 is
     import_hf(tmp_path / "hf", tmp_path / "gpt2.safetensors", origin="openai-community/gpt2@" + "c" * 40)
-    text, curve = model_card("gpt2", gptgen.load(tmp_path / "gpt2.safetensors"))
+    imported = gptgen.load(tmp_path / "gpt2.safetensors")
+    text, curve = model_card("gpt2", imported.config, imported.metadata)
     assert f"**Preset**: imported from openai-community/gpt2@{'c' * 40}" in text and "**Weights**: float" in text
     assert "**Trained on**: unknown" in text and curve.empty
 
