@@ -353,11 +353,13 @@ def _read_prompt(args: argparse.Namespace) -> str:
         return args.prompt
     if args.prompt:
         raise GptgenError("give the prompt as an argument or with --prompt-file, not both")
+    from gptgen.data import decode_text
+
     try:
-        return sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise GptgenError(f"cannot read --prompt-file {args.prompt_file!r}: {getattr(e, 'strerror', None) or e}"
-                          ) from None
+        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+    except OSError as e:
+        raise GptgenError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror or e}") from None
+    return decode_text(raw, f"--prompt-file {args.prompt_file!r}")  # as training reads its text
 
 
 def cmd_export(args: argparse.Namespace) -> int:

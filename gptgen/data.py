@@ -26,20 +26,31 @@ class DataError(GptgenError):
 def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     """The file's text and raw bytes, or a DataError that a user can act on."""
     path = Path(path)
+    what = f"data file {str(path)!r}"
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
+        raise DataError(f"{what} does not exist or is not a file; pass a UTF-8 text file")
     raw = path.read_bytes()
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # a byte order mark alone is no text either
-        raise DataError(f"data file {str(path)!r} is empty; pass a UTF-8 text file with some text in it")
+        raise DataError(f"{what} is empty; pass a UTF-8 text file with some text in it")
+    return decode_text(raw, what), raw
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """UTF-8 bytes as every text gptgen reads is read (a training text, a prompt file): a byte order mark dropped,
+    line ends as they are (a text with \\r\\n trains on them, so its prompts keep them too); or a DataError
+    that names `what` and the conversion to run."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 text has NUL bytes only where it is mostly ASCII
+        raise DataError(f"{what} is UTF-16 text (it starts with UTF-16's byte order mark); convert it to UTF-8, "
+                        "e.g. iconv -f utf-16 -t utf-8")
     if b"\x00" in raw:
-        raise DataError(f"data file {str(path)!r} looks binary (it contains NUL bytes; UTF-16 text "
-                        "does too: convert it to UTF-8); pass a UTF-8 text file")
+        raise DataError(f"{what} looks binary (it contains NUL bytes; UTF-16 text does too: convert it to UTF-8); "
+                        "pass a UTF-8 text file")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise DataError(f"data file {str(path)!r} is not valid UTF-8 (bad byte at offset {e.start}); "
-                        "convert it, e.g. iconv -f latin1 -t utf-8") from None
-    return text.removeprefix("\ufeff"), raw
+        raise DataError(f"{what} is not valid UTF-8 (bad byte at offset {e.start}); convert it from the encoding "
+                        "it was written in, e.g. iconv -f cp1252 -t utf-8 for most Windows texts (latin1 gives "
+                        "their quotes and dashes as control characters)") from None
 
 
 PIECE_CHARS = 1 << 20

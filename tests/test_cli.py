@@ -337,6 +337,23 @@ def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):
     assert r.returncode == 2 and "cannot read --prompt-file" in r.stderr and "No such file" in r.stderr
 
 
+def test_a_prompt_file_is_read_as_a_training_text_is(capsys, tmp_path):
+    """It kept a UTF-8 byte order mark (3 tokens the model never saw) and turned \\r\\n into \\n, which a model
+    trained on a Windows text (training keeps both as they are) never saw either."""
+    from tests.test_model import tiny_model_file
+
+    model = tiny_model_file(tmp_path / "m.safetensors")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\xef\xbb\xbfROMEO:\r\nI")
+    flags = ["--max-new-tokens", 4, "--seed", 1, "--json"]
+    by_file = json.loads(run_main(capsys, "generate", model, "--prompt-file", prompt, *flags)[1])
+    by_arg = json.loads(run_main(capsys, "generate", model, "ROMEO:\r\nI", *flags)[1])
+    assert (by_file["text"], by_file["prompt_tokens"]) == (by_arg["text"], by_arg["prompt_tokens"])
+    prompt.write_bytes("ROMEO".encode("utf-16"))
+    status, _, err = run_main(capsys, "generate", model, "--prompt-file", prompt)
+    assert status == 2 and f"--prompt-file {str(prompt)!r} is UTF-16 text" in err, err
+
+
 @pytest.mark.parametrize("args", [["quantize", "{model}", "{out}/q.safetensors"],
                                   ["export", "{model}", "{out}/hf", "--format", "hf"],
                                   ["export", "{model}", "{out}/m.gguf"]])

@@ -58,7 +58,9 @@ def test_tokens_are_cached_by_content(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"), (b"", "empty"), (b"  \n ", "empty"), (b"\xef\xbb\xbf\n", "empty"),
-    (b"abc\x00def", "binary"), (b"caf\xe9 au lait", "not valid UTF-8"),
+    (b"abc\x00def", "binary"), (b"caf\xe9 au lait", "not valid UTF-8.*iconv -f cp1252 -t utf-8"),
+    ("\ufeff日本語のテキストです".encode("utf-16-le"), "is UTF-16 text.*iconv -f utf-16 -t utf-8"),  # no NUL byte
+    ("\ufeff日本語".encode("utf-16-be"), "is UTF-16 text"),
 ])
 def test_bad_data_files(tmp_path, content, message):
     path = tmp_path / "data.txt"
