@@ -356,7 +356,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     # A Ctrl-C stops the run at the end of a step, saved (the RNG, the optimizer and the files then agree on one
     # step, so resuming is exact), and under torchrun every process at the same step: it reaches them at
     # slightly different moments, and processes that stop at different steps wait for each other forever.
-    with sigint_noted() as ctrl_c:
+    with sigint_noted() as ctrl_c, bar:  # the bar closed also when an error stops the run, before its message
         while True:
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
             for group in optimizer.param_groups:
@@ -393,6 +393,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 recent = recent_sum.item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
             if log_row:
+                _stop_if_diverged(run, cfg, progress, world, train_loss=recent)
                 if rank == 0:
                     row = _metrics_row(progress, corpus, lr, recent)
                     if done and progress.target_reached is not None and not len(corpus.val):
@@ -413,9 +414,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
             if done or interrupted:
                 interrupted = interrupted and not done  # a Ctrl-C on the last step: the run is complete anyway
                 break
-    if progress.epochs_unprinted:  # the last short epochs, which waited for their line
-        epoch_loss.print_line(progress, int(progress.unprinted_step // steps_per_epoch), bar)
-    bar.close()
+        if progress.epochs_unprinted:  # the last short epochs, which waited for their line
+            epoch_loss.print_line(progress, int(progress.unprinted_step // steps_per_epoch), bar)
     scored = math.isfinite(progress.best_val)  # not with --val-fraction 0
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
@@ -617,6 +617,8 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     result = None if not len(corpus.val) else evaluate(
         judged, corpus.val, corpus.val_chars, block_size=cfg.block_size, batch_size=cfg.eval_batch_size,
         device=device, autocast=autocast, progress=rank == 0)
+    _stop_if_diverged(run, cfg, progress, world, train_loss=train_loss,
+                      **({"val_loss": result.nats_per_token} if result is not None else {}))
     improved = result is not None and result.nats_per_token < progress.best_val
     keep = improved or result is None or cfg.target_loss is not None  # fitting the text: the latest is the model
     if improved:
@@ -648,6 +650,21 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     if dist.is_initialized():
         dist.barrier()
     return (None if result is None else result.nats_per_token), sample
+
+
+def _stop_if_diverged(run: RunDir, cfg: TrainConfig, progress: Progress, world: int, **losses: float) -> None:
+    """Stops a run whose loss is no longer a number (NaN or inf: a learning rate too high, mostly) before it logs,
+    samples or saves it, so its files keep their last save. Under DDP every rank stops at the same step."""
+    diverged = torch.tensor(float(not all(map(math.isfinite, losses.values()))))
+    if world > 1:
+        dist.all_reduce(diverged, op=dist.ReduceOp.MAX)  # a rank's own loss may be the one that is not a number
+    if diverged.item():
+        saved = run.state()
+        kept = (f"the run's files keep step {saved['progress']['step']:,}, its last save" if saved
+                else "nothing was saved")
+        figures = ", ".join(f"{name.replace('_', ' ')} {value:.4g}" for name, value in losses.items())
+        raise GptgenError(f"training diverged at step {progress.step:,} ({figures}); {kept}. Start again with a lower "
+                          f"--lr (this run's is {cfg.lr:g}) or a longer --warmup-steps")
 
 
 def _sample(model: GPT, cfg: TrainConfig) -> str:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
-from gptgen.config import LOSS_WINDOW, ConfigError, TrainConfig
+from gptgen.config import LOSS_WINDOW, ConfigError, GptgenError, TrainConfig
 from gptgen.data import load_corpus
 from gptgen.evaluate import evaluate
 from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
@@ -725,6 +725,23 @@ def test_the_bar_shows_the_loss_of_slow_steps_between_metrics_lines(small_text, 
     shown = re.findall(r"loss (\d+\.\d+), val", capsys.readouterr().err)
     # step 1 has a metrics line; steps 2-5 show the mean since it: 2, 2.5, 3, 3.5; step 6's line too
     assert [float(x) for x in dict.fromkeys(shown)] == [1.0, 2.0, 2.5, 3.0, 3.5, 4.0], shown
+
+
+def test_a_loss_that_is_no_longer_a_number_stops_the_run_and_keeps_its_last_save(small_text, tmp_path, monkeypatch):
+    """A NaN loss crashed the eval's sample (torch.multinomial), or without a sample ended "done" with no model file
+    and NaN in metrics.jsonl."""
+    import gptgen.train
+
+    steps_run = itertools.count(1)
+    monkeypatch.setattr(gptgen.train, "optimizer_step",  # from step 3 the loss is NaN
+                        lambda model, optimizer, batches, **_: torch.tensor(1.0 if next(steps_run) < 3 else math.nan))
+    run = tmp_path / "run"
+    with pytest.raises(GptgenError, match=r"training diverged at step 4 \(train loss nan, val loss \d+\.\d+\); the "
+                                          r"run's files keep step 2, its last save\. Start again with a lower --lr "
+                                          r"\(this run's is 0\.001\)"):
+        train(config(small_text, run, steps=10, eval_interval=2, lr=1e-3))
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and _state_is_whole(run) == 2
 
 
 def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
