@@ -154,10 +154,11 @@ class TrainConfig:
             raise ConfigError("give a budget: --steps N, --epochs E and/or --minutes M")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ConfigError(f"--minutes must be positive, got {self.minutes}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        # upper limits far past any run, short of the overflow that a time or step count of 1e308 would be
+        if self.minutes is not None and not 0 < self.minutes <= 1e7:
+            raise ConfigError(f"--minutes must be positive and at most 1e7 (19 years), got {self.minutes}")
+        if self.epochs is not None and not 0 < self.epochs <= 1e9:
+            raise ConfigError(f"--epochs must be positive and at most 1e9, got {self.epochs}")
         if self.target_loss is not None and not self.target_loss > 0:
             raise ConfigError(f"--target-loss must be positive, got {self.target_loss}")
         if self.trim_vocab and self.init:

@@ -52,6 +52,8 @@ def test_unknown_preset_names_the_choices():
     (dict(weight_decay=-1.0), "--weight-decay"), (dict(seed=-1), "--seed"), (dict(dropout=1.5), "--dropout"),
     (dict(min_lr=2e-3), "--min-lr"), (dict(decay_steps=0), "--decay-steps"), (dict(warmup_steps=-1), "--warmup-steps"),
     (dict(target_loss=0.0), "--target-loss"), (dict(grad_clip=-1.0), "--grad-clip"), (dict(epochs=0.0), "--epochs"),
+    (dict(epochs=1e308), "--epochs must be positive and at most 1e9"),  # an overflow in the step count
+    (dict(minutes=1e307), "--minutes must be positive and at most 1e7"),  # ... in the time left
     (dict(block_size=0), "--block-size"), (dict(compile="yes"), "--compile"),
     (dict(eval_interval=0), "--eval-interval"), (dict(sample_tokens=-1), "--sample-tokens"),
     (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
