@@ -256,13 +256,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.checkpoint import load_model, training_info
     from gptgen.config import ConfigError
-    from gptgen.data import load_corpus
+    from gptgen.data import check_data_file, load_corpus
     from gptgen.device import keep_freed_memory, pick_device
     from gptgen.evaluate import evaluate_corpus, held_out, trained_share
     from gptgen.hub import resolve
 
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    check_data_file(args.data)  # before the model's download and load
     device = pick_device(args.device)
     model, metadata = load_model(resolve(args.model), device)
     info = training_info(metadata)

@@ -23,12 +23,16 @@ class DataError(GptgenError):
     """The data file cannot be used."""
 
 
+def check_data_file(path: str | os.PathLike) -> None:
+    if not Path(path).is_file():
+        raise DataError(f"data file {str(path)!r} does not exist or is not a file; pass a UTF-8 text file")
+
+
 def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     """The file's text and raw bytes, or a DataError that a user can act on."""
     path = Path(path)
     what = f"data file {str(path)!r}"
-    if not path.is_file():
-        raise DataError(f"{what} does not exist or is not a file; pass a UTF-8 text file")
+    check_data_file(path)
     raw = path.read_bytes()
     if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # a byte order mark alone is no text either
         raise DataError(f"{what} is empty; pass a UTF-8 text file with some text in it")

@@ -40,7 +40,7 @@ from gptgen.config import (
     GptgenError,
     TrainConfig,
 )
-from gptgen.data import Corpus, DataError, EpochWindows, load_corpus, sample_batch
+from gptgen.data import Corpus, DataError, EpochWindows, check_data_file, load_corpus, sample_batch
 from gptgen.device import allow_tf32, autocast_for, pick_device
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.generate import TextModel
@@ -116,15 +116,23 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    def check_writable(self) -> None:
+    def check_writable(self, keep: bool = True) -> None:
+        """Makes the run's folder, or refuses an --out that cannot be written; `keep=False` removes what it made (a
+        check before the rest of the setup, which may yet refuse the run: a refused run leaves nothing)."""
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]  # the deepest first
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
+            keep = False
             raise ConfigError(f"cannot write to --out {str(self.path)!r} ({e.strerror}); choose a writable "
                               "directory") from None
+        finally:
+            for folder in made if not keep else []:
+                with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile; keep it
+                    folder.rmdir()
 
     def foreign_files(self) -> list[str]:
         """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""
@@ -270,6 +278,12 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if foreign:
         raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+    if resume and not Path(cfg.data).is_file():
+        raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
+                          f"--resume {cfg.out} --data NEW_PATH")
+    check_data_file(cfg.data)  # this and --out before --init's download and tokenizing, which either would waste
+    if rank == 0:
+        run.check_writable(keep=False)
     pretrained = None
     if cfg.init and resume:  # the weights come from the state: the --init source may have moved, or be offline
         base = checkpoint.read_config(run.path / saved["weights"])
@@ -284,9 +298,6 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     cfg.block_size = cfg.block_size or model_config.block_size
     device = pick_device(cfg.device)
     allow_tf32(device)
-    if resume and not Path(cfg.data).is_file():
-        raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
-                          f"--resume {cfg.out} --data NEW_PATH")
     corpus = load_corpus_once_per_machine(cfg, rank)
     if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
         raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "

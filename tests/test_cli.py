@@ -103,6 +103,14 @@ def test_bad_train_input_is_one_clear_line(case, small_text, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_refuses_a_missing_text_before_it_loads_the_model(capsys, monkeypatch, tmp_path):
+    import gptgen.checkpoint
+
+    monkeypatch.setattr(gptgen.checkpoint, "load_model", lambda *_: pytest.fail("loaded first"))
+    status, _, err = run_main(capsys, "eval", "you/not-fetched", "--data", tmp_path / "none.txt")
+    assert status == 2 and "data file" in err and "does not exist" in err, err
+
+
 def test_bad_eval_input(tmp_path, small_text):
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(b"\x80\x04\x95" + b"pickle" * 20)

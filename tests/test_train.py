@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from gptgen.checkpoint import load_model
 from gptgen.config import LOSS_WINDOW, ConfigError, GptgenError, TrainConfig
-from gptgen.data import load_corpus
+from gptgen.data import DataError, load_corpus
 from gptgen.evaluate import evaluate
 from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
 from tests.conftest import CORPUS, ROOT, sigint_as_usual
@@ -742,6 +742,22 @@ def test_a_loss_that_is_no_longer_a_number_stops_the_run_and_keeps_its_last_save
         train(config(small_text, run, steps=10, eval_interval=2, lr=1e-3))
     rows = [json.loads(line, parse_constant=pytest.fail) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and _state_is_whole(run) == 2
+
+
+def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(small_text, tmp_path, monkeypatch):
+    """An unwritable --out was found only after the whole text was tokenized (34 s for 500 MB), and a missing --data
+    after --init's download; neither check leaves a folder behind."""
+    import gptgen.interop
+    import gptgen.train
+
+    monkeypatch.setattr(gptgen.train, "load_corpus_once_per_machine", lambda *_: pytest.fail("tokenized first"))
+    monkeypatch.setattr(gptgen.interop, "read_hf", lambda *_: pytest.fail("downloaded first"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write to --out"):
+        train(config(small_text, tmp_path / "a-file" / "run"))
+    with pytest.raises(DataError, match="does not exist"):
+        train(config(tmp_path / "none.txt", tmp_path / "new" / "run", init="gpt2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
