@@ -140,7 +140,8 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     return _fetch(snapshot_download, repo_id, revision,
-                  allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "gptgen.json"])
+                  allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json",
+                                  "model-*-of-*.safetensors", "gptgen.json"])  # what import reads, no more
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:

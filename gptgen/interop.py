@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -151,6 +152,7 @@ HF_AS_GPTGEN = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_
                 "layer_norm_epsilon": 1e-5}  # transformers' GPT-2 options that change the maths, as gptgen computes
 HF_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}  # GPT2Config's
 VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
+HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"  # shards: model-00001-of-00002...
 
 
 @contextlib.contextmanager
@@ -172,8 +174,6 @@ def _fresh_dir(out: Path) -> Iterator[Path]:
 
 def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """A directory that transformers loads (GPT2LMHeadModel, AutoTokenizer); int8 weights are dequantized."""
-    import json
-
     out = Path(out_dir)
     config, tensors, metadata = _float_tensors(model_path)
     with _fresh_dir(out) as tmp:
@@ -218,8 +218,6 @@ def _hf_folder(source: str | os.PathLike) -> Path:
 def read_hf(source: str | os.PathLike):
     """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory or Hub id (safetensors
     only)."""
-    import json
-
     from gptgen.config import GPTConfig
     from gptgen.model import GPT
 
@@ -237,6 +235,10 @@ def read_hf(source: str | os.PathLike):
     if not isinstance(hf, dict):
         raise ModelFileError(f"{str(folder / 'config.json')!r} is not a JSON object of settings")
     hf = {**HF_DEFAULTS, **hf}
+    sizes = {k: hf[k] for k in HF_DEFAULTS if isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1}
+    if sizes:
+        raise ModelFileError(f"{str(folder / 'config.json')!r} sets sizes that are not positive whole numbers: "
+                             f"{json.dumps(sizes)}")
     if hf.get("model_type") != "gpt2":
         raise ModelFileError(f"{str(folder)!r} holds a {hf.get('model_type')!r} model; gptgen imports GPT-2 only")
     if hf.get("activation_function", "gelu_new") not in HF_GELU or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
@@ -249,11 +251,7 @@ def read_hf(source: str | os.PathLike):
                              f"is GPT-2's, of {VOCAB:,}")
     config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                        block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        found = ", ".join(p.name for p in folder.iterdir())
-        raise ModelFileError(f"{str(folder)!r} has no .safetensors weights (found: {found}); gptgen never "
-                             "unpickles .bin files")
+    weights = _hf_weights(folder)
     tensors = {}
     for path in weights:
         for key, t in read_safetensors(path, what="weights file")[0].items():
@@ -279,10 +277,25 @@ def read_hf(source: str | os.PathLike):
     return config, tensors
 
 
+def _hf_weights(folder: Path) -> list[Path]:
+    """The weights files transformers wrote: model.safetensors, or the shards its index names. Not any other
+    safetensors file the folder holds (a gptgen file saved beside them, say), whose tensors would be taken in."""
+    index = folder / HF_INDEX
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+            return sorted({folder / name for name in shards})
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{str(index)!r} is not a transformers index of weights files ({e!r})") from None
+    if (folder / HF_WEIGHTS).is_file():
+        return [folder / HF_WEIGHTS]
+    found = ", ".join(sorted(p.name for p in folder.iterdir()))
+    raise ModelFileError(f"{str(folder)!r} has no {HF_WEIGHTS} (nor {HF_INDEX}) (found: {found}); gptgen never "
+                         "unpickles .bin files")
+
+
 def import_hf(source: str | os.PathLike, out: str | os.PathLike, origin: str | None = None) -> None:
     """A transformers GPT-2 as a new gptgen model file; `origin` is the source its record names (default: source)."""
-    import json
-
     out = new_file(out, ".safetensors")
     folder = _hf_folder(source)
     config, tensors = read_hf(folder)

@@ -212,8 +212,12 @@ def test_a_broken_transformers_folder_is_a_clear_error(tmp_path):
 
     _, folder = _hf_random(tmp_path)
     config = (folder / "config.json").read_text()
+    sizes = "sets sizes that are not positive whole numbers: "
     for text, message in [("{not json", "is not readable JSON"), ("[1]", "is not a JSON object of settings"),
-                          (json.dumps({**json.loads(config), "vocab_size": 1000}), "a vocabulary of 1,000 tokens; ")]:
+                          (json.dumps({**json.loads(config), "vocab_size": 1000}), "a vocabulary of 1,000 tokens; "),
+                          (json.dumps({**json.loads(config), "vocab_size": None}), sizes + '{"vocab_size": null}'),
+                          (json.dumps({**json.loads(config), "n_embd": "64"}), sizes + '{"n_embd": "64"}'),
+                          (json.dumps({**json.loads(config), "n_layer": True}), sizes + '{"n_layer": true}')]:
         (folder / "config.json").write_text(text)
         with pytest.raises(ModelFileError, match=message):
             import_hf(folder, tmp_path / "x.safetensors")
@@ -226,6 +230,23 @@ def test_a_broken_transformers_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelFileError, match="is not a readable safetensors file"):
         import_hf(folder, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@torch.no_grad()
+def test_import_reads_the_weights_transformers_wrote_and_no_other_file(tmp_path):
+    """Every *.safetensors file of the folder was read as weights: a gptgen file imported into it (a later one by
+    name overwrote the export's tensors). Sharded weights are read by their index."""
+    from gptgen.interop import import_hf
+
+    hf, folder = _hf_random(tmp_path)
+    import_hf(folder, folder / "zz-imported.safetensors")
+    import_hf(folder, tmp_path / "again.safetensors")
+    assert torch.allclose(_float_gptgen(tmp_path / "again.safetensors")(IDS)[0], hf(IDS).logits, atol=1e-4)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    import_hf(tmp_path / "sharded", tmp_path / "from-shards.safetensors")
+    assert torch.equal(_float_gptgen(tmp_path / "from-shards.safetensors")(IDS)[0],
+                       _float_gptgen(tmp_path / "again.safetensors")(IDS)[0])
 
 
 @torch.no_grad()
