@@ -47,7 +47,9 @@ def hub_id(text: str) -> str | None:
 
 
 def check_hub_id(repo_id: str) -> str:
-    if not is_hub_id(repo_id):
+    """A repository that push or pull names: owner/name, whatever this folder holds (a `you/` folder here makes
+    `you/my-model` a path for a model argument, not for these)."""
+    if not REPO_ID.match(repo_id) or ".." in repo_id:
         raise ModelFileError(f"{repo_id!r} is not a Hub repository id (owner/name: letters, digits, '-', '_', '.')")
     return repo_id
 

@@ -174,7 +174,7 @@ def _fresh_dir(out: Path) -> Iterator[Path]:
 
 def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """A directory that transformers loads (GPT2LMHeadModel, AutoTokenizer); int8 weights are dequantized."""
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." too: its temporary folder goes beside it, not inside
     config, tensors, metadata = _float_tensors(model_path)
     with _fresh_dir(out) as tmp:
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
@@ -202,10 +202,13 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
         for name, content in files.items():  # each written whole and synced, as the weights are, before the rename
             text = content + "\n" if isinstance(content, str) else json.dumps(content, indent=1, ensure_ascii=False)
             atomic_write(tmp / name, text.encode())  # UTF-8 whatever the locale: GPT-2's Ġ, ¡ ... are not ASCII
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        if out.exists():  # an empty folder the user made (their current one, say): filled, not replaced
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            fsync_dir(out)
+        else:
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
 
 
 def _hf_folder(source: str | os.PathLike) -> Path:

@@ -263,6 +263,15 @@ def test_a_model_from_the_hub_cache_is_named_by_its_repository(api, tmp_path, mo
     assert given_name("model-int8.safetensors") == "my-int8"
 
 
+def test_push_takes_a_repository_id_that_a_local_folder_shares_its_owner_with(api, tmp_path, monkeypatch):
+    """With a `you/` folder here, `push MODEL you/my-model` was "not a Hub repository id"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "you").mkdir()
+    assert hub.push(BUNDLED, "you/my-model") == "https://huggingface.co/you/my-model"
+    with pytest.raises(ModelFileError, match="not a Hub repository id"):
+        hub.push(BUNDLED, "you/../x")
+
+
 def test_push_takes_a_run_folder_as_its_model(api, tmp_path, capsys):
     from gptgen.cli import main
 

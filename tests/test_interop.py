@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -162,6 +163,22 @@ def test_hf_export_that_fails_part_way_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         gptgen.interop.export_hf(BUNDLED, tmp_path / "new" / "hf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_export_fills_an_empty_folder_the_current_one_too(tmp_path, monkeypatch):
+    """Into "." it failed ("Invalid argument": its temporary folder was made inside it); an empty folder is now
+    filled rather than replaced, so a shell standing in it sees the files."""
+    from gptgen.interop import export_hf, import_hf
+    from tests.conftest import BUNDLED
+
+    (tmp_path / "hf").mkdir()
+    folder = os.stat(tmp_path / "hf").st_ino
+    monkeypatch.chdir(tmp_path / "hf")
+    export_hf(BUNDLED, ".")
+    assert os.stat(".").st_ino == folder and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left beside it
+    import_hf(".", tmp_path / "back.safetensors")
+    assert torch.equal(_float_gptgen(tmp_path / "back.safetensors")(IDS)[0], _float_gptgen(BUNDLED)(IDS)[0])
 
 
 def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
