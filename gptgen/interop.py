@@ -29,6 +29,7 @@ from gptgen.checkpoint import (
     parents_made,
     read_safetensors,
     save_model,
+    training_info,
     user_mode,
     write_safetensors,
 )
@@ -195,7 +196,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
                                       "add_prefix_space": False},
             "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
             "gptgen.json": {"source": Path(model_path).name, "quantization": metadata.get("quantization", "none"),
-                            "training": json.loads(metadata.get("training", "{}"))},
+                            "training": training_info(metadata)},
             "vocab.json": {t: i for i, t in enumerate(tokens)},
             "merges.txt": "\n".join(["#version: 0.2", *merges]),
         }

@@ -120,19 +120,20 @@ class RunDir:
         """Makes the run's folder, or refuses an --out that cannot be written; `keep=False` removes what it made (a
         check before the rest of the setup, which may yet refuse the run: a refused run leaves nothing)."""
         made = [p for p in (self.path, *self.path.parents) if not p.exists()]  # the deepest first
+        error = None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            keep = False
-            raise ConfigError(f"cannot write to --out {str(self.path)!r} ({e.strerror}); choose a writable "
-                              "directory") from None
-        finally:
-            for folder in made if not keep else []:
-                with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile; keep it
-                    folder.rmdir()
+            error = e
+        for folder in made if error or not keep else []:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile; keep it
+                folder.rmdir()
+        if error:
+            raise ConfigError(f"cannot write to --out {str(self.path)!r} ({error.strerror}); choose a writable "
+                              "directory")
 
     def foreign_files(self) -> list[str]:
         """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 
@@ -312,6 +313,20 @@ def test_an_exported_gptgen_model_comes_back_with_how_it_was_trained(tmp_path):
     (tmp_path / "hf" / "gptgen.json").write_text("{not json")
     with pytest.raises(ModelFileError, match="is not the gptgen.json that an export writes"):
         import_hf(tmp_path / "hf", tmp_path / "again.safetensors")
+
+
+def test_a_model_whose_training_record_is_not_json_exports_without_it(tmp_path):
+    """export read the record with json.loads itself: a traceback where load, the page and the card go on."""
+    from safetensors.torch import save_file
+
+    from gptgen.checkpoint import read_safetensors
+    from gptgen.interop import export_hf
+    from tests.test_model import tiny_model_file
+
+    tensors, metadata = read_safetensors(tiny_model_file(tmp_path / "m.safetensors"))
+    save_file(tensors, tmp_path / "odd.safetensors", metadata={**metadata, "training": "{not json"})
+    export_hf(tmp_path / "odd.safetensors", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "gptgen.json").read_text())["training"] == {}
 
 
 def test_train_init_fine_tunes_a_transformers_gpt2(small_text, tmp_path):
