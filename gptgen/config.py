@@ -136,7 +136,9 @@ class TrainConfig:
     windows: str = _knob("random", "random: windows start anywhere, drawn with replacement (nanoGPT's); epoch: "
                                    "each epoch's non-overlapping windows once, shuffled")
 
-    def validate(self, model: GPTConfig) -> None:
+    def validate(self, model: GPTConfig | None) -> None:
+        """Refuses settings that cannot train; with model None, all but the check against the model's context
+        (which --init's model gives only once downloaded): a bad flag is refused before that download."""
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
                     "eval_batch_size": self.eval_batch_size}
         for name, value in positive.items():
@@ -186,7 +188,7 @@ class TrainConfig:
             raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
-        if self.block_size is not None and not 1 <= self.block_size <= model.block_size:
+        if self.block_size is not None and not 1 <= self.block_size <= (model.block_size if model else math.inf):
             raise ConfigError(f"--block-size {self.block_size} must be between 1 and the preset's context "
                               f"({model.block_size}); pick a smaller block or a preset with a longer context")
         for name, value, allowed in (("device", self.device, None), ("dtype", self.dtype, DTYPES),

@@ -282,7 +282,8 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if resume and not Path(cfg.data).is_file():
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")
-    check_data_file(cfg.data)  # this and --out before --init's download and tokenizing, which either would waste
+    cfg.validate(None)  # these, --data and --out before --init's download and tokenizing, which a mistake wastes
+    check_data_file(cfg.data)
     if rank == 0:
         run.check_writable(keep=False)
     pretrained = None

@@ -745,8 +745,8 @@ def test_a_loss_that_is_no_longer_a_number_stops_the_run_and_keeps_its_last_save
 
 
 def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(small_text, tmp_path, monkeypatch):
-    """An unwritable --out was found only after the whole text was tokenized (34 s for 500 MB), and a missing --data
-    after --init's download; neither check leaves a folder behind."""
+    """An unwritable --out was found only after the whole text was tokenized (34 s for 500 MB), a missing --data or a
+    bad flag after --init's download; no check leaves a folder behind."""
     import gptgen.interop
     import gptgen.train
 
@@ -757,6 +757,8 @@ def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(smal
         train(config(small_text, tmp_path / "a-file" / "run"))
     with pytest.raises(DataError, match="does not exist"):
         train(config(tmp_path / "none.txt", tmp_path / "new" / "run", init="gpt2"))
+    with pytest.raises(ConfigError, match="--lr must be positive"):  # a bad flag too
+        train(config(small_text, tmp_path / "new" / "run", init="gpt2", lr=0.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
