@@ -346,6 +346,7 @@ def build_server(shelf: ModelShelf, default: str | None = None):
         yield
 
     default = default or shelf.names[0]
+    shelf.get(default)  # loaded now: the page is ready, or the model's error said, before the address is printed
     api = FastAPI(title="gptgen", lifespan=threads_for_every_request)
     add_openai_routes(api, shelf, default)
     return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"])

@@ -17,7 +17,7 @@ from tests.conftest import BUNDLED, ROOT
 
 def gptgen(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "gptgen", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)  # a hang fails, not waits
 
 
 FAST = ["--preset", "tiny", "--batch-size", "2", "--block-size", "16", "--compile", "off", "--dtype", "float32"]
