@@ -561,3 +561,14 @@ def test_the_prompt_cap_is_100000_characters(small_model):
     assert len(small_model.prepare("x" * 100_000)[0]) > 0
     with pytest.raises(ValueError, match="prompt is 100,001 characters; the limit is 100,000"):
         small_model.prepare("x" * 100_001)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("ab\n", max_size=12), st.lists(st.text("ab\n", min_size=1, max_size=6), min_size=1, max_size=3))
+def test_the_text_held_back_is_the_longest_end_that_begins_a_stop_string(text, stop):
+    """Its definition, tried length by length as it was computed before (2.9 ms a token at 16 x 1,000 characters)."""
+    from gptgen.generate import _stop_prefix
+
+    longest = max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+                  default=0)
+    assert _stop_prefix(text, tuple(stop)) == longest
