@@ -28,20 +28,20 @@ import time
 from pathlib import Path
 
 import torch
-from report import emit, failure, hf_gpt2, status_mib
+from report import emit, failure, status_mib
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
 SYSTEMS = ["gptgen-fp32", "gptgen-bf16", "gptgen-int8", "transformers-fp32", "llama.cpp-q8_0", "llama.cpp-f16"]
 CUDA_SYSTEMS = ["gptgen-bf16", "gptgen-bf16-compiled", "gptgen-int8", "gptgen-int8-compiled"]
 
 
-def make_files(workdir: Path, gguf: bool = True) -> dict[str, Path]:
+def make_files(workdir: Path, gguf: bool = True, hf: bool = True) -> dict[str, Path]:
     from gptgen.checkpoint import save_model
     from gptgen.config import GPTConfig
     from gptgen.model import GPT
 
     files = {"fp32": workdir / "gpt2-f32.safetensors", "int8": workdir / "gpt2-int8.safetensors",
-             "f16": workdir / "gpt2-f16.gguf", "q8_0": workdir / "gpt2-q8_0.gguf"}
+             "f16": workdir / "gpt2-f16.gguf", "q8_0": workdir / "gpt2-q8_0.gguf", "hf": workdir / "gpt2-hf"}
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt2"))
     model.init_weights()
@@ -50,6 +50,9 @@ def make_files(workdir: Path, gguf: bool = True) -> dict[str, Path]:
     subprocess.run([*cli, "quantize", files["fp32"], files["int8"]], check=True, stdout=subprocess.DEVNULL)
     for kind in ("f16", "q8_0") if gguf else ():
         subprocess.run([*cli, "export", files["fp32"], files[kind], "--type", kind], check=True,
+                       stdout=subprocess.DEVNULL)
+    if hf:  # transformers loads its own format, as its users do
+        subprocess.run([*cli, "export", files["fp32"], files["hf"], "--format", "hf"], check=True,
                        stdout=subprocess.DEVNULL)
     return files
 
@@ -76,16 +79,13 @@ def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
     return once
 
 
-def run_transformers(path: Path):
+def run_transformers(folder: Path):
+    from transformers import GPT2LMHeadModel
     from transformers.generation.streamers import BaseStreamer
 
-    from gptgen.checkpoint import load_model_file
-    from gptgen.interop import HF_CONV1D
-
-    config, tensors, _ = load_model_file(path)
-    hf = hf_gpt2(config).eval()
-    hf.load_state_dict({k: v.t() if k.endswith(HF_CONV1D) else v for k, v in tensors.items()}, strict=False)
-    hf.tie_weights()
+    # from_pretrained, as its users load it: no randomly initialised copy beside the weights (building one and
+    # loading into it held both, and its peak RSS was ~the file's size above what users see)
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -115,7 +115,8 @@ def run_transformers(path: Path):
 def run_llama(path: Path):
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=2, n_batch=512, verbose=False, seed=1)
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False,
+                seed=1)  # 2 threads for prefill too (its default is every CPU), as gptgen has
 
     def once(prompt: list[int], n: int) -> tuple[float, float, int]:
         llm.reset()
@@ -140,8 +141,8 @@ def one(system: str, files: dict[str, str], device: str) -> dict:
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(kind, "auto")  # int8: bf16 activations on CUDA
         once = run_gptgen(path, dtype, device, system.endswith("-compiled"))
     elif system.startswith("transformers"):
-        path = Path(files["fp32"])
-        once = run_transformers(path)
+        path = Path(files["fp32"])  # the same weights, exported: `export --format hf` of this file
+        once = run_transformers(Path(files["hf"]))
     else:
         path = Path(files[kind])
         once = run_llama(path)
@@ -186,7 +187,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {system: [] for system in systems}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {k: str(v) for k, v in make_files(Path(tmp), gguf=any(s.startswith("llama") for s in systems)).items()}
+        files = {k: str(v) for k, v in make_files(Path(tmp), gguf=any(s.startswith("llama") for s in systems),
+                                                  hf=any(s.startswith("transformers") for s in systems)).items()}
         for round_ in range(args.runs):  # every system once per round, so drift on a shared machine hits all,
             shift = round_ % len(systems)  # and in a rotated order, so no system always follows the same one
             for system in systems[shift:] + systems[:shift]:

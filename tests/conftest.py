@@ -53,7 +53,8 @@ BUNDLED = ROOT / "models" / "shakespeare-mini-int8.safetensors"
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots of the page, kept after the run
 
 
-def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_entry: bool = False):
+def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_entry: bool = False,
+                 poll_s: float = 0.2):
     """`gptgen serve ARGS` (or the Spaces entry point, app.py) in a subprocess on a port the system picks (port
     0: no other test can take it between a check and the bind); returns (process, url) once the printed address
     answers."""
@@ -77,7 +78,7 @@ def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_ent
             with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return proc, url
-        time.sleep(0.2)
+        time.sleep(poll_s)
     proc.kill()
     raise RuntimeError(f"server not ready after {timeout_s} s:\n{log.read_text()}")
 
