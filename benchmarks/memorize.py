@@ -62,13 +62,14 @@ PROXY = ["--preset", "tiny", "--batch-size", "8", "--block-size", "64", "--lr", 
 PROXY_CHARS = 12_000
 
 
-def one_row(batch: int, block: int, ckpt: bool, trim: bool, steps: int, device: str) -> dict:
+def one_row(batch: int, block: int, ckpt: bool, trim: bool, steps: int, device: str, glibc_default: bool) -> dict:
     from train import measure
 
     from gptgen.device import keep_freed_memory
 
     torch.set_num_threads(2)
-    keep_freed_memory()  # as `gptgen train` does
+    if not glibc_default:
+        keep_freed_memory()  # as `gptgen train` does
     row = measure("gptgen", "gpt2", batch, block, steps, grad_checkpoint=ckpt, device=device,
                   vocab=TEXT_VOCAB if trim else None)
     row["grad_checkpoint"], row["trim_vocab"] = ckpt, trim
@@ -129,11 +130,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2", help="the stand-in's seeds")
     ap.add_argument("--variants", nargs="+", default=["--windows random", "--windows epoch"],
                     help="the stand-in's variants, each a string of `gptgen train` flags after its own")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="rows with glibc's default allocator, not keeping freed memory as `gptgen train` does")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(one_row(*json.loads(args.row), args.steps, args.device)))
+        print(json.dumps(one_row(*json.loads(args.row), args.steps, args.device, args.glibc_default)))
         return
     if args.proxy:
         emit({"benchmark": "memorize-proxy", "runs": proxy([int(s) for s in args.seeds.split(",")], args.variants)},
@@ -150,8 +153,9 @@ def main() -> None:
         job["card"] = torch.cuda.get_device_name()
     rows = []
     for row in ROWS if args.rows else []:  # a row that fails (out of memory, say) keeps the job's result and the rest
-        r = subprocess.run([sys.executable, __file__, "--row", json.dumps(row), "--steps",
-                            str(args.steps), "--device", args.device], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, __file__, "--row", json.dumps(row), "--steps", str(args.steps),
+                            "--device", args.device, *["--glibc-default"] * args.glibc_default],
+                           capture_output=True, text=True)
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             rows.append({"batch": row[0], "block": row[1], "grad_checkpoint": row[2], "trim_vocab": row[3],

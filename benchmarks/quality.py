@@ -16,10 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from report import CORPUS, emit
 
 from gptgen.checkpoint import load_model
 from gptgen.data import load_corpus
+from gptgen.device import autocast_for
 from gptgen.evaluate import evaluate_corpus
 
 # Chosen by measurement (README, "Quality per minute"): the 50,257-way head dominates small models,
@@ -75,10 +77,13 @@ def main() -> None:
 
 
 def unseen_tokens_share(model_path: Path, data: str) -> dict:
-    """The best model's val loss, and the part of it on tokens that the train split never holds."""
+    """The best model's val loss, and the part of it on tokens that the train split never holds; scored as the
+    training's evals scored it (bf16 autocast where the CPU has it, as --dtype auto), so that the two parts add
+    up to the best val figure printed beside them."""
     model, _ = load_model(model_path)
     corpus = load_corpus(data)
-    result, unseen = evaluate_corpus(model, corpus, block_size=model.config.block_size)
+    result, unseen = evaluate_corpus(model, corpus, block_size=model.config.block_size,
+                                     autocast=autocast_for(torch.device("cpu"), "auto"))
     return {"val_tokens": result.tokens, **unseen,
             "seen_nats_per_char": result.nats_per_char - unseen["unseen_nats_per_char"]}
 

@@ -115,9 +115,10 @@ def trained_share(info: dict, corpus: Corpus, val_fraction: float) -> float:
 
 
 def evaluate_corpus(model: torch.nn.Module, corpus: Corpus, *, block_size: int, batch_size: int = 8,
-                    device: torch.device | str = "cpu", progress: bool = False) -> tuple[EvalResult, dict]:
+                    device: torch.device | str = "cpu", autocast: contextlib.AbstractContextManager | None = None,
+                    progress: bool = False) -> tuple[EvalResult, dict]:
     """The val split's loss and its unseen_tokens() part, from one pass over it."""
     losses = token_losses(model, corpus.val, block_size=block_size, batch_size=batch_size, device=device,
-                          progress=progress)
+                          autocast=autocast, progress=progress)
     return (EvalResult.of(losses, corpus.val_chars),
             unseen_tokens(losses, corpus.val, corpus.train, corpus.val_chars, model.config.vocab_size))
