@@ -2,9 +2,9 @@
 
 Starts the real server (`gptgen serve`) on the bundled model and on a random `gpt2`-size int8 model, and
 measures: start to ready (process start until the page answers; one start per model, polled every 20 ms),
-click to first streamed text on the
-page (timed inside the browser), end-to-end tokens/s on the page, through `gradio_client`, and of
-`model.stream` in this process on the same file and prompt (never at the same time). Median of --runs.
+click to first streamed text on the page (timed inside the browser), end-to-end tokens/s on the page,
+through `gradio_client`, and of `model.stream` in this process on the same file and prompt (never at the
+same time). Median of --runs.
 
     python benchmarks/app.py [--runs 5] [--json out.json]
 """

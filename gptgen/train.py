@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                 interrupted = interrupted and not done  # a Ctrl-C on the last step: the run is complete anyway
                 break
         if progress.epochs_unprinted:  # the last short epochs, which waited for their line
-            epoch_loss.print_line(progress, int(progress.unprinted_step // steps_per_epoch), bar)
+            epoch_loss.print_line(progress, steps_per_epoch, bar)
     scored = math.isfinite(progress.best_val)  # not with --val-fraction 0
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
@@ -456,8 +456,9 @@ class EpochLoss:
         self.sum, self.steps = torch.zeros((), device=device), 0
         self.printed_at = -math.inf  # time.perf_counter() of the last epoch line
 
-    def print_line(self, progress: Progress, last: int, bar: tqdm) -> None:
-        """The finished epochs not yet printed, up to epoch `last` (1-based), on one line with their mean loss."""
+    def print_line(self, progress: Progress, steps_per_epoch: float, bar: tqdm) -> None:
+        """The finished epochs not yet printed, on one line with their mean loss."""
+        last = int(progress.unprinted_step // steps_per_epoch)  # 1-based: the epoch that step ended
         mean = progress.unprinted_loss[0] / max(1, progress.unprinted_loss[1])
         first = last + 1 - progress.epochs_unprinted
         _say(bar, f"{f'epoch {last}' if first == last else f'epochs {first}-{last}'} done at step "
@@ -507,7 +508,7 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
     if finished:
         epoch_loss.finish(progress, finished, world)
         if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:
-            epoch_loss.print_line(progress, epoch + finished, bar)
+            epoch_loss.print_line(progress, steps_per_epoch, bar)
     if cfg.target_loss is None:
         return
     if world > 1:
