@@ -308,7 +308,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if metadata.get("quantization", "none") != "none":
         raise ModelFileError(f"{args.input!r} is already quantized ({metadata['quantization']})")
     save_model(args.output, quantize_state_dict(tensors), config, quantization="int8",
-               training=training_info(metadata))
+               training=training_info(metadata), new=True)
     before, after = source.stat().st_size, Path(args.output).stat().st_size
     print(f"wrote {args.output}: {after / 2**20:.1f} MiB ({after / before:.3f} of {before / 2**20:.1f} MiB)")
     return 0

@@ -111,7 +111,7 @@ def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type
         raise GptgenError(f"--type q8_0 stores a scale per 32 weights of a row, and this model's rows are "
                           f"{config.n_embd} wide; use --type f16")
     names = _gguf_names(config.n_layer)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, new=True) as tmp:
         w = gguf.GGUFWriter(tmp, "gpt2")
         w.add_name(given_name(model_path))  # a run's model.safetensors by its run folder's name
         w.add_context_length(config.block_size)
@@ -310,4 +310,4 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike, origin: str | N
         except (ValueError, KeyError, TypeError) as e:
             raise ModelFileError(f"{str(made_by_gptgen)!r} is not the gptgen.json that an export writes ({e!r}); "
                                  "remove it to import the weights alone") from None
-    save_model(out, tensors, config, training={**training, "imported_from": origin or str(source)})
+    save_model(out, tensors, config, training={**training, "imported_from": origin or str(source)}, new=True)

@@ -13,6 +13,7 @@ from gptgen.checkpoint import (
     RECORD_FIELDS,
     TIED,
     ModelFileError,
+    atomic_path,
     atomic_write,
     load_model,
     load_model_file,
@@ -21,7 +22,7 @@ from gptgen.checkpoint import (
     save_optimizer,
     training_info,
 )
-from gptgen.config import GPTConfig
+from gptgen.config import GPTConfig, GptgenError
 from gptgen.quantize import quantize_state_dict
 from tests.test_model import tiny_model
 
@@ -150,6 +151,26 @@ def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
     atomic_write(tmp_path / "f.bin", b"new")
     assert events == [(tmp_path / "f.bin").stat().st_ino, "replace", tmp_path.stat().st_ino]
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links (FAT, some FUSE)"])
+def test_a_new_file_never_replaces_one_made_while_it_was_written(tmp_path, monkeypatch, links):
+    """quantize, import and export check that their output is new before the work, which takes minutes for a
+    large model; a file another program makes there meanwhile must survive."""
+    if links.startswith("no"):
+        def no_links(*args):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_links)
+    taken, new = tmp_path / "taken.bin", tmp_path / "new.bin"
+    with pytest.raises(GptgenError, match="taken.bin' exists; give a new file name"):
+        with atomic_path(taken, new=True) as tmp:
+            tmp.write_bytes(b"ours")
+            taken.write_bytes(b"theirs")
+    with atomic_path(new, new=True) as tmp:
+        tmp.write_bytes(b"ours")
+    assert taken.read_bytes() == b"theirs" and new.read_bytes() == b"ours" and new.stat().st_nlink == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "taken.bin"]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])

@@ -227,6 +227,18 @@ def test_quantize_never_overwrites(tmp_path):
     assert taken.read_bytes() == b"keep me"
 
 
+def test_quantize_keeps_a_file_that_appears_at_its_output_while_it_works(capsys, tiny_file, tmp_path, monkeypatch):
+    """The output is checked before the work; another program can create it during the work."""
+    import gptgen.quantize
+
+    out, quantize = tmp_path / "i8.safetensors", gptgen.quantize.quantize_state_dict
+    monkeypatch.setattr(gptgen.quantize, "quantize_state_dict",
+                        lambda tensors: (out.write_bytes(b"another program's"), quantize(tensors))[1])
+    status, _, err = run_main(capsys, "quantize", tiny_file, out)
+    assert status == 2 and "i8.safetensors' exists; give a new file name" in err, err
+    assert out.read_bytes() == b"another program's" and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_reader_that_leaves_or_ctrl_c_ends_generate_without_a_traceback(tmp_path):
     import fcntl
     import signal
