@@ -188,8 +188,10 @@ class TrainConfig:
             raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}")
-        if self.block_size is not None and not 1 <= self.block_size <= (model.block_size if model else math.inf):
-            raise ConfigError(f"--block-size {self.block_size} must be between 1 and the preset's context "
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"--block-size must be at least 1, got {self.block_size}")
+        if self.block_size is not None and model is not None and self.block_size > model.block_size:
+            raise ConfigError(f"--block-size {self.block_size} is longer than the model's context "
                               f"({model.block_size}); pick a smaller block or a preset with a longer context")
         for name, value, allowed in (("device", self.device, None), ("dtype", self.dtype, DTYPES),
                                      ("compile", self.compile, ("auto", "on", "off")),
@@ -197,6 +199,12 @@ class TrainConfig:
                                      ("optimizer", self.optimizer, ("adamw", "muon"))):
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.optimizer == "muon":
+            import torch
+
+            if not hasattr(torch.optim, "Muon"):
+                raise ConfigError(f"--optimizer muon needs PyTorch 2.9 or newer (torch.optim.Muon); this is "
+                                  f"{torch.__version__}")
 
 
 DTYPES = ("auto", "float32", "bfloat16")

@@ -132,6 +132,8 @@ class Trimmed(NamedTuple):
 
 
 class GPT(nn.Module):
+    """GPT-2. A new GPT holds no usable weights until init_weights() or a load (gptgen.load) gives it some."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gptgen.config import ConfigError, TrainConfig
+from gptgen.config import TrainConfig
 from gptgen.model import GPT
 
 
@@ -14,10 +14,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
     With --optimizer muon, the blocks' weight matrices go to PyTorch's Muon, scaled to AdamW's update size
     (Moonshot's "match_rms_adamw"), so that --lr and --weight-decay mean the same for both; the embeddings
     (the tied head among them), biases and norms stay with AdamW, as Muon's authors use it."""
-    muon = cfg.optimizer == "muon"
-    if muon and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"--optimizer muon needs PyTorch 2.9 or newer (torch.optim.Muon); this is "
-                          f"{torch.__version__}")
+    muon = cfg.optimizer == "muon"  # cfg.validate() has checked that this torch has Muon
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

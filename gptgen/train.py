@@ -282,8 +282,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     if resume and not Path(cfg.data).is_file():
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")
-    cfg.validate(None)  # these, --data and --out before --init's download and tokenizing, which a mistake wastes
-    check_data_file(cfg.data)
+    cfg.validate(None)  # these, --data, --out and --device before --init's download and tokenizing, which a
+    check_data_file(cfg.data)  # mistake wastes
+    device = pick_device(cfg.device)
     if rank == 0:
         run.check_writable(keep=False)
     pretrained = None
@@ -298,7 +299,6 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     cfg.validate(base)
     model_config = dataclasses.replace(base, dropout=cfg.dropout)
     cfg.block_size = cfg.block_size or model_config.block_size
-    device = pick_device(cfg.device)
     allow_tf32(device)
     corpus = load_corpus_once_per_machine(cfg, rank)
     if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:

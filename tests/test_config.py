@@ -65,6 +65,27 @@ def test_train_config_validation(change, message):
         cfg.validate(GPTConfig.from_name("gpt2"))
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(block_size=0), "--block-size must be at least 1, got 0"),  # was an AttributeError on the missing model
+    (dict(block_size=-5), "--block-size must be at least 1, got -5"), (dict(lr=0), "--lr"),
+])
+def test_train_config_validation_before_the_model_is_known(change, message):
+    """train checks its flags before --init downloads the model that the context check needs."""
+    cfg = dataclasses.replace(TrainConfig(steps=10), **change)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(None)
+    TrainConfig(steps=10, block_size=4096).validate(None)  # the context is checked once the model is known
+
+
+def test_muon_on_a_torch_without_it_is_a_clear_error(monkeypatch):
+    """gptgen takes torch >= 2.4; Muon came in 2.9 (an AttributeError before)."""
+    import torch
+
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match="--optimizer muon needs PyTorch 2.9 or newer"):
+        TrainConfig(steps=10, optimizer="muon").validate(None)
+
+
 def test_an_installed_wheel_carries_the_bundled_model_and_serves_it(tmp_path):
     """`pip install .` (not -e) must work offline as a clone does: the model and tokenizer travel in the wheel."""
     src = tmp_path / "src"

@@ -75,12 +75,14 @@ def test_longer_than_context_is_refused():
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients():
-    model = tiny_model()
+    """With dropout too: the recomputed forward must draw the same dropout masks (checkpoint replays the RNG)."""
+    model = tiny_model(dropout=0.3).train()
     idx = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
         model.grad_checkpoint = ckpt
+        torch.manual_seed(2)
         _, loss = model(idx, idx)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))

@@ -759,6 +759,13 @@ def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(smal
         train(config(tmp_path / "none.txt", tmp_path / "new" / "run", init="gpt2"))
     with pytest.raises(ConfigError, match="--lr must be positive"):  # a bad flag too
         train(config(small_text, tmp_path / "new" / "run", init="gpt2", lr=0.0))
+    with pytest.raises(ConfigError, match="--block-size must be at least 1"):  # was an AttributeError
+        train(config(small_text, tmp_path / "new" / "run", init="gpt2", block_size=0))
+    with pytest.raises(ConfigError, match="unknown device 'cdua'"):
+        train(config(small_text, tmp_path / "new" / "run", init="gpt2", device="cdua"))
+    monkeypatch.delattr(torch.optim, "Muon")  # a torch before 2.9
+    with pytest.raises(ConfigError, match="--optimizer muon needs PyTorch 2.9 or newer"):
+        train(config(small_text, tmp_path / "new" / "run", init="gpt2", optimizer="muon"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
