@@ -199,6 +199,13 @@ class TrainConfig:
                                      ("optimizer", self.optimizer, ("adamw", "muon"))):
             if allowed is not None and value not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.sample_tokens:  # here, not at the first eval: a bad one ended the run there with nothing saved
+            from gptgen.generate import check_prompt
+
+            try:
+                check_prompt(self.sample_prompt)
+            except GptgenError as e:
+                raise ConfigError(f"--sample-prompt: {e}") from None
         if self.optimizer == "muon":
             import torch
 

@@ -1,4 +1,4 @@
-"""Ctrl-C, held back from the moments that must not be cut in two."""
+"""Ctrl-C (and SIGTERM in training), held back from the moments that must not be cut in two."""
 
 from __future__ import annotations
 
@@ -36,20 +36,29 @@ def ctrl_c_raises_interrupted() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sigint_noted() -> Iterator[Callable[[], bool]]:
-    """A Ctrl-C (SIGINT) during the block is only noted; the block asks whether one came and stops where it is
-    safe to. A handler, not a signal mask: the kernel gives a signal to any thread that does not mask it (tqdm's
-    monitor, torch's pool), and Python then interrupts the main thread all the same. Only the main thread
-    handles signals; elsewhere none is noted."""
+def sigint_noted(signums: tuple[int, ...] = (signal.SIGINT,), again_raises: bool = False
+                 ) -> Iterator[Callable[[], bool]]:
+    """A Ctrl-C (SIGINT; or any of `signums`) during the block is only noted; the block asks whether one came and
+    stops where it is safe to. With `again_raises`, a second one raises Interrupted at once: for a user who will
+    not wait for the stop's own work (training's eval and save). A handler, not a signal mask: the kernel gives
+    a signal to any thread that does not mask it (tqdm's monitor, torch's pool), and Python then interrupts the
+    main thread all the same. Only the main thread handles signals; elsewhere none is noted."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+
+    def note(signum, frame):
+        if caught and again_raises:
+            raise Interrupted
+        caught.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in signums}
     try:
         yield lambda: bool(caught)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -366,10 +367,12 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
     session_tokens, session_start = 0, time.perf_counter()
     shown_at = session_start  # when the bar's loss was last updated
     epoch_loss = EpochLoss(device)
-    # A Ctrl-C stops the run at the end of a step, saved (the RNG, the optimizer and the files then agree on one
-    # step, so resuming is exact), and under torchrun every process at the same step: it reaches them at
-    # slightly different moments, and processes that stop at different steps wait for each other forever.
-    with sigint_noted() as ctrl_c, bar:  # the bar closed also when an error stops the run, before its message
+    # A Ctrl-C, or a SIGTERM (what `timeout`, SLURM and Kubernetes send), stops the run at the end of a step,
+    # evaluated and saved (the RNG, the optimizer and the files then agree on one step, so resuming is exact), and
+    # under torchrun every process at the same step: it reaches them at slightly different moments, and processes
+    # that stop at different steps wait for each other forever. A second one stops at once, keeping the last save.
+    # The bar is closed also when an error stops the run, before its message.
+    with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True) as ctrl_c, bar:
         while True:
             lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
             for group in optimizer.param_groups:
@@ -414,6 +417,9 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                     run.log_metrics(row, durable=False)
                 recent_sum.zero_()
                 recent_count = 0
+            if interrupted and not done:
+                _say(bar, f"stopping at step {progress.step:,}: evaluating and saving (press Ctrl-C again to stop "
+                          "at once; the run then keeps its last save)")
             if progress.step % cfg.eval_interval == 0 or done or interrupted:
                 epoch_loss.fold(progress, world)
                 last_val, sample = _eval_and_save(cfg, run, model, optimizer, corpus, progress,

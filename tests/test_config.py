@@ -58,6 +58,7 @@ def test_unknown_preset_names_the_choices():
     (dict(eval_interval=0), "--eval-interval"), (dict(sample_tokens=-1), "--sample-tokens"),
     (dict(trim_vocab=True, init="gpt2"), "--trim-vocab"),
     (dict(ema=1.0), "--ema"), (dict(ema=-0.5), "--ema"), (dict(optimizer="sgd"), "--optimizer"),
+    (dict(sample_prompt="a" * 100_001), "--sample-prompt: prompt is 100,001 characters"),  # was found at step 250
 ])
 def test_train_config_validation(change, message):
     cfg = dataclasses.replace(TrainConfig(steps=10), **change)

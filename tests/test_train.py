@@ -346,7 +346,8 @@ def test_twenty_kills_at_random_moments_then_bit_identical_to_one_run(small_text
 def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_text, tmp_path):
     """A Ctrl-C mid-step saved the RNG that had already drawn the step's batches (the resumed run skipped them:
     weights off by ~5e-3), and one mid-save could leave state.json naming best weights never written. Now it
-    lands between steps; each stop's eval is logged once and the model file is the best step's."""
+    lands between steps; each stop's eval is logged once and the model file is the best step's. Half the stops
+    are SIGTERMs, which used to kill the run where it stood (losing the steps since its last save)."""
     import random
 
     flags = dict(steps=80, decay_steps=80, eval_interval=1000, dropout=0.1)
@@ -365,7 +366,7 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
             while proc.poll() is None and time.monotonic() < deadline and len(RunDir(run).metrics()) == lines:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM if stops % 2 else signal.SIGINT)  # `timeout`'s, SLURM's: the same stop
         err = proc.stderr.read().decode()
         if proc.wait() == 0:
             break  # finished before this Ctrl-C
@@ -767,6 +768,33 @@ def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(smal
     with pytest.raises(ConfigError, match="--optimizer muon needs PyTorch 2.9 or newer"):
         train(config(small_text, tmp_path / "new" / "run", init="gpt2", optimizer="muon"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_text, tmp_path, monkeypatch):
+    """The first Ctrl-C's eval scores the whole val split (minutes for a large text on a CPU); a user who will
+    not wait presses it again."""
+    import gptgen.train
+
+    step, evaluate = gptgen.train.optimizer_step, gptgen.train.evaluate
+    steps = itertools.count(1)
+
+    def ctrl_c_at_step_7(*args, **kwargs):
+        if next(steps) == 7:
+            signal.raise_signal(signal.SIGINT)
+        return step(*args, **kwargs)
+
+    def ctrl_c_again_in_the_eval(*args, **kwargs):
+        if (tmp_path / "run" / "state.json").exists():  # the eval at step 5 has saved
+            signal.raise_signal(signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(gptgen.train, "optimizer_step", ctrl_c_at_step_7)
+    monkeypatch.setattr(gptgen.train, "evaluate", ctrl_c_again_in_the_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(small_text, tmp_path / "run", steps=20, eval_interval=5))
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["progress"]["step"] == 5
+    monkeypatch.undo()
+    assert train(resume_config(tmp_path / "run"), resume=True)["steps"] == 20
 
 
 def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
