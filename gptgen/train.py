@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
-RUN_FILES = (STATE, MODEL, METRICS, "loss.png", *STEP_FILES,
+LOCK = ".train.lock"
+RUN_FILES = (STATE, MODEL, METRICS, "loss.png", LOCK, *STEP_FILES,
              *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
 BAR_INTERVAL_S = 1.0  # the bar's loss is read at most this often between metrics lines (each read is a host sync)
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
@@ -116,6 +117,34 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._lock = None
+
+    def lock(self) -> None:
+        """Holds the folder for this process until unlock(): a second `train` on it (the --resume command typed
+        in another terminal) deleted the files that the first one's state named, and both appended to
+        metrics.jsonl. A lock, not a pid file: the kernel drops it with the process, however that ends."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            return
+        f = open(self.path / LOCK, "a+")  # noqa: SIM115 - held open until unlock()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"--out {str(self.path)!r} is in use by another gptgen train (process {holder}); let "
+                              "it finish, or stop it first") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def check_writable(self, keep: bool = True) -> None:
         """Makes the run's folder, or refuses an --out that cannot be written; `keep=False` removes what it made (a
@@ -263,16 +292,19 @@ def resume_config(run_dir: str | os.PathLike, **budget) -> TrainConfig:
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or resume) training; returns the final summary that the CLI prints."""
     rank, world = _setup_distributed(cfg.device)
+    run = RunDir(cfg.out)
     try:
-        return _train(cfg, resume=resume, rank=rank, world=world)
+        return _train(cfg, run, resume=resume, rank=rank, world=world)
     finally:
+        run.unlock()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
-    run = RunDir(cfg.out)
-    saved = run.state()  # the run's state.json, read once
+def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int) -> dict:
+    if resume and rank == 0 and run.path.is_dir():
+        run.lock()
+    saved = run.state()  # the run's state.json, read once (held: no other train changes it now)
     if not resume and saved is not None:  # before --init's download and tokenizing, which a wrong --out wastes
         raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
                           "another --out")
@@ -311,6 +343,10 @@ def _train(cfg: TrainConfig, *, resume: bool, rank: int, world: int) -> dict:
                         f"{cfg.block_size} + 1; use a longer text{held} or a smaller --block-size")
     if rank == 0:
         run.check_writable()
+        if not resume:
+            run.lock()
+            if run.state() is not None:  # started in the same folder while this one tokenized
+                raise ConfigError(f"--out {cfg.out!r}: another gptgen train started a run there meanwhile")
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)

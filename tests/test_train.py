@@ -797,6 +797,40 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_tex
     assert train(resume_config(tmp_path / "run"), resume=True)["steps"] == 20
 
 
+def test_a_second_train_in_a_run_folder_in_use_is_refused_and_changes_nothing(small_text, tmp_path, monkeypatch):
+    """A --resume typed in another terminal while the run went on deleted the files its state named; two new runs
+    started together in one folder both wrote metrics.jsonl."""
+    import gptgen.train
+
+    run, new = tmp_path / "run", tmp_path / "new"
+    train(config(small_text, run, steps=2))
+    files = {f.name: f.read_bytes() for f in run.iterdir()}
+    new.mkdir()
+    holders = [RunDir(run), RunDir(new)]  # a run in progress in each (another process's lock, as far as flock knows)
+    for holder in holders:
+        holder.lock()
+    in_use = rf"is in use by another gptgen train \(process {os.getpid()}\)"
+    with pytest.raises(ConfigError, match=in_use):
+        train(resume_config(run, steps=4), resume=True)
+    with pytest.raises(ConfigError, match=in_use):
+        train(config(small_text, new, steps=2))
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == files
+    assert [f.name for f in new.iterdir()] == [".train.lock"]
+    for holder in holders:
+        holder.unlock()
+    assert train(resume_config(run, steps=4), resume=True)["steps"] == 4  # the kernel drops a lock with its process
+    load = gptgen.train.load_corpus_once_per_machine
+
+    def another_run_starts_meanwhile(cfg, rank):
+        (tmp_path / "late" / "state.json").parent.mkdir()
+        (tmp_path / "late" / "state.json").write_text("{}")
+        return load(cfg, rank)
+
+    monkeypatch.setattr(gptgen.train, "load_corpus_once_per_machine", another_run_starts_meanwhile)
+    with pytest.raises(ConfigError, match="another gptgen train started a run there meanwhile"):
+        train(config(small_text, tmp_path / "late", steps=2))
+
+
 def test_a_step_that_ends_several_epochs_counts_them_all(tmp_path, capsys):
     """A text shorter than a step's tokens ends epochs two or more at a time; each step counted one."""
     text = tmp_path / "text.txt"
