@@ -87,7 +87,8 @@ def _eval_parser(sub) -> None:
 
 def _quantize_parser(sub) -> None:
     p = _command(sub, "quantize", "int8 weights: a smaller file and faster CPU generation")
-    p.add_argument("input", help="float model: a .safetensors file, a run's folder (its model.safetensors) or a Hub id")
+    p.add_argument("input", help="float model: a .safetensors file, a run's folder (its model.safetensors) or a Hub id "
+                   "(owner/name; gpt2 is OpenAI's, converted once)")
     p.add_argument("output", help="int8 model .safetensors to write")
 
 

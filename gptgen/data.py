@@ -163,8 +163,11 @@ class EpochWindows:
                  world: int = 1) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world = seed, rank, world
-        self.count = max(1, (len(tokens) - block_size) // block_size)  # windows an epoch, whatever the offset
-        self.max_offset = min(block_size - 1, len(tokens) - 1 - block_size * self.count)  # last target in the text
+        # windows an epoch, whatever the offset; the offset ranges over what they leave (fewer than block_size
+        # targets), so that every token is a target in some epochs (one window fewer left the text's last
+        # len % block_size tokens out of every epoch)
+        self.count = max(1, (len(tokens) - 1) // block_size)
+        self.max_offset = len(tokens) - 1 - block_size * self.count
         self._epoch, self._starts = -1, np.empty(0, dtype=np.int64)
 
     def starts(self, epoch: int) -> np.ndarray:

@@ -536,17 +536,23 @@ def _count(steps: float) -> str:
     return f"{steps:,.0f}" if steps >= 100 else f"{steps:.1f}"
 
 
+def epoch_of(step: int, steps_per_epoch: float) -> int:
+    """The epoch (1-based) that a step (1-based) begins in; the last step's is the run's count of epochs (--epochs
+    3 at 10.46 steps an epoch is 32 steps, the last of them in epoch 3: the bar said "epoch 3/4")."""
+    return int((step - 1) // steps_per_epoch) + 1
+
+
 def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, epoch_loss: EpochLoss,
                              steps_per_epoch: float, total: int | None, bar: tqdm, world: int) -> None:
     """Epoch bookkeeping for the bar and the log, and the --target-loss check.
 
     With a target the loss is read every step (one host sync; under DDP the mean over ranks, so all ranks
     agree); without one, only at an epoch's end."""
-    epoch = int((progress.step - 1) // steps_per_epoch)  # 0-based epoch this step belonged to
-    epochs = math.ceil(total / steps_per_epoch) if total else None
-    bar.set_description_str(f"epoch {epoch + 1}/{epochs or '?'} ({_count(steps_per_epoch)} steps each)", refresh=False)
+    epoch = epoch_of(progress.step, steps_per_epoch)
+    epochs = epoch_of(total, steps_per_epoch) if total else "?"
+    bar.set_description_str(f"epoch {epoch}/{epochs} ({_count(steps_per_epoch)} steps each)", refresh=False)
     epoch_loss.add(loss)
-    finished = int(progress.step // steps_per_epoch) - epoch  # epochs this step ended (several on a short text)
+    finished = epoch_of(progress.step + 1, steps_per_epoch) - epoch  # epochs this step ended (several: a short text)
     if finished:
         epoch_loss.finish(progress, finished, world)
         if time.perf_counter() - epoch_loss.printed_at >= EPOCH_LINE_INTERVAL_S:

@@ -19,7 +19,7 @@ from gptgen.checkpoint import load_model
 from gptgen.config import LOSS_WINDOW, ConfigError, GptgenError, TrainConfig
 from gptgen.data import DataError, load_corpus
 from gptgen.evaluate import evaluate
-from gptgen.train import RunDir, _count, lr_at, max_steps, optimizer_step, resume_config, train
+from gptgen.train import RunDir, _count, epoch_of, lr_at, max_steps, optimizer_step, resume_config, train
 from tests.conftest import CORPUS, ROOT, sigint_as_usual
 from tests.test_model import tiny_model
 
@@ -160,7 +160,8 @@ def test_val_fraction_0_trains_on_the_whole_text_and_each_eval_saves_the_latest_
     ("random", True, 0.9, "adamw"), ("random", False, 0.0, "muon")])
 def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windows, trim_vocab, ema, optimizer):
     flags = dict(dropout=0.1, windows=windows, trim_vocab=trim_vocab, ema=ema, optimizer=optimizer)
-    train(config(small_text, tmp_path / "a", steps=15, decay_steps=30, **flags))
+    # stopped on an eval step of the whole run: an eval at another step may be its best, and name the model file
+    train(config(small_text, tmp_path / "a", steps=20, decay_steps=30, **flags))
     train(resume_config(tmp_path / "a", steps=30), resume=True)
     train(config(small_text, tmp_path / "b", **flags))
     state_a = json.loads((tmp_path / "a" / "state.json").read_text())
@@ -250,6 +251,12 @@ def test_a_timed_run_warms_up_for_a_quarter_of_its_time_at_most():
 def test_steps_per_epoch_read_as_users_count_them():
     """A small text's 1.3 steps an epoch showed as "(1 steps each)" on the bar."""
     assert (_count(1.307), _count(37.06), _count(2640.6)) == ("1.3", "37.1", "2,641")
+
+
+def test_the_bar_counts_the_epochs_that_the_budget_reaches():
+    total = max_steps(TrainConfig(epochs=3), steps_per_epoch=10.46)
+    assert total == 32 and epoch_of(total, 10.46) == 3 and epoch_of(31, 10.46) == 3 and epoch_of(1, 10.46) == 1
+    assert [epoch_of(s, 10.0) for s in (10, 11, 20, 21)] == [1, 2, 2, 3]
 
 
 def test_the_cosine_ends_with_the_epochs_budget():
