@@ -40,7 +40,9 @@ def test_a_text_of_many_pieces_is_tokenized_as_one():
     assert encode(text).tolist() == get_tokenizer().encode_ordinary(text)
 
 
-def test_tokens_are_cached_by_content(tmp_path):
+def test_tokens_are_cached_by_content(tmp_path, monkeypatch):
+    import gptgen.data
+
     text = "To be, or not to be, that is the question. " * 3
     first = encode(text)
     cached = list((cache_dir() / "tokens").glob("*.u16"))
@@ -53,7 +55,9 @@ def test_tokens_are_cached_by_content(tmp_path):
     mid = set((cache_dir() / "tokens").glob("*.u16"))
     load_corpus(tmp_path / "b.txt")
     assert len(mid - before) == 2 and set((cache_dir() / "tokens").glob("*.u16")) == mid
+    monkeypatch.setattr(gptgen.data, "get_tokenizer", lambda: pytest.fail("tokenized again"))  # read from the cache
     np.testing.assert_array_equal(encode(text), first)
+    load_corpus(tmp_path / "b.txt")
 
 
 @pytest.mark.parametrize("content, message", [
