@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -302,8 +303,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int) -> dict:
-    if resume and rank == 0 and run.path.is_dir():
-        run.lock()
+    if resume and run.path.is_dir():
+        _on_rank_0(rank, world, run.lock)
     saved = run.state()  # the run's state.json, read once (held: no other train changes it now)
     if not resume and saved is not None:  # before --init's download and tokenizing, which a wrong --out wastes
         raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
@@ -318,8 +319,7 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     cfg.validate(None)  # these, --data, --out and --device before --init's download and tokenizing, which a
     check_data_file(cfg.data)  # mistake wastes
     device = pick_device(cfg.device)
-    if rank == 0:
-        run.check_writable(keep=False)
+    _on_rank_0(rank, world, lambda: run.check_writable(keep=False))
     pretrained = None
     if cfg.init and resume:  # the weights come from the state: the --init source may have moved, or be offline
         base = checkpoint.read_config(run.path / saved["weights"])
@@ -341,12 +341,15 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
         held = f", a smaller --val-fraction (it holds out {cfg.val_fraction:g} of the text)" * (cfg.val_fraction > 0)
         raise DataError(f"the training text has {len(corpus.train)} tokens, fewer than one block of "
                         f"{cfg.block_size} + 1; use a longer text{held} or a smaller --block-size")
-    if rank == 0:
+
+    def hold_the_folder() -> None:
         run.check_writable()
         if not resume:
             run.lock()
             if run.state() is not None:  # started in the same folder while this one tokenized
                 raise ConfigError(f"--out {cfg.out!r}: another gptgen train started a run there meanwhile")
+
+    _on_rank_0(rank, world, hold_the_folder)
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
@@ -446,11 +449,10 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
             if log_row:
                 _stop_if_diverged(run, cfg, progress, world, train_loss=recent)
-                if rank == 0:
-                    row = _metrics_row(progress, corpus, lr, recent)
-                    if done and progress.target_reached is not None and not len(corpus.val):
-                        row["target_reached"] = progress.target_reached  # with a val split, on the eval's line
-                    run.log_metrics(row, durable=False)
+                row = _metrics_row(progress, corpus, lr, recent)
+                if done and progress.target_reached is not None and not len(corpus.val):
+                    row["target_reached"] = progress.target_reached  # with a val split, on the eval's line
+                _on_rank_0(rank, world, lambda: run.log_metrics(row, durable=False))  # noqa: B023 - called at once
                 recent_sum.zero_()
                 recent_count = 0
             if interrupted and not done:
@@ -688,7 +690,8 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
     sample = _sample(judged, cfg) if rank == 0 and cfg.sample_tokens else None
-    if rank == 0:
+
+    def save() -> None:
         if result is not None:  # an eval's line is its val loss's (metrics.jsonl's readers tell them by it)
             row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
             if sample is not None:
@@ -709,9 +712,28 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
             plot_losses(metrics, run.path / "loss.png")
         except OSError as e:  # a full disk or a directory gone read-only: every write is atomic, so stop cleanly
             raise _write_error(run.path, e) from None
-    if dist.is_initialized():
-        dist.barrier()
+
+    _on_rank_0(rank, world, save)  # and the other ranks wait for it
     return (None if result is None else result.nats_per_token), sample
+
+
+def _on_rank_0(rank: int, world: int, work: Callable[[], object]) -> None:
+    """Rank 0's own work on the run's folder (checks, writes). Under DDP every rank learns whether it failed and
+    stops with it: the others used to wait in the next collective for a process that had gone, then print gloo's
+    "Connection closed by peer" traceback over rank 0's message."""
+    error = None
+    if rank == 0:
+        try:
+            work()
+        except GptgenError as e:
+            error = e
+    if world > 1:
+        failed = torch.tensor(float(error is not None))
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            error = GptgenError("rank 0 stopped the run; its message says why")
+    if error is not None:
+        raise error
 
 
 def _stop_if_diverged(run: RunDir, cfg: TrainConfig, progress: Progress, world: int, **losses: float) -> None:

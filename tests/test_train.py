@@ -492,6 +492,36 @@ def test_under_torchrun_a_gpu_index_is_refused(monkeypatch):
         _setup_distributed("cuda:1")
 
 
+FULL_DISK_ON_RANK_0 = """
+import errno, os, sys
+import gptgen.train
+from gptgen.cli import main
+
+save, saves = gptgen.train.RunDir.save_state, []
+def full_disk_at_the_second_save(self, *args, **kwargs):
+    saves.append(1)
+    if os.environ["RANK"] == "0" and len(saves) == 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save(self, *args, **kwargs)
+gptgen.train.RunDir.save_state = full_disk_at_the_second_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_under_torchrun_a_write_that_fails_on_rank_0_stops_every_rank_with_its_message(small_text, tmp_path):
+    """Rank 0 alone writes; when a write failed the others waited for it in the next collective, then printed
+    gloo's "Connection closed by peer" traceback over its message."""
+    (tmp_path / "child.py").write_text(FULL_DISK_ON_RANK_0)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "child.py"), "train", *cli_flags(small_text, run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("gptgen: error: training stopped: could not write to") == 1
+    assert "Connection closed by peer" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["progress"]["step"] == 10  # the last save, kept
+
+
 def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
     """A Ctrl-C reaches torchrun's processes at different moments, or one only (here: rank 1's). Each used to stop
     at its own next step and save with the others still training: they waited on each other forever. Now they
