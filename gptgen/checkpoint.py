@@ -10,6 +10,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,7 +41,7 @@ def new_file(out: str | os.PathLike, suffix: str) -> Path:
     return out
 
 
-def _taken(out: Path):
+def _taken(out: Path) -> NoReturn:
     kind = "is a directory" if out.is_dir() else "exists"
     raise GptgenError(f"{str(out)!r} {kind}; give a new file name (nothing was overwritten)")
 

@@ -63,9 +63,11 @@ def token_losses(model: torch.nn.Module, tokens: np.ndarray, *, block_size: int,
     was_training = model.training
     model.eval()
     windows = eval_windows(tokens, block_size)
-    full = sum(len(x) == block_size for x, _ in windows)  # all but a shorter last one, which makes a batch alone
-    batches = [(i, min(i + batch_size, full)) for i in range(0, full, batch_size)] + [(full, len(windows))] * (
-        len(windows) > full)  # (first window, end): windows are consecutive, so a batch's targets are too
+    full = sum(len(x) == block_size for x, _ in windows)
+    # (first window, end): windows are consecutive, so a batch's targets are too
+    batches = [(i, min(i + batch_size, full)) for i in range(0, full, batch_size)]
+    if len(windows) > full:  # a shorter last window, alone
+        batches.append((full, len(windows)))
     losses = torch.zeros(len(tokens), device=device)
     mine = batches[rank::world]  # stacked one at a time: all at once held 16 bytes a val token (200 MB: a 500 MB text)
     bar = tqdm(total=sum(len(y) for first, end in mine for _, y in windows[first:end]), desc="evaluating",
