@@ -123,10 +123,13 @@ class RunDir:
     def lock(self) -> None:
         """Holds the folder for this process until unlock(): a second `train` on it (the --resume command typed
         in another terminal) deleted the files that the first one's state named, and both appended to
-        metrics.jsonl. A lock, not a pid file: the kernel drops it with the process, however that ends."""
+        metrics.jsonl. A lock, not a pid file: the kernel drops it with the process, however that ends. A folder
+        not made yet has nothing to hold."""
         try:
             import fcntl
         except ImportError:  # Windows: no lock
+            return
+        if not self.path.is_dir():
             return
         f = open(self.path / LOCK, "a+")  # noqa: SIM115 - held open until unlock()
         try:
@@ -303,7 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int) -> dict:
-    if resume and run.path.is_dir():
+    if resume:  # every rank: rank 0's answer is a collective, whatever its file system shows the others
         _on_rank_0(rank, world, run.lock)
     saved = run.state()  # the run's state.json, read once (held: no other train changes it now)
     if not resume and saved is not None:  # before --init's download and tokenizing, which a wrong --out wastes
