@@ -99,10 +99,13 @@ class Engine:
 
     def load(self, name: str, path: str) -> None:
         """Load a model file in the engine under `name` (and warm it up); returns when it is ready."""
-        kind, message = self._request({"op": "load", "name": name, "path": path})[1].get()
+        with self._lock:  # known before the engine has it: one that restarts meanwhile loads it too
+            self._models[name] = path
+            reply = self._request({"op": "load", "name": name, "path": path})[1]
+        kind, message = reply.get()
         if kind == "failed":
+            self._models.pop(name, None)
             raise EngineError(message)
-        self._models[name] = path
 
     def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
         """The token ids of one request, decoded in its model's batch; closing the iterator cancels it.
@@ -114,7 +117,10 @@ class Engine:
             if len(self._replies) >= self.rows + self.max_waiting:
                 raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few "
                                  "seconds")
-            rid, reply = self._request({"op": "generate", "name": name, "prompt": prompt, "sampling": asdict(s)})
+            # with its model's file: an engine that restarted and could not load it then (a file being replaced)
+            # loads it for this request, rather than refusing the model for good
+            rid, reply = self._request({"op": "generate", "name": name, "path": self._models.get(name),
+                                        "prompt": prompt, "sampling": asdict(s)})
 
         def cancel() -> None:
             """Closed early (Stop, a stop string, a client gone): forget it, free its row, and end a read waiting
@@ -183,7 +189,8 @@ class Engine:
     def _restart(self, what: str) -> None:
         with self._lock:
             for rid in list(self._replies):
-                self._replies.pop(rid).put(("failed", f"{what}; this request was lost, send it again"))
+                if (reply := self._replies.pop(rid, None)) is not None:  # a cancel() may have taken it meanwhile
+                    reply.put(("failed", f"{what}; this request was lost, send it again"))
             if sys.is_finalizing() or _exiting:
                 return
             now = time.monotonic()
@@ -213,17 +220,22 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
     def send(message: dict) -> None:
         conn.send_bytes(json.dumps(message).encode())
 
+    def load(name: str, path: str | None) -> None:
+        if path is None:
+            raise EngineError(f"model {name!r} is not loaded")
+        model = gptgen.load(path, device=device, compile=True).model  # compiles on CUDA only
+        batch = Batch(model, rows)  # the batch its requests will share
+        batch.add([], Sampling(max_new_tokens=2, seed=0))
+        while batch.active:  # first steps pay one-off setup (scripting, compiling); not the user's
+            batch.step()
+        models[name], batches[name] = model, batch
+
     def handle(message: dict) -> None:
         rid = message["id"]
         if message["op"] == "load":
             try:
                 if message["name"] not in models:
-                    model = gptgen.load(message["path"], device=device, compile=True).model  # compiles on CUDA only
-                    batch = Batch(model, rows)  # the batch its requests will share
-                    batch.add([], Sampling(max_new_tokens=2, seed=0))
-                    while batch.active:  # first steps pay one-off setup (scripting, compiling); not the user's
-                        batch.step()
-                    models[message["name"]], batches[message["name"]] = model, batch
+                    load(message["name"], message["path"])
                 send({"op": "done", "id": rid})
             except Exception as e:
                 send({"op": "failed", "id": rid, "error": _reason(e)})
@@ -245,8 +257,8 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
                 continue  # waits for a free row
             waiting.remove(message)
             try:
-                if name not in models:
-                    raise EngineError(f"model {name!r} is not loaded")
+                if name not in models:  # its load after a restart failed: tried again, for this request
+                    load(name, message["path"])
                 owners[batches[name].add(message["prompt"], Sampling(**message["sampling"]))] = message["id"]
             except Exception as e:
                 send({"op": "failed", "id": message["id"], "error": _reason(e)})

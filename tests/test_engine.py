@@ -221,6 +221,52 @@ def test_a_killed_engine_fails_its_requests_clearly_and_a_new_one_serves_the_nex
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))  # reloaded
 
 
+def test_a_model_whose_reload_failed_after_a_restart_is_loaded_by_its_next_request(tiny_file, tmp_path):
+    """The restarted engine's reload of a file being replaced (or out of memory again) failed unseen, and every
+    later request for the model failed with "model 'm' is not loaded" until the server restarted."""
+    import shutil
+    import signal
+
+    from gptgen.engine import EngineError
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(tiny_file[0], path)
+    engine = Engine(device="cpu", rows=2)
+    engine.load("m", str(path))
+    path.rename(tmp_path / "away")
+    old = engine._process.pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (engine._process.pid == old or engine._replies) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the new engine has answered its reload (a failure: the file is away)
+    assert engine._process.pid != old and not engine._replies
+    with pytest.raises(EngineError, match="does not exist"):  # while the file is away, each request says why
+        list(engine.tokens("m", [1, 2], Sampling(max_new_tokens=2)))
+    (tmp_path / "away").rename(path)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("m", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
+def test_a_restart_while_a_request_is_cancelled_fails_the_others_and_starts_a_new_engine():
+    """A cancel() (a client gone) takes its reply from another thread while a restart fails them all: its
+    KeyError killed the reader thread, so no engine started and the other requests waited for ever."""
+    import queue
+
+    engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
+    engine._lock, engine._restarts, engine._stopped, starts = threading.RLock(), [], None, []
+    engine._start = lambda: starts.append(1)
+
+    class CancelledMeanwhile(queue.Queue):
+        def put(self, item, *args, **kwargs):
+            engine._replies.pop(2, None)  # request 2's cancel(), between the restart's list and its pop
+            super().put(item, *args, **kwargs)
+
+    first, third = CancelledMeanwhile(), queue.Queue()
+    engine._replies = {1: first, 2: queue.Queue(), 3: third}
+    engine._restart("the engine process stopped (exit code -9)")
+    assert starts == [1] and first.get_nowait()[0] == third.get_nowait()[0] == "failed" and not engine._replies
+
+
 def test_an_unloadable_model_is_a_clear_error_and_the_engine_goes_on(tiny_file, tmp_path):
     from gptgen.engine import EngineError
 
