@@ -186,11 +186,16 @@ class Engine:
             process.join(timeout=5)
             self._restart(f"the engine process stopped (exit code {process.exitcode})")
 
-    def _restart(self, what: str) -> None:
+    def fail_all(self, why: str) -> None:
+        """Ends every request in progress with EngineError(why)."""
         with self._lock:
             for rid in list(self._replies):
                 if (reply := self._replies.pop(rid, None)) is not None:  # a cancel() may have taken it meanwhile
-                    reply.put(("failed", f"{what}; this request was lost, send it again"))
+                    reply.put(("failed", why))
+
+    def _restart(self, what: str) -> None:
+        with self._lock:
+            self.fail_all(f"{what}; this request was lost, send it again")
             if sys.is_finalizing() or _exiting:
                 return
             now = time.monotonic()

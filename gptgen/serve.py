@@ -7,6 +7,7 @@ decodes concurrent requests together, up to BATCH_ROWS per model; more wait for 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -21,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import uvicorn
 from fastapi import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from gptgen.checkpoint import ModelFileError, config_of, given_name, read_config, read_safetensors, served_name
@@ -31,6 +33,7 @@ from gptgen.generate import SAMPLING_PARAMS, Stats, TextModel
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 4 * 2**20  # a completion request's; the longest prompt, escaped as \uXXXX, is 0.6 MB
 GRACEFUL_STOP_S = 5  # how long a stopping server lets requests in progress go on
+STOP_MARGIN_S = 0.5  # before uvicorn cuts them, the requests still going are ended with an error
 
 
 class UnknownModel(GptgenError):
@@ -375,16 +378,29 @@ def _loopback(host: str) -> bool:
         return False
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose stop ends the requests still going after the grace period with an error: cut by
+    uvicorn, a stream ended like a whole text (no error event, no [DONE]), and an OpenAI client took it for one."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().call_later(GRACEFUL_STOP_S - STOP_MARGIN_S, self.engine.fail_all,
+                                              "the server is stopping; this text was cut off, send it again later")
+        await super().shutdown(sockets)
+
+
 def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           device: str = "auto", max_batch: int = BATCH_ROWS, threads: int | None = None) -> None:
     """Load the first model (so the page is ready when the address is printed), then serve until stopped."""
-    import uvicorn
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline-first tool
     files, default = pick_models(models_dir, model)
     with bound_socket(host, port) as sock:
         port = sock.getsockname()[1]  # the one the system chose for --port 0
-        app = build_server(ModelShelf(files, device, max_batch, threads), default)
+        shelf = ModelShelf(files, device, max_batch, threads)
+        app = build_server(shelf, default)
         if not _loopback(host):
             log.warning("serving on %s: anyone who can reach this machine there can use the page", host)
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
@@ -393,4 +409,4 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
             # a stop (Ctrl+C, SIGTERM) gives open streams a few seconds to end, not as long as their texts take
             config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_STOP_S)
-            uvicorn.Server(config).run(sockets=[sock])
+            _Server(config, shelf.engine).run(sockets=[sock])

@@ -96,6 +96,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
 
     stop_requests: set[str] = set()  # sessions whose Stop was pressed; their stream ends at the next piece
     streams: dict[ClosingIterator, str] = {}  # the streams in progress, by session: Stop or a new click ends them
+    latest: dict[str, object] = {}  # each session's last click, until its run ends: an older run ends quietly
 
     def session_streams(session: str) -> list[ClosingIterator]:
         return [stream for stream, owner in list(streams.items()) if owner == session]
@@ -105,6 +106,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         new run's), a Stop pressed from now on is this run's (and one pressed while it waits for the queue is not
         lost), and the last run's text and stats leave the page."""
         session = request.session_hash or ""
+        latest[session] = object()  # also ends a run that has no stream yet (its model loading for it)
         for stream in session_streams(session):
             del streams[stream]
             stream.stop()
@@ -114,6 +116,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
     def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
         text, shown, session, pieces = "", 0.0, request.session_hash or "", None
+        run = latest.get(session)  # None for an API call, which no click ends
         try:
             numbers = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                        "repetition_penalty": repetition_penalty}
@@ -124,11 +127,13 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
             streams[pieces] = session
-            if session in stop_requests:  # pressed while this run waited in Gradio's queue: end it before a row
+            # Stop pressed while this run waited in Gradio's queue, or a new click while its model loaded: end it
+            # before a row
+            if session in stop_requests or latest.get(session) is not run:
                 pieces.stop()
             for piece in pieces:
                 text += piece
-                if session in stop_requests or pieces not in streams:  # Stop, or a new click took the page
+                if session in stop_requests or latest.get(session) is not run:  # Stop, or a new click took the page
                     pieces.close()
                     break
                 if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
@@ -142,7 +147,10 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
             yield text, f"⚠ {e}"  # the page keeps the message after the toast has gone
             raise gr.Error(str(e), print_exception=False) from None
         finally:
-            ours = streams.pop(pieces, None) is not None
+            streams.pop(pieces, None)
+            ours = latest.get(session) is run
+            if ours:
+                latest.pop(session, None)
         if not ours:  # a new click ended this run, and the page is the new run's
             return
         yield text, stats_line(stats, shelf.get(model_name).config.block_size, stopped=session in stop_requests)

@@ -224,7 +224,7 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
 def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads(tmp_path):
     """Each stream holds a worker thread while it waits for a token, and 40 (anyio's default) held them all: with 45
     streams open (one decoding, 44 waiting for the row) /v1/models, the page and new requests hung. And a stop
-    then ends the server in seconds."""
+    then ends the server in seconds, each stream with an error event."""
     import socket
     import time
     import urllib.request
@@ -251,6 +251,11 @@ def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads
         proc.terminate()  # with the 45 streams still open: the server waited for all of them to end (minutes)
         proc.wait(timeout=60)
         assert time.monotonic() - start < 15
+        for s in streams:  # each ends with an error event: cut by uvicorn, they ended like whole texts
+            received = b""
+            while chunk := s.recv(65536):
+                received += chunk
+            assert b"the server is stopping; this text was cut off" in received, received[-500:]
     finally:
         for s in streams:
             s.close()

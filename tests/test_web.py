@@ -132,6 +132,32 @@ def test_picking_a_model_shows_its_card_without_loading_it(monkeypatch):
     assert loads == ["b"]
 
 
+def test_a_click_while_the_last_run_loads_its_model_ends_that_run_without_a_word(monkeypatch):
+    """The last run had no stream to end yet while its model loaded for it (tens of seconds on CUDA): it then
+    streamed its text, made with the old settings, onto the page that the new click had cleared."""
+    import types
+
+    from gptgen.serve import ModelShelf
+    from gptgen.web import build_app
+
+    shelf = ModelShelf({"a": BUNDLED})
+    app = build_app(shelf, "a")
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in app.fns.values()}
+    request, stream = types.SimpleNamespace(session_hash="s"), shelf.stream
+
+    def a_click_while_loading(*args, **kwargs):
+        fns["start"](request)
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(shelf, "stream", a_click_while_loading)
+    fns["start"](request)
+    args = ("ROMEO:", 200, 0.8, 50, 1.0, 1.0, 1, "a", request)
+    assert list(fns["generate"](*args)) == [] and not shelf.engine._replies  # nothing shown, its row freed
+    monkeypatch.undo()
+    fns["start"](request)
+    assert list(fns["generate"](*args))[-1][1].startswith("Generated **200 tokens**")  # the new click's run
+
+
 def test_the_model_panel_says_how_a_model_was_made_or_where_it_was_imported_from(tmp_path):
     from gptgen.interop import export_hf, import_hf
     from gptgen.web import model_card
