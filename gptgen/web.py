@@ -117,6 +117,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                  request: gr.Request) -> Iterator[tuple[str, str]]:
         text, shown, session, pieces = "", 0.0, request.session_hash or "", None
         run = latest.get(session)  # None for an API call, which no click ends
+
+        def ended() -> bool:
+            """Stop was pressed, or a new click took the page: while this run streams, or before (while it waited in
+            Gradio's queue, or for its model to load)."""
+            return session in stop_requests or latest.get(session) is not run
+
         try:
             numbers = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                        "repetition_penalty": repetition_penalty}
@@ -127,13 +133,11 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
                                          repetition_penalty=repetition_penalty, seed=_seed(seed))
             streams[pieces] = session
-            # Stop pressed while this run waited in Gradio's queue, or a new click while its model loaded: end it
-            # before a row
-            if session in stop_requests or latest.get(session) is not run:
+            if ended():  # before a row
                 pieces.stop()
             for piece in pieces:
                 text += piece
-                if session in stop_requests or latest.get(session) is not run:  # Stop, or a new click took the page
+                if ended():
                     pieces.close()
                     break
                 if time.perf_counter() - shown >= UPDATE_INTERVAL_S:
