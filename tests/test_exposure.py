@@ -93,7 +93,6 @@ def test_no_pickle_no_unsafe_torch_load_no_eval_or_exec():
 def test_servers_bind_loopback_unless_told(monkeypatch, caplog):
     """The default is loopback, the socket is bound where asked, and an open address gets the README's warning
     (checked with the model, the app and uvicorn stubbed out, and no socket open to the network)."""
-    import uvicorn
 
     from gptgen import serve
     from gptgen.cli import parser
@@ -103,12 +102,12 @@ def test_servers_bind_loopback_unless_told(monkeypatch, caplog):
     with serve.bound_socket("127.0.0.1", 0) as sock:
         assert sock.getsockname()[0] == "127.0.0.1"
     monkeypatch.setattr(serve, "pick_models", lambda models_dir, model: ({}, None))
-    monkeypatch.setattr(serve, "ModelShelf", lambda *args: None)
+    monkeypatch.setattr(serve, "ModelShelf", lambda *args: types.SimpleNamespace(engine=None))
     monkeypatch.setattr(serve, "build_server", lambda shelf, default: None)
     given = types.SimpleNamespace(getsockname=lambda: ("", 8123))  # port 0: the port the system chose is printed
     monkeypatch.setattr(serve, "bound_socket", lambda host, port: contextlib.nullcontext(given))
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # serve() sets it; restored after the test
-    monkeypatch.setattr(uvicorn, "Server", lambda config: types.SimpleNamespace(run=lambda sockets: None))
+    monkeypatch.setattr(serve, "_Server", lambda config, engine: types.SimpleNamespace(run=lambda sockets: None))
     for host, open_to_all, url in [("127.0.0.1", False, "http://127.0.0.1:8123/"), ("0.0.0.0", True, None),
                                    ("::", True, "http://[::]:8123/"), ("::1", False, "http://[::1]:8123/"),
                                    ("localhost", False, None), ("192.168.1.20", True, None),
