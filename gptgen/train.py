@@ -730,22 +730,24 @@ def _on_rank_0(rank: int, world: int, work: Callable[[], object]) -> None:
             work()
         except GptgenError as e:
             error = e
-    if world > 1:
-        failed = torch.tensor(float(error is not None))
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if failed.item() and error is None:
-            error = GptgenError("rank 0 stopped the run; its message says why")
-    if error is not None:
-        raise error
+    if _on_any_rank(error is not None, world):
+        raise error or GptgenError("rank 0 stopped the run; its message says why")
+
+
+def _on_any_rank(true: bool, world: int) -> bool:
+    """Whether `true` holds on any rank (a collective under DDP: every rank calls it at the same point)."""
+    if world == 1:
+        return true
+    flag = torch.tensor(float(true))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _stop_if_diverged(run: RunDir, cfg: TrainConfig, progress: Progress, world: int, **losses: float) -> None:
     """Stops a run whose loss is no longer a number (NaN or inf: a learning rate too high, mostly) before it logs,
     samples or saves it, so its files keep their last save. Under DDP every rank stops at the same step."""
-    diverged = torch.tensor(float(not all(map(math.isfinite, losses.values()))))
-    if world > 1:
-        dist.all_reduce(diverged, op=dist.ReduceOp.MAX)  # a rank's own loss may be the one that is not a number
-    if diverged.item():
+    # a rank's own loss may be the one that is not a number
+    if _on_any_rank(not all(map(math.isfinite, losses.values())), world):
         saved = run.state()
         kept = (f"the run's files keep step {saved['progress']['step']:,}, its last save" if saved
                 else "nothing was saved")
