@@ -169,6 +169,17 @@ class RunDir:
             raise ConfigError(f"cannot write to --out {str(self.path)!r} ({error.strerror}); choose a writable "
                               "directory")
 
+    def refuse_if_taken(self) -> None:
+        """A new run's --out must hold no run, and no files that are not a run's."""
+        if self.state() is not None:
+            raise ConfigError(f"--out {str(self.path)!r} already holds a run; continue it with --resume {self.path} "
+                              "or choose another --out")
+        foreign = self.foreign_files()
+        if foreign:
+            raise ConfigError(f"--out {str(self.path)!r} holds files that are not a training run's "
+                              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
+                              "empty directory")
+
     def foreign_files(self) -> list[str]:
         """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""
         if not self.path.is_dir():
@@ -306,16 +317,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int) -> dict:
-    if resume:  # every rank: rank 0's answer is a collective, whatever its file system shows the others
-        _on_rank_0(rank, world, run.lock)
-    saved = run.state()  # the run's state.json, read once (held: no other train changes it now)
-    if not resume and saved is not None:  # before --init's download and tokenizing, which a wrong --out wastes
-        raise ConfigError(f"--out {cfg.out!r} already holds a run; continue it with --resume {cfg.out} or choose "
-                          "another --out")
-    foreign = run.foreign_files() if not resume else []
-    if foreign:
-        raise ConfigError(f"--out {cfg.out!r} holds files that are not a training run's ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+    # Rank 0 alone looks at --out, and tells the others (a collective, whatever their file systems show them): a
+    # rank that listed it while rank 0's write check made and removed it failed alone, and left rank 0 waiting.
+    # These come before --init's download and tokenizing, which a wrong --out wastes.
+    _on_rank_0(rank, world, run.lock if resume else run.refuse_if_taken)
+    saved = run.state() if resume else None  # the run's state.json, read once (held: no other train changes it now)
     if resume and not Path(cfg.data).is_file():
         raise ConfigError(f"the run's text {cfg.data!r} is gone; if it moved, give its new place: gptgen train "
                           f"--resume {cfg.out} --data NEW_PATH")

@@ -396,7 +396,7 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
            "train", *cli_flags(small_text, run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-12000:]  # rank 1's lines too (a rank's failure shows in the others')
     assert json.loads(r.stdout)["steps"] == 30  # one summary: rank 0 speaks for all
     assert r.stderr.count("training tiny") == 1
     assert [row["step"] for row in RunDir(run).metrics()] == [1, 10, 10, 20, 20, 30, 30]  # one writer
@@ -520,6 +520,36 @@ def test_under_torchrun_a_write_that_fails_on_rank_0_stops_every_rank_with_its_m
     assert r.returncode != 0 and r.stderr.count("gptgen: error: training stopped: could not write to") == 1
     assert "Connection closed by peer" not in r.stderr and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["progress"]["step"] == 10  # the last save, kept
+
+
+ONLY_RANK_0_LOOKS = """
+import os, sys
+import gptgen.train
+from gptgen.cli import main
+
+if os.environ["RANK"] != "0":
+    def looked(self, *args, **kwargs):
+        open(sys.argv[1], "a").close()
+        raise AssertionError("rank 1 listed --out")
+    gptgen.train.RunDir.foreign_files = gptgen.train.RunDir.state = looked
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_under_torchrun_rank_0_alone_looks_at_out_and_refuses_a_taken_one(small_text, tmp_path):
+    """Every rank listed --out while rank 0's write check made and removed it: a rank that listed it mid-way
+    failed alone, silently, and rank 0 stopped in gloo's "Connection reset by peer" (a CI run, once)."""
+    (tmp_path / "child.py").write_text(ONLY_RANK_0_LOOKS)
+    run, spy = tmp_path / "run", tmp_path / "rank-1-looked"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "child.py"), str(spy), "train", *cli_flags(small_text, run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("holds files that are not a training run's (notes.txt)") == 1
+    assert not spy.exists() and "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+    assert [f.name for f in run.iterdir()] == ["notes.txt"]
 
 
 def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
