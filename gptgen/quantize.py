@@ -2,8 +2,9 @@
 
 The file stores int8 tensors and float32 per-row scales; in memory they stay int8. On CPU the
 matmuls run in fbgemm's dynamic int8 linear (int8 x int8 -> int32 on VNNI), packed once at load, with
-activations quantized per call, and per sequence in a batch (see `_fbgemm_per_sequence`); elsewhere
-the int8 weight is converted one layer at a time, per call.
+activations quantized per call, and per sequence in a batch (see `_fbgemm_per_sequence`), to 7 bits
+where fbgemm's products would saturate (`fbgemm_saturates`); elsewhere the int8 weight is converted one
+layer at a time, per call.
 """
 
 from __future__ import annotations
@@ -42,33 +43,56 @@ def _fbgemm_ok(device: torch.device) -> bool:
     return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def _range_row(width: int) -> torch.Tensor:
-    """A row holding -128 and 127: appended to integer-valued activations, it makes fbgemm's range exactly
-    [-128, 127], so its scale is 1 and its zero point 128, and the integers pass through unchanged."""
-    return F.pad(torch.tensor([[-128.0, 127.0]]), [0, width - 2])
+def _range_row(width: int, reduce_range: bool) -> torch.Tensor:
+    """A row holding -128 and 127 (-64 and 63 with `reduce_range`): appended to integer-valued activations, it
+    makes fbgemm's range exactly that, so its scale is 1 and its zero point 128 (64), and the integers pass
+    through unchanged."""
+    half = 64.0 if reduce_range else 128.0
+    return F.pad(torch.tensor([[-half, half - 1]]), [0, width - 2])
+
+
+@functools.cache
+def fbgemm_saturates() -> bool:
+    """Whether this CPU's fbgemm needs 7-bit activations (0..127; PyTorch's `reduce_range`) to compute exactly.
+    Without VNNI (AVX2; AVX-512 before Cascade Lake; AMD before Zen 4) fbgemm adds pairs of uint8 x int8
+    products in int16, which saturates (255 * 127 * 2 > 32767): a row of 127s times activations at their
+    maximum came out 32258 instead of 4096639, and a 768 -> 3072 layer's error was 1.35% instead of 0.72%
+    (measured with FBGEMM_ENABLE_INSTRUCTIONS=AVX2). So the worst case is tried once: exact, the full range."""
+    width = 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch._make_per_channel_quantized_tensor(torch.full((1, width), 127, dtype=torch.int8),
+                                                     torch.ones(1, dtype=torch.double),
+                                                     torch.zeros(1, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(q, None)
+    x = torch.cat([torch.full((1, width), 127.0), _range_row(width, False)])  # 127 is uint8 255: the largest
+    return _linear_dynamic(x, packed, False)[0, 0].item() != 127 * 127 * width
 
 
 _LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 
 
-def _linear_dynamic(x: torch.Tensor, packed) -> torch.Tensor:
+def _linear_dynamic(x: torch.Tensor, packed, reduce_range: bool) -> torch.Tensor:
     """fbgemm's dynamic int8 linear, called with __torch_function__ checks off: with them on, PyTorch looks for
     `__torch_function__` on the packed weight (a TorchScript object) by throwing and catching a C++
     exception, 6 of the 9 µs a small call took (measured; a token makes 49 calls). x is a plain tensor,
     so nothing changes but the time."""
     with torch._C.DisableTorchFunctionSubclass():
-        return _LINEAR_DYNAMIC(x, packed)
+        return _LINEAR_DYNAMIC(x, packed, reduce_range)
 
 
-def _fbgemm_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fbgemm_qparams(lo: torch.Tensor, hi: torch.Tensor, reduce_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 scale, float64 zero point) per sequence from its float32 min and max, as PyTorch's fbgemm dynamic
-    linear chooses them (quant_utils::ChooseQuantizationParams, uint8 0..255), step for step: the same
-    float32 and float64 roundings, in as few ops as keep them (this runs for every layer of a batched step).
+    linear chooses them (quant_utils::ChooseQuantizationParams, uint8 0..255, or 0..127 with `reduce_range`),
+    step for step: the same float32 and float64 roundings, in as few ops as keep them (this runs for every
+    layer of a batched step).
     """
+    top = 127 if reduce_range else 255
     small_scale = 6.0999998822808266e-05  # fbgemm's smallest scale: 6.1e-5 in float32 (fp16's smallest normal)
-    small_range = 0.015554999932646751  # 255 of them, in float32 arithmetic (TorchScript takes no global numbers)
+    # `top` of them, in float32 arithmetic (TorchScript takes no global numbers)
+    small_range = 0.007747000083327293 if reduce_range else 0.015554999932646751
     lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    scale = (hi.double() - lo) / 255
+    scale = (hi.double() - lo) / top
     small = scale < small_scale  # includes every scale that is 0 or whose inverse overflows in float32
     if bool(small.any()):
         scale32 = scale.float()
@@ -80,30 +104,33 @@ def _fbgemm_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, t
         lo, hi = torch.where(small, lo_small, lo), torch.where(small, hi_small, hi)
         scale = torch.where(small, small_scale, torch.where(degenerate, 0.1, scale))
     low, high = lo / scale, hi / scale  # float64; low <= 0 <= high, so -|low| is low and |high| is high
-    zero = torch.where(low < 255 - high, -low, 255 - high)
-    return scale.float(), zero.round().clamp(0, 255)  # out of range: the end; else nearest, ties to even
+    zero = torch.where(low < top - high, -low, top - high)
+    return scale.float(), zero.round().clamp(0, top)  # out of range: the end; else nearest, ties to even
 
 
-def _fbgemm_per_sequence(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor) -> torch.Tensor:
+def _fbgemm_per_sequence(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, reduce_range: bool
+                         ) -> torch.Tensor:
     """fbgemm's dynamic linear (unit weight scales) of each sequence x[b], bit for bit as if called alone.
 
     fbgemm quantizes a call's activations with one scale and zero point, so in a batch one sequence's
     values would change another's rounding. Here each sequence's uint8 values are computed the way
     fbgemm computes them for a call of its own (`_fbgemm_qparams`, then round(fma(x, 1 / scale, zero
-    point)) as its AVX2 code does); they go through one fbgemm call as integers shifted by -128, and
-    each sequence's int32 sums are corrected for its zero point before its scale is applied.
+    point)) as its AVX2 code does); they go through one fbgemm call as integers shifted by -128 (-64 with
+    `reduce_range`), and each sequence's int32 sums are corrected for its zero point before its scale is applied.
     TorchScript compiles it into the decode step; Python runs it where TorchScript is missing.
     """
     B, K = x.size(0), x.size(-1)
     lo, hi = torch.aminmax(x.reshape(B, -1), dim=1)
-    scale, zero = _fbgemm_qparams(lo, hi)
+    scale, zero = _fbgemm_qparams(lo, hi, reduce_range)
     shape = [B] + [1] * (x.dim() - 1)
     inverse = scale.reciprocal().double().view(shape)
     t = torch.addcmul(zero.view(shape), x.double(), inverse).float()  # fma: rounded to float once
-    # round half to even, minus 128: adding 1.5 * 2**23 leaves no fraction bits (torch.round is not vectorized)
-    q = t.add_(12582912.0).sub_(12582912.0 + 128).clamp_(-128, 127).view(-1, K)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([q, _range_row(K)]), packed)[:-1].unflatten(0, x.shape[:-1])
-    return torch.addcmul(y, (128 - zero).float().view(shape), col_sums).mul_(scale.view(shape))
+    # round half to even, minus 128 (64): adding 1.5 * 2**23 leaves no fraction bits (torch.round is not vectorized)
+    half = 64 if reduce_range else 128
+    q = t.add_(12582912.0).sub_(12582912.0 + half).clamp_(-half, half - 1).view(-1, K)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([q, _range_row(K, reduce_range)]), packed,
+                                           reduce_range)[:-1].unflatten(0, x.shape[:-1])
+    return torch.addcmul(y, (half - zero).float().view(shape), col_sums).mul_(scale.view(shape))
 
 
 def _rescale(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -133,8 +160,8 @@ class Int8Linear(nn.Module):
             q = torch._make_per_channel_quantized_tensor(self.weight, ones, torch.zeros_like(ones, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(q, None)
         # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
-        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1))])
-        self._col_sums = _linear_dynamic(probe, self._packed)[0]
+        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1), fbgemm_saturates())])
+        self._col_sums = _linear_dynamic(probe, self._packed, fbgemm_saturates())[0]
         if not keep_weight:
             self.weight = None
 
@@ -147,8 +174,9 @@ class Int8Linear(nn.Module):
         if self._packed is not None and x.is_cpu:
             x = x.float().contiguous()
             if x.dim() < 3 or x.size(0) == 1:  # one sequence: fbgemm's own call, without the dispatch checks
-                return _rescale(_linear_dynamic(x, self._packed), self.scale, self.bias)
-            return _int8_layer(x, self._packed, self._col_sums, self.scale, self.bias)  # sequence by sequence
+                return _rescale(_linear_dynamic(x, self._packed, fbgemm_saturates()), self.scale, self.bias)
+            # sequence by sequence
+            return _int8_layer(x, self._packed, self._col_sums, self.scale, self.bias, fbgemm_saturates())
         w = self.int8_weight()
         if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row: a compiled decoding step
             # As a product and a sum, inductor makes one kernel that reads the int8 weight itself. Written as a
@@ -224,17 +252,18 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
 
 
 def _int8_layer(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, reduce_range: bool) -> torch.Tensor:
     """An int8 layer, as the decode step and batched calls of Int8Linear run it: fbgemm quantizes one
     sequence itself; several are quantized one by one, so that none changes another's numbers."""
-    y = torch.ops.quantized.linear_dynamic(x, packed) if x.size(0) == 1 else _fbgemm_per_sequence(x, packed, col_sums)
+    y = (torch.ops.quantized.linear_dynamic(x, packed, reduce_range) if x.size(0) == 1
+         else _fbgemm_per_sequence(x, packed, col_sums, reduce_range))
     return _rescale(y, scale, bias)
 
 
 def _decode_step(tokens: list[int], positions: list[int], wte: torch.Tensor, wte_scale: torch.Tensor,
                  wpe: torch.Tensor, packed: list[_Packed], col_sums: list[torch.Tensor], scales: list[torch.Tensor],
                  biases: list[torch.Tensor | None], norms: list[list[torch.Tensor | None]],
-                 caches: list[list[torch.Tensor]], n_head: int, eps: float) -> torch.Tensor:
+                 caches: list[list[torch.Tensor]], n_head: int, eps: float, reduce_range: bool) -> torch.Tensor:
     """GPT.forward for one new token of each sequence in cache rows 0..B-1 (tokens[b] at positions[b]) over
     fbgemm's packed weights: the same ops in the same order (so the same logits, bit for bit), run by
     TorchScript instead of Python. Returns the logits, (B, vocab).
@@ -249,7 +278,7 @@ def _decode_step(tokens: list[int], positions: list[int], wte: torch.Tensor, wte
     C = x.size(-1)
     for i, (kv, k, v) in enumerate(caches):  # kv: (2, rows, nh, max_len, hs); k, v: (rows, nh, max_len, hs)
         h = F.layer_norm(x, [C], norms[2 * i][0], norms[2 * i][1], eps)
-        qkv = _int8_layer(h, packed[4 * i], col_sums[4 * i], scales[4 * i], biases[4 * i])
+        qkv = _int8_layer(h, packed[4 * i], col_sums[4 * i], scales[4 * i], biases[4 * i], reduce_range)
         qkv = qkv.view(B, 1, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         q, new_kv, ys = qkv[0], qkv[1:], []
         for b, pos in enumerate(positions):  # narrow(): one op where an index with `:`s is one per dimension
@@ -258,13 +287,16 @@ def _decode_step(tokens: list[int], positions: list[int], wte: torch.Tensor, wte
                                                      v.narrow(0, b, 1).narrow(2, 0, pos + 1)))
         y = ys[0] if B == 1 else torch.cat(ys)
         y = y.transpose(1, 2).reshape(B, 1, C)
-        x = x + _int8_layer(y, packed[4 * i + 1], col_sums[4 * i + 1], scales[4 * i + 1], biases[4 * i + 1])
+        x = x + _int8_layer(y, packed[4 * i + 1], col_sums[4 * i + 1], scales[4 * i + 1], biases[4 * i + 1],
+                             reduce_range)
         h = F.layer_norm(x, [C], norms[2 * i + 1][0], norms[2 * i + 1][1], eps)
-        h = _int8_layer(h, packed[4 * i + 2], col_sums[4 * i + 2], scales[4 * i + 2], biases[4 * i + 2])
+        h = _int8_layer(h, packed[4 * i + 2], col_sums[4 * i + 2], scales[4 * i + 2], biases[4 * i + 2],
+                        reduce_range)
         h = F.gelu(h, approximate="tanh")
-        x = x + _int8_layer(h, packed[4 * i + 3], col_sums[4 * i + 3], scales[4 * i + 3], biases[4 * i + 3])
+        x = x + _int8_layer(h, packed[4 * i + 3], col_sums[4 * i + 3], scales[4 * i + 3], biases[4 * i + 3],
+                             reduce_range)
     x = F.layer_norm(x, [C], norms[-1][0], norms[-1][1], eps)
-    return _int8_layer(x, packed[-1], col_sums[-1], scales[-1], biases[-1]).view(B, -1)
+    return _int8_layer(x, packed[-1], col_sums[-1], scales[-1], biases[-1], reduce_range).view(B, -1)
 
 
 @functools.cache
@@ -299,7 +331,7 @@ class Int8Decoder:
         self.args = (model.lm_head.weight, model.lm_head.scale, model.transformer.wpe.weight,
                      [m._packed for m in linears], [m._col_sums for m in linears], [m.scale for m in linears],
                      [m.bias for m in linears], [[m.weight, m.bias] for m in norms],
-                     [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps)
+                     [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps, fbgemm_saturates())
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         # Unoptimized: TorchScript's profiling runs made the first two calls 26 and 8 ms (3.5 ms after them);
