@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
+
+REPEAT_S = 1.0  # the same signal again within this is the same stop, delivered twice
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,12 +49,14 @@ def sigint_noted(signums: tuple[int, ...] = (signal.SIGINT,), again_raises: bool
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    caught = []
+    caught = []  # (signum, time.monotonic())
 
     def note(signum, frame):
-        if caught and again_raises:
+        # one stop that reaches the process twice is not a second one: SLURM signals every process of a job, and
+        # torchrun then passes its own signal on to its workers
+        if caught and again_raises and not (signum == caught[-1][0] and time.monotonic() - caught[-1][1] < REPEAT_S):
             raise Interrupted
-        caught.append(signum)
+        caught.append((signum, time.monotonic()))
 
     previous = {signum: signal.signal(signum, note) for signum in signums}
     try:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from gptgen.plot import plot_losses
 from gptgen.signals import sigint_noted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
@@ -191,8 +193,21 @@ class RunDir:
         return sorted(foreign)
 
     def state(self) -> dict | None:
+        """The saved state.json (None: no run here); one that a run did not write (it writes atomically) is refused."""
         f = self.path / STATE
-        return json.loads(f.read_text()) if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            state = json.loads(f.read_text())
+            TrainConfig(**state["train_config"])  # what resuming reads from it
+            Progress(**state["progress"])
+            missing = [k for k in ("weights", "optimizer", "world_size", "rng") if k not in state]
+            if missing:
+                raise KeyError(missing[0])
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"{str(f)!r} is not a gptgen run's state ({type(e).__name__}: {e}); it was changed "
+                              "or copied in by hand: restore it, or train with a new --out") from None
+        return state
 
     def save_state(self, model: GPT, optimizer: Optimizer, state: dict, ema: GPT | None = None) -> None:
         """Weights, optimizer (and --ema's average) under step-numbered names, then state.json naming them: the
@@ -335,14 +350,17 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     elif cfg.init:
         from gptgen.interop import read_hf
 
-        base, pretrained = read_hf(cfg.init)
+        base, pretrained = _on_every_rank(rank, world, lambda: read_hf(cfg.init))  # a download may fail on one
     else:
         base = GPTConfig.from_name(cfg.preset)
     cfg.validate(base)
     model_config = dataclasses.replace(base, dropout=cfg.dropout)
     cfg.block_size = cfg.block_size or model_config.block_size
     allow_tf32(device)
-    corpus = load_corpus_once_per_machine(cfg, rank)
+    corpus = _on_every_rank(rank, world, lambda: load_corpus_once_per_machine(cfg, rank))
+    if len(set(_gather(corpus.sha256))) > 1:  # changed between the ranks' reads, or another copy on another machine
+        raise DataError(f"the processes read different texts from {cfg.data!r} (was it being written?); give every "
+                        "process the same text, then start again")
     if resume and saved.get("corpus_sha256", corpus.sha256) != corpus.sha256:
         raise ConfigError(f"{cfg.data!r} is not the text the run was trained on (its sha256 differs); resume on "
                           "that text, or start a new run with --out")
@@ -374,12 +392,12 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     data_rng = np.random.default_rng([cfg.seed, rank])
     progress = Progress()
     if resume:
-        progress = _restore(run, saved, model, optimizer, data_rng, rank, world, device, ema)
+        progress = _on_every_rank(rank, world,
+                                  lambda: _restore(run, saved, model, optimizer, data_rng, rank, world, device, ema))
         if cfg.target_loss != saved["train_config"]["target_loss"]:
             progress.target_reached = None  # a new target: the old one's step is not this one's
-    if rank == 0:  # what a killed run wrote after its last saved state (or, new here, before its first)
-        run.remove_partial_writes()
-        run.truncate_metrics(progress.step)
+    # what a killed run wrote after its last saved state (or, new here, before its first)
+    _on_rank_0(rank, world, lambda: (run.remove_partial_writes(), run.truncate_metrics(progress.step)))
     autocast = autocast_for(device, cfg.dtype)
     step_model = RegionalCompile(model) if use_compile(cfg, device) else model
     if world > 1:
@@ -698,9 +716,11 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
         progress.best_val, progress.best_step = result.nats_per_token, progress.step
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
                     "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
-    sample = _sample(judged, cfg) if rank == 0 and cfg.sample_tokens else None
+    sample = None
 
     def save() -> None:
+        nonlocal sample
+        sample = _sample(judged, cfg) if cfg.sample_tokens else None
         if result is not None:  # an eval's line is its val loss's (metrics.jsonl's readers tell them by it)
             row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
             if sample is not None:
@@ -727,17 +747,27 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
 
 
 def _on_rank_0(rank: int, world: int, work: Callable[[], object]) -> None:
-    """Rank 0's own work on the run's folder (checks, writes). Under DDP every rank learns whether it failed and
-    stops with it: the others used to wait in the next collective for a process that had gone, then print gloo's
-    "Connection closed by peer" traceback over rank 0's message."""
-    error = None
-    if rank == 0:
-        try:
-            work()
-        except GptgenError as e:
-            error = e
-    if _on_any_rank(error is not None, world):
-        raise error or GptgenError("rank 0 stopped the run; its message says why")
+    """Rank 0's own work on the run's folder (checks, writes, the sample), which the others wait for."""
+    _on_every_rank(rank, world, work if rank == 0 else lambda: None)
+
+
+def _on_every_rank(rank: int, world: int, work: Callable[[], T]) -> T:
+    """work(), then, under DDP, every rank learns whether it failed on any, and stops with it. A rank that failed
+    alone used to leave the others waiting in their next collective for a process that had gone; they then
+    printed gloo's "Connection closed by peer" traceback, and the reason was lost (the CLI prints rank 0's
+    errors only): rank 0 now raises the first failed rank's message."""
+    error = result = None
+    try:
+        result = work()
+    except Exception as e:  # not only GptgenError: an OSError, a bug, must not leave the others waiting either
+        error = e
+    if not _on_any_rank(error is not None, world):
+        return result
+    messages = _gather(None if error is None else str(error) or type(error).__name__)
+    if rank == 0 and error is None:
+        failed = next(k for k, message in enumerate(messages) if message is not None)
+        raise GptgenError(f"process {failed} of {world} stopped the run: {messages[failed]}")
+    raise error or GptgenError("another process stopped the run; rank 0 says why")
 
 
 def _on_any_rank(true: bool, world: int) -> bool:

@@ -552,6 +552,49 @@ def test_under_torchrun_rank_0_alone_looks_at_out_and_refuses_a_taken_one(small_
     assert [f.name for f in run.iterdir()] == ["notes.txt"]
 
 
+ONE_RANK_FAILS = """
+import dataclasses, os, sys
+import gptgen.train
+from gptgen.cli import main
+from gptgen.data import DataError
+
+mode, rank = sys.argv[1], os.environ["RANK"]
+load = gptgen.train.load_corpus
+def other_text(*args, **kwargs):
+    return dataclasses.replace(load(*args, **kwargs), sha256="0" * 64)
+def unreadable(*args, **kwargs):
+    raise DataError("cannot read the text here")
+def plot_bug(*args, **kwargs):
+    raise ValueError("a bug in the plot")
+if mode == "texts differ" and rank == "1":
+    gptgen.train.load_corpus = other_text
+if mode == "setup fails on rank 1" and rank == "1":
+    gptgen.train.load_corpus = unreadable
+if mode == "a bug in rank 0's save" and rank == "0":
+    gptgen.train.plot_losses = plot_bug
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("setup fails on rank 1", "gptgen: error: process 1 of 2 stopped the run: cannot read the text here"),
+    ("texts differ", "gptgen: error: the processes read different texts from"),
+    ("a bug in rank 0's save", "ValueError: a bug in the plot")])
+def test_under_torchrun_a_failure_on_one_rank_stops_every_rank_and_rank_0_says_why(small_text, tmp_path, mode,
+                                                                                    message):
+    """A rank that failed alone (set-up on one machine, an error that was not gptgen's own) left the others
+    waiting in their next collective: gloo's "Connection closed by peer" traceback, and, from a rank other than
+    0, no word of why (the CLI prints rank 0's errors only)."""
+    (tmp_path / "child.py").write_text(ONE_RANK_FAILS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "child.py"), mode, "train", *cli_flags(small_text, tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and r.stderr.count(message) == 1, r.stderr[-3000:]
+    assert "Connection closed by peer" not in r.stderr and "Connection reset by peer" not in r.stderr
+    assert "[rank1]: Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_text, tmp_path):
     """A Ctrl-C reaches torchrun's processes at different moments, or one only (here: rank 1's). Each used to stop
     at its own next step and save with the others still training: they waited on each other forever. Now they
@@ -840,6 +883,7 @@ def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(smal
 def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_text, tmp_path, monkeypatch):
     """The first Ctrl-C's eval scores the whole val split (minutes for a large text on a CPU); a user who will
     not wait presses it again."""
+    import gptgen.signals
     import gptgen.train
 
     step, evaluate = gptgen.train.optimizer_step, gptgen.train.evaluate
@@ -857,6 +901,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_tex
 
     monkeypatch.setattr(gptgen.train, "optimizer_step", ctrl_c_at_step_7)
     monkeypatch.setattr(gptgen.train, "evaluate", ctrl_c_again_in_the_eval)
+    monkeypatch.setattr(gptgen.signals, "REPEAT_S", 0.0)  # the second comes at once (test_signals: a repeat)
     with pytest.raises(KeyboardInterrupt):
         train(config(small_text, tmp_path / "run", steps=20, eval_interval=5))
     assert json.loads((tmp_path / "run" / "state.json").read_text())["progress"]["step"] == 5
@@ -919,3 +964,16 @@ def test_a_copied_run_resumes_in_its_own_folder(small_text, tmp_path):
     assert summary["run_dir"] == str(tmp_path / "copy") and summary["steps"] == 6
     assert sorted(os.listdir(tmp_path / "run")) == before and _state_is_whole(tmp_path / "run") == 4
     assert _state_is_whole(tmp_path / "copy") == 6
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"train_config": {"nope": 1}}', "[]", '{"train_config": {}}'])
+def test_a_state_json_that_no_run_wrote_is_refused_by_name(small_text, tmp_path, text):
+    """A run writes it atomically; one edited or copied in by hand ended a new run or a resume in a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"state.json' is not a gptgen run's state \(\w+"):
+        resume_config(run)
+    with pytest.raises(ConfigError, match="is not a gptgen run's state"):
+        train(config(small_text, run))
+    assert [f.name for f in run.iterdir()] == ["state.json"]

@@ -1,0 +1,32 @@
+import signal
+import time
+
+import pytest
+
+import gptgen.signals
+from gptgen.signals import Interrupted, sigint_noted
+
+
+def test_a_stop_noted_then_a_second_one_raises_but_not_the_same_one_delivered_twice(monkeypatch):
+    """SLURM signals every process of a job and torchrun passes its own signal on: one stop reached a worker
+    twice, and the second, taken for a user's impatient one, cut the eval and save short."""
+    monkeypatch.setattr(gptgen.signals, "REPEAT_S", 0.2)
+    with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True) as stopped:
+        assert not stopped()
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the same stop, delivered again
+        assert stopped()
+        with pytest.raises(Interrupted):
+            signal.raise_signal(signal.SIGINT)  # another signal: a second stop, at once
+    with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True):
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.25)
+        with pytest.raises(Interrupted):
+            signal.raise_signal(signal.SIGINT)  # the same signal later: a user's second Ctrl-C
+
+
+def test_without_again_raises_every_stop_is_only_noted():
+    with sigint_noted() as stopped:
+        for _ in range(3):
+            signal.raise_signal(signal.SIGINT)
+        assert stopped()
