@@ -138,7 +138,8 @@ def _hub_parsers(sub) -> None:
                    "bundled model)")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing public one is refused)")
     p = _command(sub, "pull", "download a model from the Hub into the Hugging Face cache; prints its path")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub, or gpt2 (OpenAI's, converted once)")
     p.add_argument("--revision", help="branch, tag or commit (default: main)")

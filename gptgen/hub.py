@@ -228,6 +228,16 @@ def _api():
     return HfApi(library_name="gptgen")
 
 
+def _create_repo(api, repo_id: str, private: bool, **kwargs) -> str:
+    """The repository, made if new. create_repo leaves an existing one's visibility as it is, so --private on
+    a public one uploaded for everyone to see: refused, before the upload."""
+    url = api.create_repo(repo_id, private=private, exist_ok=True, **kwargs)
+    if private and not api.repo_info(repo_id, repo_type=kwargs.get("repo_type")).private:
+        raise ModelFileError(f"{repo_id} exists and is public, and --private does not change that: make it private "
+                             "in its settings on the Hub first, or push without --private")
+    return url
+
+
 def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> str:
     """Upload the model file and a generated card in one commit; returns the repository URL."""
     from huggingface_hub import CommitOperationAdd
@@ -236,7 +246,7 @@ def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> 
     card = model_card(model_path, repo_id)  # also checks the file is a gptgen model before any upload
     api = _api()
     with _hub_call(repo_id):
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        url = _create_repo(api, repo_id, private)
         api.create_commit(repo_id, [CommitOperationAdd(MODEL_FILE, str(model_path)),
                                     CommitOperationAdd("README.md", card.encode())],
                           commit_message=f"gptgen: upload {Path(model_path).name}")
@@ -284,7 +294,7 @@ def push_space(model_path: str | os.PathLike, repo_id: str, private: bool = Fals
     operations = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
                   for path, data in files.items()]
     with _hub_call(repo_id):
-        url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        url = _create_repo(api, repo_id, private, repo_type="space", space_sdk="gradio")
         operations += [CommitOperationDelete(path) for path in api.list_repo_files(repo_id, repo_type="space")
                        if path.startswith(("models/", "gptgen/")) and path not in files]
         api.create_commit(repo_id, operations, repo_type="space", commit_message="gptgen: update the Space")

@@ -151,13 +151,20 @@ class FakeApi:
 
     def __init__(self):
         self.calls, self.files = [], []  # files: what the repository holds already
+        self.private = {}  # the repositories that exist: private or not
 
     def list_repo_files(self, repo_id, **kwargs):
         return self.files
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
+        self.private.setdefault(repo_id, kwargs["private"])  # exist_ok: an existing one is left as it is
         return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(private=self.private[repo_id])
 
     def create_commit(self, repo_id, operations, **kwargs):
         self.calls.append(("create_commit", repo_id,  # a deletion as None
@@ -289,6 +296,17 @@ def test_private_pushes_create_private_repositories(api):
     hub.push(BUNDLED, "owner/model", private=True)
     hub.push_space(BUNDLED, "owner/space", private=True)
     assert [kwargs["private"] for call, _, kwargs, *_ in api.calls if call == "create_repo"] == [True, True]
+
+
+@pytest.mark.parametrize("space", [False, True])
+def test_a_private_push_to_a_public_repository_is_refused_before_the_upload(api, space):
+    """create_repo leaves an existing repository as it is: `--private` on a public one published the model."""
+    api.private["owner/public"] = False
+    with pytest.raises(ModelFileError, match="owner/public exists and is public"):
+        (hub.push_space if space else hub.push)(BUNDLED, "owner/public", private=True)
+    assert not [call for call in api.calls if call[0] == "create_commit"]
+    (hub.push_space if space else hub.push)(BUNDLED, "owner/public")  # without --private: it stays public
+    assert api.calls[-1][0] == "create_commit"
 
 
 @pytest.mark.parametrize("status, hint", [(401, True), (403, True), (404, False)])
