@@ -216,6 +216,11 @@ def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch
         if tuple(t.shape) != shape or (t.dtype != dtype if dtype is not None else not t.is_floating_point()):
             raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
                                  f"{dtype or 'float'} {shape}")
+        # sampling from such a model raised deep inside; a sum is NaN or infinite with any one of its terms, and
+        # takes a twentieth of the time isfinite() does (124M floats: 21 vs 385 ms; weights never sum to 3e38)
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum())):
+            raise ModelFileError(f"{str(path)!r}: tensor {name} holds NaN or infinite values, so the model's "
+                                 "outputs would too (gptgen train stops a run that diverges before it saves)")
     return config, tensors, metadata
 
 

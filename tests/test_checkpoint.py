@@ -73,6 +73,24 @@ def test_corrupt_files_give_a_clear_error(model_file, how):
         load_model(path)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_model_holding_nan_or_inf_is_refused_by_tensor(model_file, tmp_path, value, int8):
+    """Sampling from one raised inside torch.multinomial (at temperature 0 it gave some token)."""
+    from gptgen.quantize import quantize_state_dict
+
+    model, path = model_file
+    _, tensors, _ = load_model_file(path)
+    if int8:
+        tensors = quantize_state_dict(tensors)
+    name = "transformer.h.1.mlp.c_fc.weight.scale" if int8 else "transformer.h.1.mlp.c_fc.weight"
+    tensors[name].view(-1)[7] = value
+    bad = tmp_path / "bad.safetensors"
+    save_model(bad, tensors, model.config, quantization="int8" if int8 else "none")
+    with pytest.raises(ModelFileError, match=f"tensor {re.escape(name)} holds NaN or infinite values"):
+        load_model(bad)
+
+
 def test_missing_file_and_foreign_safetensors(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors")
