@@ -133,7 +133,12 @@ def _converted(repo_id: str, pulled: Path) -> Path:
     out = cache_dir() / "hub" / repo_id.replace("/", "--") / commit / f"{repo_id.split('/')[1]}.safetensors"
     if not out.is_file():
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
-        import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
+        try:
+            import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
+        except ModelFileError:
+            if not out.is_file():
+                raise
+            # another process converted it meanwhile (two servers started at once): the same file, kept
     return out
 
 

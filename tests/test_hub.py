@@ -128,6 +128,33 @@ def test_openais_gpt2_by_its_bare_name_is_converted_once_and_then_is_a_model_lik
     assert training_info(load_model_file(converted)[2]) == {"imported_from": f"openai-community/gpt2@{commit}"}
 
 
+def test_a_conversion_that_another_process_finished_meanwhile_is_taken(tmp_path, monkeypatch):
+    """Two servers started at once on `gpt2`: the second's conversion found the first's file at its end, and
+    failed with "exists; give a new file name"."""
+    import gptgen.interop
+
+    monkeypatch.setenv("GPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "snapshot", lambda repo_id, commit: tmp_path / "snapshot")
+    pulled = tmp_path / ("c" * 40) / hub.MODEL_FILE
+
+    def the_other_one_wrote_it(source, out, origin):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(b"the other process's file")
+        raise ModelFileError(f"{out} exists; give a new file name")
+
+    monkeypatch.setattr(gptgen.interop, "import_hf", the_other_one_wrote_it)
+    out = hub._converted("openai-community/gpt2", pulled)
+    assert out.read_bytes() == b"the other process's file"
+    out.unlink()
+
+    def failed(source, out, origin):
+        raise ModelFileError("config.json: not a GPT-2")
+
+    monkeypatch.setattr(gptgen.interop, "import_hf", failed)
+    with pytest.raises(ModelFileError, match="not a GPT-2"):
+        hub._converted("openai-community/gpt2", pulled)
+
+
 def test_a_bare_gpt2_name_is_a_local_path_when_one_has_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert [hub.hub_id(n) for n in ("gpt2", "gpt2-xl", "distilgpt2", "owner/m", "gpt3")] == [
