@@ -373,7 +373,7 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
         run.check_writable()
         if not resume:
             run.lock()
-            if run.state() is not None:  # started in the same folder while this one tokenized
+            if (run.path / STATE).is_file():  # started in the same folder while this one tokenized
                 raise ConfigError(f"--out {cfg.out!r}: another gptgen train started a run there meanwhile")
 
     _on_rank_0(rank, world, hold_the_folder)

@@ -2,6 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI (CI=true) tries the same examples on every run, so that its verdict is the code's, not the draw's; a local run
+# draws new ones each time, and keeps the failing ones in .hypothesis/
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

@@ -41,7 +41,7 @@ def hf_cache(tmp_path):
 
 def gptgen_offline(cache, *args, **env):
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "gptgen", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_pull_and_generate_by_hub_id_offline_with_revision_pinning(hf_cache):

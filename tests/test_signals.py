@@ -1,5 +1,5 @@
 import signal
-import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,17 +10,19 @@ from gptgen.signals import Interrupted, sigint_noted
 def test_a_stop_noted_then_a_second_one_raises_but_not_the_same_one_delivered_twice(monkeypatch):
     """SLURM signals every process of a job and torchrun passes its own signal on: one stop reached a worker
     twice, and the second, taken for a user's impatient one, cut the eval and save short."""
-    monkeypatch.setattr(gptgen.signals, "REPEAT_S", 0.2)
+    now = [100.0]
+    monkeypatch.setattr(gptgen.signals, "time", SimpleNamespace(monotonic=lambda: now[0]))
     with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True) as stopped:
         assert not stopped()
         signal.raise_signal(signal.SIGTERM)
+        now[0] += gptgen.signals.REPEAT_S * 0.9
         signal.raise_signal(signal.SIGTERM)  # the same stop, delivered again
         assert stopped()
         with pytest.raises(Interrupted):
             signal.raise_signal(signal.SIGINT)  # another signal: a second stop, at once
     with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True):
         signal.raise_signal(signal.SIGINT)
-        time.sleep(0.25)
+        now[0] += gptgen.signals.REPEAT_S * 1.1
         with pytest.raises(Interrupted):
             signal.raise_signal(signal.SIGINT)  # the same signal later: a user's second Ctrl-C
 
