@@ -110,7 +110,16 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     repo_id = hub_id(repo_id) or repo_id
-    path = _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
+    try:
+        path = _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
+    except ModelFileError as missing:
+        from gptgen.interop import HF_INDEX
+
+        try:  # a transformers repository whose weights are in shards has their index instead
+            index = _fetch(hf_hub_download, repo_id, revision, filename=HF_INDEX)
+        except ModelFileError:
+            raise missing from None
+        return _converted(repo_id, index)
     return _converted(repo_id, path) if _is_transformers_file(path) else path
 
 

@@ -128,6 +128,33 @@ def test_openais_gpt2_by_its_bare_name_is_converted_once_and_then_is_a_model_lik
     assert training_info(load_model_file(converted)[2]) == {"imported_from": f"openai-community/gpt2@{commit}"}
 
 
+def test_a_transformers_repository_with_sharded_weights_is_a_model_id_too(tmp_path):
+    """`gptgen import` read shards by their index, but as a model id such a repository "has no model.safetensors"."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gptgen.interop import HF_INDEX, export_hf, import_hf
+
+    export_hf(BUNDLED, tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / hub.MODEL_FILE)
+    names = sorted(weights)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    files = {"config.json": (tmp_path / "hf" / "config.json").read_bytes(),
+             HF_INDEX: json.dumps({"metadata": {}, "weight_map": weight_map}).encode()}
+    for shard, shard_names in shards.items():
+        save_file({n: weights[n] for n in shard_names}, tmp_path / shard, metadata={"format": "pt"})
+        files[shard] = (tmp_path / shard).read_bytes()
+    commit, cache, ours = "d" * 40, tmp_path / "hub", tmp_path / "gptgen-cache"
+    cache_repo(cache, "owner/sharded", "main", commit, files)
+    r = gptgen_offline(cache, "pull", "owner/sharded", GPTGEN_CACHE_DIR=str(ours))
+    assert r.returncode == 0 and "converting owner/sharded" in r.stderr, r.stderr
+    import_hf(tmp_path / "hf", tmp_path / "direct.safetensors")
+    pulled, direct = (load_model_file(p)[1] for p in (r.stdout.strip(), tmp_path / "direct.safetensors"))
+    assert pulled.keys() == direct.keys() and all(torch.equal(pulled[k], direct[k]) for k in direct)
+
+
 def test_a_conversion_that_another_process_finished_meanwhile_is_taken(tmp_path, monkeypatch):
     """Two servers started at once on `gpt2`: the second's conversion found the first's file at its end, and
     failed with "exists; give a new file name"."""
