@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from report import emit, failure, status_mib
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL_TOKENS, TOP_K = 16, 256, 512, 50
@@ -36,6 +36,8 @@ CUDA_SYSTEMS = ["gptgen-bf16", "gptgen-bf16-compiled", "gptgen-int8", "gptgen-in
 
 
 def make_files(workdir: Path, gguf: bool = True, hf: bool = True) -> dict[str, Path]:
+    import torch
+
     from gptgen.checkpoint import save_model
     from gptgen.config import GPTConfig
     from gptgen.model import GPT
@@ -58,7 +60,9 @@ def make_files(workdir: Path, gguf: bool = True, hf: bool = True) -> dict[str, P
 
 
 def prompts(n: int) -> list[int]:
-    return torch.randint(0, 50000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    """n token ids, the same for every system (and without torch: llama.cpp's process does not load it, so its
+    peak RSS is llama.cpp's own; importing torch alone took 208 MiB)."""
+    return random.Random(n).choices(range(50000), k=n)
 
 
 def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
@@ -80,6 +84,7 @@ def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
 
 
 def run_transformers(folder: Path):
+    import torch
     from transformers import GPT2LMHeadModel
     from transformers.generation.streamers import BaseStreamer
 
@@ -105,7 +110,7 @@ def run_transformers(folder: Path):
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
-                              top_k=TOP_K, streamer=clock, pad_token_id=50256)
+                              temperature=1.0, top_k=TOP_K, streamer=clock, pad_token_id=50256)  # not the export's 0.8
         total = time.perf_counter() - start
         return clock.first - start, total, out.shape[1] - len(prompt)
 
@@ -121,27 +126,32 @@ def run_llama(path: Path):
     def once(prompt: list[int], n: int) -> tuple[float, float, int]:
         llm.reset()
         start = time.perf_counter()
-        first, count = 0.0, 0
-        for _ in llm.create_completion(prompt, max_tokens=n, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
-                                       stream=True):
-            count += 1
-            if count == 1:
+        first, reasons = 0.0, []
+        for chunk in llm.create_completion(prompt, max_tokens=n, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
+                                           stream=True):
+            if not first:
                 first = time.perf_counter() - start
-        return first, time.perf_counter() - start, count
+            reasons.append(chunk["choices"][0]["finish_reason"])
+        # its chunks are not its tokens (a token that ends inside a UTF-8 character waits for the next, and a last
+        # chunk carries the finish_reason alone): the tokens it made are those its context gained
+        return first, time.perf_counter() - start, llm.n_tokens - len(prompt) + (reasons[-1] == "length")
 
     return once
 
 
 def one(system: str, files: dict[str, str], device: str) -> dict:
     """One measurement of one system, in a process of its own: a warm-up, a decode run, a prefill run."""
-    torch.set_num_threads(2)
     kind = system.split("-")[1]
+    if not system.startswith("llama"):
+        import torch
+
+        torch.set_num_threads(2)
     if system.startswith("gptgen"):
         path = Path(files["int8" if kind == "int8" else "fp32"])
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(kind, "auto")  # int8: bf16 activations on CUDA
         once = run_gptgen(path, dtype, device, system.endswith("-compiled"))
     elif system.startswith("transformers"):
-        path = Path(files["fp32"])  # the same weights, exported: `export --format hf` of this file
+        path = Path(files["hf"]) / "model.safetensors"  # the same weights: `export --format hf` of gptgen's fp32
         once = run_transformers(Path(files["hf"]))
     else:
         path = Path(files[kind])
@@ -204,6 +214,8 @@ def main() -> None:
                 results[system].append(json.loads(r.stdout.strip().splitlines()[-1]))
                 print(f"round {round_ + 1}: {system} {results[system][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
                       flush=True)  # as it comes: a run cut short by a time limit still shows its rows
+    import torch
+
     rows = [{"system": s, "error": errors[s], "decode_tok_s_rounds": rounds(results[s])}
             if s in errors else median_row(results[s]) for s in systems]
     where = torch.cuda.get_device_name() if args.device == "cuda" else "2 threads"

@@ -352,7 +352,8 @@ def build_server(shelf: ModelShelf, default: str | None = None):
     shelf.get(default)  # loaded now: the page is ready, or the model's error said, before the address is printed
     api = FastAPI(title="gptgen", lifespan=threads_for_every_request)
     add_openai_routes(api, shelf, default)
-    return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"])
+    # ssr_mode off: Spaces turn server-side rendering on (GRADIO_SSR_MODE), a Node server that no test here runs
+    return gr.mount_gradio_app(api, build_app(shelf, default), path="/", footer_links=["api"], ssr_mode=False)
 
 
 def bound_socket(host: str, port: int) -> socket.socket:

@@ -49,6 +49,11 @@ def _seed(value) -> int | None:
     return None if value is None or (isinstance(value, int) and value == RANDOM_SEED) else value
 
 
+def _stops(text: str | None) -> list[str] | None:
+    """The page's stop box: one string per line, where `\\n` stands for a line break (`\\n\\n`: a blank line)."""
+    return [line.replace("\\n", "\n") for line in (text or "").splitlines() if line] or None
+
+
 def stats_line(s: Stats, context: int, stopped: bool = False) -> str:
     head = "Stopped after" if stopped else "Generated"
     if s.new_tokens == 0:  # stopped while waiting for a free row, or the model ended the text at once
@@ -108,12 +113,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         session = request.session_hash or ""
         latest[session] = object()  # also ends a run that has no stream yet (its model loading for it)
         for stream in session_streams(session):
-            del streams[stream]
+            streams.pop(stream, None)  # its run may have ended since: its own finally pops it too
             stream.stop()
         stop_requests.discard(session)
         return "", ""
 
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name,
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name, stop,
                  request: gr.Request) -> Iterator[tuple[str, str]]:
         text, shown, session, pieces = "", 0.0, request.session_hash or "", None
         run = latest.get(session)  # None for an API call, which no click ends
@@ -131,7 +136,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                 raise ValueError(f"{blank} is empty; give a number ({getattr(DEFAULTS, blank)} is the default)")
             pieces, stats = shelf.stream(model_name, prompt, max_new_tokens=_whole("max_new_tokens", max_new_tokens),
                                          temperature=temperature, top_k=_whole("top_k", top_k), top_p=top_p,
-                                         repetition_penalty=repetition_penalty, seed=_seed(seed))
+                                         repetition_penalty=repetition_penalty, seed=_seed(seed), stop=_stops(stop))
             streams[pieces] = session
             if ended():  # before a row
                 pieces.stop()
@@ -204,11 +209,13 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                                step=0.05, elem_id="repetition_penalty")
                 seed = gr.Number(RANDOM_SEED, label="seed (same seed, same text; -1 = random)",
                                  elem_id="seed")
+                stop_strings = gr.Textbox(label="stop (the text ends before any of these; one a line, \\n for a "
+                                          "line break)", lines=2, max_lines=4, elem_id="stop-strings")
                 with gr.Accordion("About this model", open=True):
                     card_md = gr.Markdown(card, elem_id="model-card")
                     plot = gr.LinePlot(curve, visible=not curve.empty, x="step", y="loss", color="split",
                                        label="Loss (nats/token)", elem_id="loss-curve")
-        inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name]
+        inputs = [prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, model_name, stop_strings]
         # Gradio runs up to this many streams at once; the engine decodes them together (a batch row each)
         # or keeps them waiting for a row. Beyond that, Gradio's queue holds QUEUE_SIZE more.
         clicked = gr.on([go.click, prompt.submit], start, None, [output, stats], queue=False, api_visibility="private")
@@ -219,5 +226,8 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
             event(show_model, [model_name], [card_md, plot], api_visibility="private")
+    # Gradio's queue runs at most max_threads events at once (40 by default): the 41st stream waited in it, with
+    # rows free in the engine; a few more for the model cards
+    app.max_threads = shelf.engine.rows + shelf.engine.max_waiting + 8
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app

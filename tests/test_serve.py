@@ -427,9 +427,11 @@ def test_an_engine_that_fails_mid_request_is_an_openai_error_not_a_500_page_or_a
         assert error["type"] == "server_error" and "send it again" in error["message"], rest[-3:]
         shelf.engine._restarts.clear()  # the same test again, without counting towards the restart limit
 
+        before = set(shelf.engine._replies)
+
         def kill_once_it_runs() -> None:  # not after a fixed time: the request may not have reached it yet
             deadline = time.monotonic() + 60
-            while not shelf.engine._replies and time.monotonic() < deadline:
+            while not set(shelf.engine._replies) - before and time.monotonic() < deadline:
                 time.sleep(0.01)
             os.kill(shelf.engine._process.pid, signal.SIGKILL)
 

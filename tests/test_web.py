@@ -59,6 +59,16 @@ def test_the_page_is_updated_at_most_about_ten_times_a_second_however_fast_the_t
     assert len(updates) <= 10 * seconds + 3, (len(updates), seconds)  # + the first and the last
 
 
+def test_stop_strings_one_a_line_with_backslash_n_for_a_line_break_end_the_text_before_them(client):
+    """DESIGN: the same sampling parameters everywhere, the web form's too; the page had no stop strings."""
+    greedy = {**SAMPLING, "temperature": 0}
+    whole = client.predict(*_args("ROMEO:", greedy), api_name="/generate")[0]
+    assert "\n\nJULIET" in whole  # the bundled model's greedy text has this blank line
+    for box, before in (("never in it\n\\n\\nJULIET", "\n\nJULIET"), ("thee", "thee")):
+        text = client.predict(*_args("ROMEO:", greedy), box, api_name="/generate")[0]
+        assert text == whole[:whole.index(before)], (box, text)
+
+
 def test_the_model_is_optional_and_minus_one_or_none_means_a_random_seed(client):
     s = {**SAMPLING, "max_new_tokens": 20}
     ours = client.predict(*_args("ROMEO:", s), api_name="/generate")[0]
@@ -132,6 +142,16 @@ def test_picking_a_model_shows_its_card_without_loading_it(monkeypatch):
     assert loads == ["b"]
 
 
+def test_the_pages_queue_runs_every_stream_the_engine_takes_at_once():
+    """Gradio's queue ran 40 events at once (its default): the 41st visitor waited in it, with rows free."""
+    from gptgen.serve import ModelShelf
+    from gptgen.web import build_app
+
+    shelf = ModelShelf({"a": BUNDLED}, rows=100)
+    app = build_app(shelf, "a")
+    assert app._queue.max_thread_count > shelf.engine.rows + shelf.engine.max_waiting  # and the cards' events
+
+
 def test_a_click_while_the_last_run_loads_its_model_ends_that_run_without_a_word(monkeypatch):
     """The last run had no stream to end yet while its model loaded for it (tens of seconds on CUDA): it then
     streamed its text, made with the old settings, onto the page that the new click had cleared."""
@@ -151,7 +171,7 @@ def test_a_click_while_the_last_run_loads_its_model_ends_that_run_without_a_word
 
     monkeypatch.setattr(shelf, "stream", a_click_while_loading)
     fns["start"](request)
-    args = ("ROMEO:", 200, 0.8, 50, 1.0, 1.0, 1, "a", request)
+    args = ("ROMEO:", 200, 0.8, 50, 1.0, 1.0, 1, "a", "", request)
     assert list(fns["generate"](*args)) == [] and not shelf.engine._replies  # nothing shown, its row freed
     monkeypatch.undo()
     fns["start"](request)
