@@ -209,7 +209,7 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
                                                step=0.05, elem_id="repetition_penalty")
                 seed = gr.Number(RANDOM_SEED, label="seed (same seed, same text; -1 = random)",
                                  elem_id="seed")
-                stop_strings = gr.Textbox(label="stop (the text ends before any of these; one a line, \\n for a "
+                stop_strings = gr.Textbox("", label="stop (the text ends before any of these; one a line, \\n for a "
                                           "line break)", lines=2, max_lines=4, elem_id="stop-strings")
                 with gr.Accordion("About this model", open=True):
                     card_md = gr.Markdown(card, elem_id="model-card")
