@@ -267,6 +267,9 @@ def push(model_path: str | os.PathLike, repo_id: str, private: bool = False) -> 
     return str(url)
 
 
+CPU_TORCH = b"--extra-index-url https://download.pytorch.org/whl/cpu\n"
+
+
 def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
     """What a Space needs, by path in the Space: the app, the package, requirements, README header, model.
 
@@ -275,7 +278,10 @@ def space_files(model_path: str | os.PathLike) -> dict[str, Path | bytes]:
     if not (ROOT / "app.py").is_file():
         raise ModelFileError("push --space uploads the gptgen repository's app.py, requirements.txt and README "
                              "header, which an installed wheel does not have: run it from a clone (pip install -e .)")
-    files: dict[str, Path | bytes] = {"app.py": ROOT / "app.py", "requirements.txt": ROOT / "requirements.txt"}
+    # the CPU build of torch: from PyPI alone, pip takes the CUDA one and its nvidia-* packages (gigabytes) into a
+    # CPU Space; the repository's own file leaves this line out, for machines that cannot reach that index
+    requirements = CPU_TORCH + (ROOT / "requirements.txt").read_bytes()
+    files: dict[str, Path | bytes] = {"app.py": ROOT / "app.py", "requirements.txt": requirements}
     package = ROOT / "gptgen"
     for f in sorted(package.rglob("*")):
         if f.is_file() and "__pycache__" not in f.parts:

@@ -274,6 +274,7 @@ def test_push_space_sends_app_package_requirements_header_and_model(api):
     assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
     assert 'short_description: "A GPT-2 trained by gptgen on tinyshakespeare.txt, int8"' in readme
     assert "pyproject.toml" not in files  # the Space imports the package from its folder
+    assert files["requirements.txt"] == hub.CPU_TORCH + (ROOT / "requirements.txt").read_bytes()
 
 
 def test_a_space_pushed_again_with_another_model_keeps_only_the_new_one(api):
