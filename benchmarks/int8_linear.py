@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from report import emit
 
 from gptgen.generate import CompiledDecoder
-from gptgen.quantize import Int8Linear, fbgemm_saturates, quantize_rows
+from gptgen.quantize import Int8Linear, quantize_rows
 
 
 def bench(fn, x, reps: int = 2000) -> float:
@@ -67,7 +67,7 @@ def main() -> None:
     w_bf16, b_bf16 = w.to(torch.bfloat16), b.to(torch.bfloat16)
     ours = Int8Linear(q, scale, b)
     ours.pack()
-    plain_fbgemm, saturates = torch.ops.quantized.linear_dynamic, fbgemm_saturates()
+    plain_fbgemm = torch.ops.quantized.linear_dynamic
     onednn_w = torch.ops.onednn.qlinear_prepack(q, [1, 768])
     zero_points = torch.zeros(3072, dtype=torch.int32)
 
@@ -85,8 +85,8 @@ def main() -> None:
         "int8 dequantize, then fp32 linear": lambda x: F.linear(x, q.float() * scale[:, None], b),
         "int8 aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale) + b,
         "int8 oneDNN qlinear (+ quantize x)": onednn,
-        "int8 fbgemm, plain torch.ops call": lambda x: torch.addcmul(b, plain_fbgemm(x, ours._packed, saturates),
-                                                                     scale),  # the activations' range as gptgen's
+        "int8 fbgemm, plain torch.ops call":  # in gptgen's activation range
+            lambda x: torch.addcmul(b, plain_fbgemm(x, ours._packed, ours._reduce_range), scale),
         "int8 fbgemm linear_dynamic (gptgen)": ours,
     }
     report(run_paths(paths, x, F.linear(x, w, b)), f"768x3072 linear, one token, {args.threads} threads", args.json)

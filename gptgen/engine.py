@@ -72,6 +72,7 @@ class Engine:
     def __init__(self, rows: int = BATCH_ROWS, max_waiting: int = MAX_WAITING, device: str = "auto",
                  threads: int | None = None) -> None:
         self.rows, self.max_waiting = rows, max_waiting
+        self.capacity = rows + max_waiting  # requests held at once, decoding or waiting for a row; more are refused
         self.peak_batch = 0  # the most sequences one step has decoded together
         self._settings = (rows, device, threads or default_threads())
         self._ids = itertools.count()
@@ -114,7 +115,7 @@ class Engine:
         models: they share the cores, so a second model adds no capacity.
         """
         with self._lock:  # the count and the new request at once: requests arriving together cannot overshoot it
-            if len(self._replies) >= self.rows + self.max_waiting:
+            if len(self._replies) >= self.capacity:
                 raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few "
                                  "seconds")
             # with its model's file: an engine that restarted and could not load it then (a file being replaced)

@@ -148,6 +148,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self._packed = None
         self._col_sums = None
+        self._reduce_range = False  # fbgemm's activation range, chosen at pack: the column sums are taken in it
 
     def pack(self, keep_weight: bool = False) -> None:
         """Lay the weight out for fbgemm once, at load. fbgemm keeps its own int8 copy, so the plain one is
@@ -159,9 +160,10 @@ class Int8Linear(nn.Module):
             ones = torch.ones_like(self.scale, dtype=torch.double)  # the row scales go on after, with the bias
             q = torch._make_per_channel_quantized_tensor(self.weight, ones, torch.zeros_like(ones, dtype=torch.long), 0)
         self._packed = torch.ops.quantized.linear_prepack(q, None)
+        self._reduce_range = fbgemm_saturates()
         # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
-        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1), fbgemm_saturates())])
-        self._col_sums = _linear_dynamic(probe, self._packed, fbgemm_saturates())[0]
+        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1), self._reduce_range)])
+        self._col_sums = _linear_dynamic(probe, self._packed, self._reduce_range)[0]
         if not keep_weight:
             self.weight = None
 
@@ -174,9 +176,9 @@ class Int8Linear(nn.Module):
         if self._packed is not None and x.is_cpu:
             x = x.float().contiguous()
             if x.dim() < 3 or x.size(0) == 1:  # one sequence: fbgemm's own call, without the dispatch checks
-                return _rescale(_linear_dynamic(x, self._packed, fbgemm_saturates()), self.scale, self.bias)
+                return _rescale(_linear_dynamic(x, self._packed, self._reduce_range), self.scale, self.bias)
             # sequence by sequence
-            return _int8_layer(x, self._packed, self._col_sums, self.scale, self.bias, fbgemm_saturates())
+            return _int8_layer(x, self._packed, self._col_sums, self.scale, self.bias, self._reduce_range)
         w = self.int8_weight()
         if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row: a compiled decoding step
             # As a product and a sum, inductor makes one kernel that reads the int8 weight itself. Written as a
@@ -331,7 +333,8 @@ class Int8Decoder:
         self.args = (model.lm_head.weight, model.lm_head.scale, model.transformer.wpe.weight,
                      [m._packed for m in linears], [m._col_sums for m in linears], [m.scale for m in linears],
                      [m.bias for m in linears], [[m.weight, m.bias] for m in norms],
-                     [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps, fbgemm_saturates())
+                     [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps,
+                     model.lm_head._reduce_range)  # every layer's, chosen at pack
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         # Unoptimized: TorchScript's profiling runs made the first two calls 26 and 8 ms (3.5 ms after them);

@@ -345,7 +345,7 @@ def build_server(shelf: ModelShelf, default: str | None = None):
         import anyio.to_thread
 
         threads = anyio.to_thread.current_default_thread_limiter()
-        threads.total_tokens = shelf.engine.rows + shelf.engine.max_waiting + threads.total_tokens
+        threads.total_tokens = shelf.engine.capacity + threads.total_tokens
         yield
 
     default = default or shelf.names[0]

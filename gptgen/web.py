@@ -222,12 +222,12 @@ def build_app(shelf: ModelShelf, default: str | None = None) -> gr.Blocks:
         # always_last: a click while a run streams starts its run once that one has ended (start ends it); with
         # Gradio's default ("once") the new run was dropped and the old one's text filled the page
         clicked.then(generate, inputs, [output, stats], api_name="generate", trigger_mode="always_last",
-                     concurrency_limit=shelf.engine.rows + shelf.engine.max_waiting, show_progress="hidden")
+                     concurrency_limit=shelf.engine.capacity, show_progress="hidden")
         stop_button.click(stop, None, None, queue=False, api_visibility="private")
         for event in (app.load, model_name.change):
             event(show_model, [model_name], [card_md, plot], api_visibility="private")
     # Gradio's queue runs at most max_threads events at once (40 by default): the 41st stream waited in it, with
     # rows free in the engine; a few more for the model cards
-    app.max_threads = shelf.engine.rows + shelf.engine.max_waiting + 8
+    app.max_threads = shelf.engine.capacity + 8
     app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return app
