@@ -72,7 +72,6 @@ class Engine:
     def __init__(self, rows: int = BATCH_ROWS, max_waiting: int = MAX_WAITING, device: str = "auto",
                  threads: int | None = None) -> None:
         self.rows, self.max_waiting = rows, max_waiting
-        self.capacity = rows + max_waiting  # requests held at once, decoding or waiting for a row; more are refused
         self.peak_batch = 0  # the most sequences one step has decoded together
         self._settings = (rows, device, threads or default_threads())
         self._ids = itertools.count()
@@ -82,6 +81,11 @@ class Engine:
         self._restarts: list[float] = []
         self._stopped: str | None = None
         self._start()
+
+    @property
+    def capacity(self) -> int:
+        """Requests held at once, decoding or waiting for a row; more are refused."""
+        return self.rows + self.max_waiting
 
     def _start(self) -> None:
         """A new engine process and its reader thread; the models loaded so far are loaded again first (the

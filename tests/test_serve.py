@@ -426,7 +426,9 @@ def test_an_engine_that_fails_mid_request_is_an_openai_error_not_a_500_page_or_a
         error = json.loads(rest[-1][6:])["error"]
         assert error["type"] == "server_error" and "send it again" in error["message"], rest[-3:]
         shelf.engine._restarts.clear()  # the same test again, without counting towards the restart limit
-
+        # a whole request first: the restarted engine has then loaded its model (a reload is a request too, which
+        # the kill below must not take for this one)
+        assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
         before = set(shelf.engine._replies)
 
         def kill_once_it_runs() -> None:  # not after a fixed time: the request may not have reached it yet
