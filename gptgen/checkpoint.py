@@ -280,21 +280,41 @@ def training_info(metadata: dict[str, str]) -> dict:
     return {k: v for k, v in info.items() if k not in RECORD_FIELDS or RECORD_FIELDS[k](v)}
 
 
+def _identity(path: str | os.PathLike) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _reread(path: str | os.PathLike, name: str, like: torch.Tensor, identity: tuple[int, ...]) -> torch.Tensor:
+    """A tensor that load_model_file checked, read again through a memory map of its own, which is unmapped (and
+    out of this process's memory) as soon as the tensor is dropped. The file must still be the one checked (its
+    `identity` before): a run that saves while a server loads the file would otherwise mix two models' layers."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            t = f.get_tensor(name)
+        same = _identity(path) == identity
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
+    if not same or t.shape != like.shape or t.dtype != like.dtype:
+        raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
+                             "load it again")
+    return t
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(GPT, metadata) from a model file, float or int8, checked tensor by tensor against its config.
 
     Built on the meta device, so no memory is spent on a throwaway init.
     """
     from gptgen.model import GPT
-    from gptgen.quantize import Int8Linear, int8_model
+    from gptgen.quantize import int8_model, pack
 
+    identity = _identity(path) if Path(path).is_file() else None  # (load_model_file says what else it is)
     config, tensors, metadata = load_model_file(path)
     if metadata.get("quantization") == "int8":
         model = int8_model(config, tensors).to(device).eval()
-        del tensors  # the modules hold the weights now; packing then frees each plain copy as it goes
-        for module in model.modules():
-            if isinstance(module, Int8Linear):
-                module.pack(keep_weight=module is model.lm_head)
+        del tensors
+        pack(model, lambda name, like: _reread(path, name, like, identity))
         return model, metadata
     with torch.device("meta"):
         model = GPT(config)

@@ -333,3 +333,57 @@ def test_a_tensor_the_config_does_not_expect_is_refused_by_name(tmp_path, quanti
     save_model(tmp_path / "m.safetensors", {**state, name: bad}, m.config, quantization=quantization)
     with pytest.raises(ModelFileError, match=re.escape(message)):
         load_model(tmp_path / "m.safetensors")
+
+
+def _int8_file(path, **overrides):
+    m = tiny_model(**overrides)
+    state = {k: v for k, v in m.state_dict().items() if k != TIED}
+    save_model(path, quantize_state_dict(state), m.config, quantization="int8")
+    return path
+
+
+@pytest.mark.parametrize("n_embd", [32, 64])
+def test_an_int8_file_replaced_while_it_loads_is_a_clear_error(tmp_path, monkeypatch, n_embd):
+    """Packing reads each int8 weight again: a file swapped for another in between (another model, or the next save
+    of the same run, whose shapes match) is refused, not mixed into the model."""
+    import gptgen.checkpoint as checkpoint
+
+    path = _int8_file(tmp_path / "m.safetensors")
+    other = _int8_file(tmp_path / "other.safetensors", n_embd=n_embd)
+    checked = checkpoint.load_model_file
+
+    def then_swapped(p):
+        out = checked(p)
+        os.replace(other, path)
+        return out
+
+    monkeypatch.setattr(checkpoint, "load_model_file", then_swapped)
+    with pytest.raises(ModelFileError, match="changed while it was being loaded"):
+        load_model(path)
+    monkeypatch.setattr(checkpoint, "load_model_file", lambda p: (checked(p), os.remove(p))[0])
+    with pytest.raises(ModelFileError, match="could not be read again while loading"):
+        load_model(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read from Linux's /proc")
+def test_loading_an_int8_model_peaks_at_about_the_loaded_models_memory(tmp_path):
+    """Each int8 weight leaves memory as it is packed, and the head's 37 MiB packing copies come first: the peak
+    RSS while loading `gpt2` is about the RSS once loaded. Packed from the file's one memory map, every weight stayed
+    in memory until the last was packed (81 MiB above); with the head packed last, its copies were (58 MiB)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_random_int8_model
+
+    path = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")
+    child = f"""
+import torch
+from gptgen.checkpoint import load_model
+def mib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":")) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM starts again from VmRSS
+model = load_model({str(path)!r})
+print(mib("VmHWM") - mib("VmRSS"))
+"""
+    above = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+    assert above < 25, f"loading peaked {above:.0f} MiB above the loaded model"
