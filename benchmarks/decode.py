@@ -85,12 +85,15 @@ def run_gptgen(path: Path, dtype: str, device: str, compile: bool):
 
 def run_transformers(folder: Path):
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformers.generation.streamers import BaseStreamer
 
     # from_pretrained, as its users load it: no randomly initialised copy beside the weights (building one and
     # loading into it held both, and its peak RSS was ~the file's size above what users see)
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    # and its tokenizer, held as every system here holds one (gptgen.load's; llama.cpp's vocabulary, from the GGUF):
+    # the timed calls take token ids, but a program that generates text holds its tokenizer (14 MiB here)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -114,6 +117,7 @@ def run_transformers(folder: Path):
         total = time.perf_counter() - start
         return clock.first - start, total, out.shape[1] - len(prompt)
 
+    once.tokenizer = tokenizer
     return once
 
 
