@@ -3,8 +3,8 @@
 Starts the real server (`gptgen serve`) on the bundled model and on a random `gpt2`-size int8 model, and
 measures: start to ready (process start until the page answers; one start per model, polled every 20 ms),
 click to first streamed text on the page (timed inside the browser), end-to-end tokens/s on the page,
-through `gradio_client`, and of `model.stream` in this process on the same file and prompt (never at the
-same time). Median of --runs.
+through `gradio_client`, and of `model.stream` in this process on the same file and prompt (taking turns,
+never at the same time). Median of --runs.
 
     python benchmarks/app.py [--runs 5] [--json out.json]
 """
@@ -12,6 +12,7 @@ same time). Median of --runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -55,43 +56,47 @@ CLICK_AND_TIME = """() => new Promise((resolve, reject) => {
 })"""
 
 
-def direct(path: Path, sampling: dict, runs: int) -> dict:
+# Each way of generating is a function once(seed) -> (tokens, seconds to the last, seconds to the first)
+
+
+@contextlib.contextmanager
+def streamed(path: Path, sampling: dict):
+    """model.stream in this process, on the server's file."""
     import gptgen
 
     model = gptgen.load(str(path), device="cpu")
     model.generate("", max_new_tokens=2, seed=0)  # the server warms up the same way before serving
-    rates, steady = [], []
-    for i in range(runs):
+
+    def once(seed: int) -> tuple[int, float, float]:
         start = time.perf_counter()
-        for _ in model.stream(PROMPT, **{**sampling, "seed": i}):
+        for _ in model.stream(PROMPT, **{**sampling, "seed": seed}):
             pass
-        rates.append(model.last.new_tokens / (time.perf_counter() - start))
-        steady.append(model.last.tokens_per_s)
-    return {"tokens_per_s": statistics.median(rates), "steady_tokens_per_s": statistics.median(steady)}
+        s = model.last
+        return s.new_tokens, time.perf_counter() - start, s.first_token_s
+
+    yield once
 
 
-def through_client(url: str, sampling: dict, runs: int) -> dict:
+@contextlib.contextmanager
+def through_client(url: str, sampling: dict):
     from gradio_client import Client
 
     client = Client(url, verbose=False)
-    rates, steady, firsts = [], [], []
-    for i in range(runs):
+
+    def once(seed: int) -> tuple[int, float, float]:
         start = time.perf_counter()
         job = client.submit(PROMPT, sampling["max_new_tokens"], sampling["temperature"], sampling["top_k"], 1.0,
-                            1.0, i, api_name="/generate")
+                            1.0, seed, api_name="/generate")
         first = None
         for _ in job:
             first = first or time.perf_counter() - start
-        total = time.perf_counter() - start
-        n = tokens_in(job.outputs()[-1][1])
-        rates.append(n / total)
-        steady.append((n - 1) / (total - first))
-        firsts.append(first)
-    return {"tokens_per_s": statistics.median(rates), "steady_tokens_per_s": statistics.median(steady),
-            "first_update_s": statistics.median(firsts)}
+        return tokens_in(job.outputs()[-1][1]), time.perf_counter() - start, first
+
+    yield once
 
 
-def through_page(url: str, model_name: str, sampling: dict, runs: int) -> dict:
+@contextlib.contextmanager
+def through_page(url: str, model_name: str, sampling: dict):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -107,21 +112,27 @@ def through_page(url: str, model_name: str, sampling: dict, runs: int) -> dict:
         max_tokens = page.locator("#max_new_tokens input[type=number]")
         max_tokens.fill(str(sampling["max_new_tokens"]))
         max_tokens.press("Enter")
-        rates, steady, firsts = [], [], []
-        for i in range(runs):
-            page.fill("#seed input", str(i))
+
+        def once(seed: int) -> tuple[int, float, float]:
+            page.fill("#seed input", str(seed))
             r = page.evaluate(CLICK_AND_TIME)
-            n = tokens_in(r["stats"])
-            rates.append(n / (r["total_ms"] / 1000))
-            steady.append((n - 1) / ((r["total_ms"] - r["first_ms"]) / 1000))
-            firsts.append(r["first_ms"] / 1000)
+            return tokens_in(r["stats"]), r["total_ms"] / 1000, r["first_ms"] / 1000
+
+        yield once
         browser.close()
-    return {"tokens_per_s": statistics.median(rates), "steady_tokens_per_s": statistics.median(steady),
-            "first_token_s": statistics.median(firsts)}
+
+
+def medians(runs: list[tuple[int, float, float]]) -> dict:
+    """End to end: tokens / (click or call to the last token); steady: tokens after the first / time after it."""
+    return {"tokens_per_s": statistics.median(n / total for n, total, _ in runs),
+            "steady_tokens_per_s": statistics.median((n - 1) / (total - first) for n, total, first in runs),
+            "first_s": statistics.median(first for _, _, first in runs)}
 
 
 def measure(work: Path, runs: int) -> list[dict]:
-    """Each model: the server started and driven through the page and gradio_client, then model.stream alone."""
+    """Each model: the server started, then the page, gradio_client and model.stream in this process take turns
+    (one generation each, the order rotated each round, never two at once): a slow minute on this shared
+    machine then falls on all three."""
     models = work / "models"
     models.mkdir()
     (models / BUNDLED.name).symlink_to(BUNDLED)
@@ -133,15 +144,20 @@ def measure(work: Path, runs: int) -> list[dict]:
         proc, url = start_server(["--models", str(models), "--model", name], work / f"{name}.log", poll_s=0.02)
         ready_s = time.perf_counter() - start
         try:
-            page = through_page(url, name, sampling, runs)
-            client = through_client(url, sampling, runs)
+            with (through_page(url, name, sampling) as page, through_client(url, sampling) as client,
+                  streamed(models / f"{name}.safetensors", sampling) as stream):
+                ways = {"page": page, "client": client, "stream": stream}
+                done = {way: [] for way in ways}
+                for i in range(runs):
+                    order = list(ways)[i % 3:] + list(ways)[:i % 3]
+                    for way in order:
+                        done[way].append(ways[way](i))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-        alone = direct(models / f"{name}.safetensors", sampling, runs)
-        rows.append({"model": name, "new_tokens": n, "ready_s": ready_s, "first_token_page_s": page["first_token_s"],
-                     "client_first_update_s": client["first_update_s"], "page": page, "client": client,
-                     "stream": alone})
+        page, client, alone = (medians(done[way]) for way in ways)
+        rows.append({"model": name, "new_tokens": n, "ready_s": ready_s, "first_token_page_s": page["first_s"],
+                     "client_first_update_s": client["first_s"], "page": page, "client": client, "stream": alone})
     return rows
 
 
