@@ -1,8 +1,10 @@
 """Many users at once: a real `gptgen serve` driven by real clients (`openai` and `gradio_client`).
 
 Starts the server on a random-weight `gpt2`-preset int8 model (or --model FILE), then, for each client
-count, runs that many clients for --seconds, each streaming one request after another (half of them
-through the OpenAI-compatible API, half through the Gradio API). Reports aggregate and per-client
+count, runs that many clients for --seconds, each streaming one request after another, through the
+OpenAI-compatible API and the Gradio API in turn (client i starts with the one at i % 2): every client count,
+one included, runs the same half-and-half mix, so the ratio to one client compares like with like (with one
+client on OpenAI's API alone, it compared a mix against the lighter client). Reports aggregate and per-client
 tokens/s, p50/p95 time to first token, and failed requests, with the aggregate's ratio to one client.
 --soak-minutes then runs 32 streaming clients for that long, sampling the server's RSS and asking for
 the page every few seconds.
@@ -15,6 +17,7 @@ The clients run in this process, on the same cores as the server: their own work
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -35,7 +38,7 @@ from tests.conftest import start_server, write_random_int8_model  # noqa: E402
 
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and"  # 16 tokens
 SAMPLING = {"temperature": 0.8, "top_k": 50}
-KINDS = ["openai", "gradio"]  # client i uses KINDS[i % len(KINDS)]
+KINDS = ["openai", "gradio"]  # client i's request j uses KINDS[(i + j) % len(KINDS)]
 GOALS = {"speedup_at_8": 3.0, "per_client_tok_s_at_8": 10.0}
 
 
@@ -77,25 +80,27 @@ def is_busy(error: Exception) -> bool:
 
 
 class Client(threading.Thread):
-    """One user: streaming requests back to back until the deadline; records each request."""
+    """One user: streaming requests back to back until the deadline, through each API in turn from `first`
+    (an index in KINDS); records each request."""
 
-    def __init__(self, kind: str, url: str, model: str, max_tokens: int, deadline: float) -> None:
+    def __init__(self, first: int, url: str, model: str, max_tokens: int, deadline: float) -> None:
         super().__init__(daemon=True)
-        self.kind, self.url, self.model, self.max_tokens, self.deadline = kind, url, model, max_tokens, deadline
+        self.first, self.url, self.model, self.max_tokens, self.deadline = first, url, model, max_tokens, deadline
         self.done: list[tuple[float | None, float, int]] = []  # (first text s, or None if none came; request s, tokens)
         self.busy = self.failed = 0
         self.errors: list[str] = []
 
     def run(self) -> None:
         gradio = None
-        if self.kind == "gradio":
-            gradio = gradio_client.Client(self.url, verbose=False)
-        while time.perf_counter() < self.deadline:
+        for j in itertools.count(self.first):
+            if time.perf_counter() >= self.deadline:
+                break
             start = time.perf_counter()
             try:
-                if gradio is None:
+                if KINDS[j % len(KINDS)] == "openai":
                     first, tokens = openai_request(self.url, self.model, self.max_tokens)
                 else:
+                    gradio = gradio or gradio_client.Client(self.url, verbose=False)
                     first, tokens = gradio_request(gradio, self.model, self.max_tokens)
                 self.done.append((first, time.perf_counter() - start, tokens))
             except Exception as e:  # counted, never raised: the run goes on
@@ -114,7 +119,7 @@ class Client(threading.Thread):
 
 def run_clients(url: str, model: str, n: int, seconds: float, max_tokens: int) -> tuple[list[Client], float]:
     deadline = time.perf_counter() + seconds
-    clients = [Client(KINDS[i % len(KINDS)], url, model, max_tokens, deadline) for i in range(n)]
+    clients = [Client(i % len(KINDS), url, model, max_tokens, deadline) for i in range(n)]
     start = time.perf_counter()
     for c in clients:
         c.start()
@@ -245,7 +250,7 @@ def main() -> None:
             add_ratios(rows)
             result = {"model": path.stem, "max_tokens": args.max_tokens, "levels": rows}
             print(f"{path.stem}, {args.max_tokens} tokens a request, {args.seconds:.0f} s per client count, "
-                  f"half openai and half gradio_client")
+                  f"each client alternating openai and gradio_client")
             print_levels(rows)
             at8 = next((r for r in rows if r["clients"] == 8), None)
             if at8:
