@@ -127,7 +127,8 @@ class TrainConfig:
                                    "training window)")
     sample_prompt: str = _knob("", "the samples' start (default: a text's start, <|endoftext|>)")
     device: str = _knob("auto", DEVICE_HELP)
-    dtype: str = _knob("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16), float32 or bfloat16")
+    dtype: str = _knob("auto", "auto (bf16 autocast on CUDA, and on a CPU where it measures faster), float32 or "
+                                  "bfloat16")
     compile: str = _knob("auto", "torch.compile: auto (on CUDA, and on CPU for micro-batches of >= 512 tokens), "
                                  "on or off")
     trim_vocab: bool = _knob(False, "train the head over the train split's tokens only, the others sharing one "

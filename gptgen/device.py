@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
+import time
 
 import torch
+import torch.nn.functional as F
 
 from gptgen.config import DTYPES, ConfigError
 
@@ -52,13 +55,33 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def use_bf16(device: torch.device, dtype: str) -> bool:
-    """'auto' picks bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), where it measured
-    1.3-1.8x faster for training (README); elsewhere fp32."""
+    """'auto' picks bf16 autocast on CUDA, and on a CPU where it measures faster (`cpu_bf16_is_faster`);
+    elsewhere fp32."""
     if dtype != "auto":
         return dtype == "bfloat16"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cpu" and cpu_bf16_is_faster()
+
+
+@functools.cache
+def cpu_bf16_is_faster() -> bool:
+    """Whether this CPU multiplies faster under bf16 autocast than in float32, timed once (~0.1 s): having bf16
+    instructions does not say. On an AMD EPYC (Zen 4, AVX512-BF16) a training step was 1.3-1.8x faster in bf16;
+    on an Intel Xeon with AVX512-BF16 and no AMX it was 1.7x slower (`benchmarks/train.py`, 2026-11-29), and a
+    512 x 768 x 3072 product took 14 ms in bf16 against 7 in float32 (2 threads). bf16 must win by 10%: float32 is the
+    reference precision."""
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return False
+    x, w = torch.randn(512, 768), torch.randn(3072, 768)  # a `small` or `gpt2` MLP layer's product
+    times = {False: [], True: []}
+    for _ in range(4):  # alternating, so that a slow moment falls on both; the first of each warms up
+        for bf16 in times:
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                F.linear(x, w)
+            times[bf16].append(time.perf_counter() - start)
+    return min(times[True][1:]) < 0.9 * min(times[False][1:])
 
 
 def inference_dtype(device: torch.device, dtype: str) -> torch.dtype:

@@ -44,7 +44,7 @@ from gptgen.config import (
     TrainConfig,
 )
 from gptgen.data import Corpus, DataError, EpochWindows, check_data_file, load_corpus, sample_batch
-from gptgen.device import allow_tf32, autocast_for, pick_device
+from gptgen.device import allow_tf32, autocast_for, pick_device, use_bf16
 from gptgen.evaluate import EvalResult, evaluate
 from gptgen.generate import TextModel
 from gptgen.model import GPT
@@ -398,7 +398,9 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
             progress.target_reached = None  # a new target: the old one's step is not this one's
     # what a killed run wrote after its last saved state (or, new here, before its first)
     _on_rank_0(rank, world, lambda: (run.remove_partial_writes(), run.truncate_metrics(progress.step)))
-    autocast = autocast_for(device, cfg.dtype)
+    # every process alike (each times the CPU's bf16 itself): one that measured it slower makes all use float32
+    bf16 = all(_gather(use_bf16(device, cfg.dtype)))
+    autocast = autocast_for(device, "bfloat16" if bf16 else "float32")
     step_model = RegionalCompile(model) if use_compile(cfg, device) else model
     if world > 1:
         step_model = torch.nn.parallel.DistributedDataParallel(
@@ -416,8 +418,9 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
         raise ConfigError(f"{cfg.out} already stopped by its --{by.replace('_', '-')} at step {progress.step:,}; to "
                           f"go on, give {more}")
     if rank == 0:
-        log.info("training %s (%s params) on %s, %s train / %s val tokens, %s tokens per step, %s steps per "
-                 "epoch", _model_name(cfg), f"{model.num_params():,}", device, f"{len(corpus.train):,}",
+        log.info("training %s (%s params) on %s in %s, %s train / %s val tokens, %s tokens per step, %s steps "
+                 "per epoch", _model_name(cfg), f"{model.num_params():,}", device,
+                 "bf16 autocast" if bf16 else "float32", f"{len(corpus.train):,}",
                  f"{len(corpus.val):,}", f"{tokens_per_step:,}", _count(steps_per_epoch))
         if not len(corpus.val):
             log.info("no val split (--val-fraction 0): the whole text trains, and each eval saves the latest weights "

@@ -51,15 +51,45 @@ def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch, name, message)
         pick_device(name)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_dtype_autocasts_bf16_on_cuda_and_on_cpus_with_native_bf16(monkeypatch, native):
-    """--dtype auto must pick bf16 where it is fast (CUDA, AVX512-BF16/AMX CPUs) and fp32 elsewhere."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_dtype_autocasts_bf16_on_cuda_and_on_cpus_where_it_measures_faster(monkeypatch, faster):
+    """--dtype auto must pick bf16 where it is fast (CUDA, CPUs whose bf16 products time faster) and fp32 elsewhere."""
+    import gptgen.device
+
+    monkeypatch.setattr(gptgen.device, "cpu_bf16_is_faster", lambda: faster)
     assert use_bf16(torch.device("cuda"), "auto")
-    assert use_bf16(torch.device("cpu"), "auto") == native
+    assert use_bf16(torch.device("cpu"), "auto") == faster
     assert not use_bf16(torch.device("mps"), "auto")
     assert not use_bf16(torch.device("cuda"), "float32")
+
+
+@pytest.mark.parametrize("native, bf16_ms, expected", [
+    (False, 1.0, False),  # no bf16 instructions: not even timed
+    (True, 4.0, False),  # an Intel Xeon with AVX512-BF16 and no AMX: twice as slow
+    (True, 1.0, True),  # an AMD EPYC (Zen 4): faster
+    (True, 1.9, False),  # 5% faster: float32, the reference precision, stays
+])
+def test_a_cpus_bf16_is_used_when_its_products_time_10_percent_faster(monkeypatch, native, bf16_ms, expected):
+    import gptgen.device as device
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    clock, calls = [0.0], []
+
+    def linear(x, w):  # a float32 product takes 2 ms; the first of each kind 100 ms more (a warm-up, not counted)
+        bf16 = torch.is_autocast_enabled("cpu")
+        clock[0] += (bf16_ms if bf16 else 2.0) / 1000 + 0.1 * (bf16 not in calls)
+        calls.append(bf16)
+
+    monkeypatch.setattr(device.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(device.F, "linear", linear)
+    device.cpu_bf16_is_faster.cache_clear()
+    try:
+        assert device.cpu_bf16_is_faster() is expected
+        assert device.cpu_bf16_is_faster() is expected
+    finally:
+        device.cpu_bf16_is_faster.cache_clear()
+    assert len(calls) == (8 if native else 0)  # timed once per process
 
 
 def test_float32_means_no_autocast():
