@@ -258,14 +258,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gptgen.checkpoint import load_model, training_info
     from gptgen.config import ConfigError
-    from gptgen.data import check_data_file, load_corpus
+    from gptgen.data import load_corpus, read_text
     from gptgen.device import keep_freed_memory, pick_device
     from gptgen.evaluate import evaluate_corpus, held_out, trained_share
     from gptgen.hub import resolve
 
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    check_data_file(args.data)  # before the model's download and load
+    read_text(args.data)  # a missing, empty or undecodable text is refused before the model's download and load
     device = pick_device(args.device)
     model, metadata = load_model(resolve(args.model), device)
     info = training_info(metadata)
@@ -366,15 +366,18 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from gptgen.checkpoint import new_file
     from gptgen.hub import resolve
-    from gptgen.interop import export_gguf, export_hf
+    from gptgen.interop import export_gguf, export_hf, refuse_taken_dir
 
     if args.format == "hf":
         if args.type is not None:
             raise GptgenError("--type is for --format gguf; a transformers export keeps the model's float weights")
+        refuse_taken_dir(args.out)  # before a Hub model's download (the export checks again)
         export_hf(resolve(args.model), args.out)
         print(f"wrote {args.out} (transformers GPT-2 directory)")
     else:
+        new_file(args.out, ".gguf")  # before a Hub model's download (the export checks again)
         export_gguf(resolve(args.model), args.out, args.type or "f16")
         print(f"wrote {args.out} (GGUF {args.type or 'f16'})")
     return 0

@@ -43,6 +43,9 @@ def decode_text(raw: bytes, what: str) -> str:
     """UTF-8 bytes as every text gptgen reads is read (a training text, a prompt file): a byte order mark dropped,
     line ends as they are (a text with \\r\\n trains on them, so its prompts keep them too); or a DataError
     that names `what` and the conversion to run."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):  # before UTF-16's: UTF-32-LE's starts as it does
+        raise DataError(f"{what} is UTF-32 text (it starts with UTF-32's byte order mark); convert it to UTF-8, "
+                        "e.g. iconv -f utf-32 -t utf-8")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 text has NUL bytes only where it is mostly ASCII
         raise DataError(f"{what} is UTF-16 text (it starts with UTF-16's byte order mark); convert it to UTF-8, "
                         "e.g. iconv -f utf-16 -t utf-8")
@@ -94,8 +97,8 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
     cores). `progress` shows a bar on a terminal.
     """
     path = cache_dir() / "tokens" / f"{_sha256(text)}.gpt2.u16"
-    if path.is_file():
-        return np.fromfile(path, dtype=np.uint16)
+    if (ids := _cached(path, text)) is not None:
+        return ids
     tokenizer, parts = get_tokenizer(), pieces(text)
     bar = tqdm(total=len(text), desc="tokenizing", unit="char", unit_scale=True, leave=False,
                disable=None if progress and len(parts) > 1 else True)
@@ -108,9 +111,24 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
     with bar, ThreadPoolExecutor(available_cpus()) as pool:  # tiktoken lets go of the GIL while it encodes
         ids = np.concatenate(list(pool.map(encode_piece, parts)))
     try:
-        atomic_write(path, ids.tobytes())
+        atomic_write(path, ids.astype("<u2", copy=False).tobytes())
     except OSError:
         pass  # a read-only cache only costs speed
+    return ids
+
+
+def _cached(path: Path, text: str) -> np.ndarray | None:
+    """A cache entry's ids, or None where there is none or it cannot be the text's (gptgen writes entries whole,
+    but a copied or synced cache folder may hold a cut one): an odd size, no ids for some text, an id past
+    the tokenizer's ordinary tokens. Little-endian whatever the machine, so a shared cache reads alike."""
+    try:
+        if not path.is_file() or path.stat().st_size % 2:
+            return None
+        ids = np.fromfile(path, dtype="<u2").astype(np.uint16, copy=False)
+    except OSError:  # a cache folder this user may not read
+        return None
+    if (len(ids) == 0) != (len(text) == 0) or (len(ids) and ids.max() >= EOT_ID):
+        return None
     return ids
 
 

@@ -31,7 +31,8 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nats_per_token)
+        """exp(nats/token), infinite past a float's range (a diverged model's loss of 710+ nats/token)."""
+        return math.exp(self.nats_per_token) if self.nats_per_token < 709 else math.inf
 
     def as_dict(self) -> dict:
         return {"val_nats_per_token": self.nats_per_token, "val_perplexity": self.perplexity,

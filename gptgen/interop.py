@@ -27,13 +27,15 @@ from gptgen.checkpoint import (
     naming_the_target,
     new_file,
     parents_made,
+    read_config,
     read_safetensors,
+    refuse_nonfinite,
     save_model,
     training_info,
     user_mode,
     write_safetensors,
 )
-from gptgen.config import GptgenError
+from gptgen.config import GPTConfig, GptgenError
 from gptgen.quantize import SCALE, dequantize_rows
 from gptgen.tokenizer import EOT, EOT_ID, get_tokenizer
 
@@ -97,19 +99,29 @@ def _float_tensors(path: str | os.PathLike) -> tuple:
     return config, out, metadata
 
 
+def _gpt2_layout(model_path: str | os.PathLike, target: str, exact_vocab: bool) -> GPTConfig:
+    """The model's config (from the file's header) if it has the layout of llama.cpp's and transformers' GPT-2:
+    biases, and GPT-2's tokens (exactly its 50,257 for llama.cpp's token list; at least them for transformers')."""
+    config = read_config(model_path)
+    if not config.bias or config.vocab_size < VOCAB or (exact_vocab and config.vocab_size != VOCAB):
+        tokens = f"{VOCAB:,}" if exact_vocab else f"at least {VOCAB:,}"
+        has = "no biases" if not config.bias else f"{config.vocab_size:,} tokens"
+        raise GptgenError(f"{str(model_path)!r}: {target} export takes GPT-2's layout (biases, {tokens} tokens); "
+                          f"this model has {has}")
+    return config
+
+
 def export_gguf(model_path: str | os.PathLike, out: str | os.PathLike, gguf_type: str = "f16") -> None:
     import gguf
 
     if gguf_type not in GGUF_TYPES:
         raise GptgenError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     out = new_file(out, ".gguf")
-    config, tensors, metadata = _float_tensors(model_path)
-    if not config.bias or config.vocab_size != VOCAB:  # llama.cpp's gpt2 needs the biases, and GPT-2's token list
-        raise GptgenError(f"{str(model_path)!r}: GGUF export takes GPT-2's layout (biases, {VOCAB:,} tokens); this "
-                          f"model has {'no biases' if not config.bias else f'{config.vocab_size:,} tokens'}")
+    config = _gpt2_layout(model_path, "GGUF", exact_vocab=True)
     if gguf_type == "q8_0" and config.n_embd % 32:
         raise GptgenError(f"--type q8_0 stores a scale per 32 weights of a row, and this model's rows are "
                           f"{config.n_embd} wide; use --type f16")
+    config, tensors, metadata = _float_tensors(model_path)
     names = _gguf_names(config.n_layer)
     with atomic_path(out, new=True) as tmp:
         w = gguf.GGUFWriter(tmp, "gpt2")
@@ -156,13 +168,19 @@ VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"  # shards: model-00001-of-00002...
 
 
+def refuse_taken_dir(out: str | os.PathLike) -> None:
+    """`export --format hf` fills a new or empty directory only."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
+                          "overwritten)")
+
+
 @contextlib.contextmanager
 def _fresh_dir(out: Path) -> Iterator[Path]:
     """A temporary directory beside out for the block to fill and rename onto out; out must not hold anything
     yet. Removed, with any folders made above it, if the block fails."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
-                          "overwritten)")
+    refuse_taken_dir(out)
     with parents_made(out):
         with naming_the_target(out):
             tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -176,6 +194,7 @@ def _fresh_dir(out: Path) -> Iterator[Path]:
 def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """A directory that transformers loads (GPT2LMHeadModel, AutoTokenizer); int8 weights are dequantized."""
     out = Path(os.path.abspath(out_dir))  # "." too: its temporary folder goes beside it, not inside
+    _gpt2_layout(model_path, "transformers", exact_vocab=False)  # its GPT-2 has every bias, and GPT-2's tokens
     config, tensors, metadata = _float_tensors(model_path)
     with _fresh_dir(out) as tmp:
         hf = {k: (t.t().contiguous() if k.endswith(HF_CONV1D) else t.contiguous()) for k, t in tensors.items()}
@@ -262,6 +281,7 @@ def read_hf(source: str | os.PathLike):
             name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
             if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
                 continue  # causal-mask buffers; the head is tied to wte
+            refuse_nonfinite(path, key, t)  # else written, then refused by every load
             t = t.float()
             tensors[name] = t.t().contiguous() if name.endswith(HF_CONV1D) else t
     with torch.device("meta"):

@@ -387,3 +387,15 @@ print(mib("VmHWM") - mib("VmRSS"))
 """
     above = float(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
     assert above < 25, f"loading peaked {above:.0f} MiB above the loaded model"
+
+
+def test_a_write_that_fails_without_naming_a_file_names_the_target(tmp_path):
+    """A full disk during a write raises an OSError naming no file (safetensors' and gguf's writers): the CLI
+    printed a traceback for it instead of an error naming the file the user gave."""
+    import errno
+
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(OSError) as failed, atomic_path(target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(target))
+    assert list(tmp_path.iterdir()) == []  # and the temporary file is gone

@@ -111,6 +111,25 @@ def test_eval_refuses_a_missing_text_before_it_loads_the_model(capsys, monkeypat
     assert status == 2 and "data file" in err and "does not exist" in err, err
 
 
+def test_eval_and_export_refuse_bad_text_or_a_taken_output_before_a_download(capsys, monkeypatch, tmp_path):
+    """A Hub model is fetched (and a transformers one converted) by resolve(): a text that cannot be read, or an
+    output that cannot be written, must be said before it, not after minutes of download."""
+    import gptgen.hub
+
+    monkeypatch.setattr(gptgen.hub, "resolve", lambda *_: pytest.fail("downloaded first"))
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("\ufeffsome text".encode("utf-16-le"))
+    status, _, err = run_main(capsys, "eval", "you/not-fetched", "--data", utf16)
+    assert status == 2 and "is UTF-16 text" in err, err
+    (tmp_path / "taken.gguf").write_bytes(b"mine")
+    status, _, err = run_main(capsys, "export", "you/not-fetched", tmp_path / "taken.gguf")
+    assert status == 2 and "taken.gguf" in err and (tmp_path / "taken.gguf").read_bytes() == b"mine", err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    status, _, err = run_main(capsys, "export", "you/not-fetched", tmp_path / "busy", "--format", "hf")
+    assert status == 2 and "not an empty directory" in err, err
+
+
 def test_bad_eval_input(tmp_path, small_text):
     fake = tmp_path / "model.safetensors"
     fake.write_bytes(b"\x80\x04\x95" + b"pickle" * 20)

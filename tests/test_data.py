@@ -65,6 +65,8 @@ def test_tokens_are_cached_by_content(tmp_path, monkeypatch):
     (b"abc\x00def", "binary"), (b"caf\xe9 au lait", "not valid UTF-8.*iconv -f cp1252 -t utf-8"),
     ("\ufeff日本語のテキストです".encode("utf-16-le"), "is UTF-16 text.*iconv -f utf-16 -t utf-8"),  # no NUL byte
     ("\ufeff日本語".encode("utf-16-be"), "is UTF-16 text"),
+    ("\ufeffhello".encode("utf-32-le"), "is UTF-32 text.*iconv -f utf-32 -t utf-8"),  # starts as UTF-16-LE's
+    ("\ufeffhello".encode("utf-32-be"), "is UTF-32 text"),
 ])
 def test_bad_data_files(tmp_path, content, message):
     path = tmp_path / "data.txt"
@@ -157,6 +159,19 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     with_bom, plain = load_corpus(tmp_path / "bom.txt"), load_corpus(tmp_path / "plain.txt")
     np.testing.assert_array_equal(with_bom.train, plain.train)
     np.testing.assert_array_equal(with_bom.val, plain.val)
+
+
+@pytest.mark.parametrize("damage", ["cut by a byte", "emptied", "an id past the vocabulary"])
+def test_a_cache_entry_that_cannot_be_the_texts_is_tokenized_again_and_replaced(damage):
+    """A copied or synced cache folder may hold a cut entry: it must not become the text's tokens."""
+    text = "A cache entry copied halfway. " * 5
+    ids = encode(text)
+    entry = next(p for p in (cache_dir() / "tokens").glob("*.u16") if p.read_bytes() == ids.astype("<u2").tobytes())
+    good = entry.read_bytes()
+    entry.write_bytes({"cut by a byte": good[:-1], "emptied": b"",
+                       "an id past the vocabulary": good[:-2] + (60000).to_bytes(2, "little")}[damage])
+    assert encode(text).tolist() == get_tokenizer().encode_ordinary(text)
+    assert entry.read_bytes() == good
 
 
 def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptgen.evaluate import evaluate, token_losses, unseen_tokens
+from gptgen.evaluate import EvalResult, evaluate, token_losses, unseen_tokens
 from tests.test_model import tiny_model
 
 
@@ -65,3 +65,9 @@ def test_the_held_out_part_is_read_from_the_training_record_only_when_it_is_a_fr
 
     assert [held_out(info) for info in ({"val_fraction": 0.2}, {"val_fraction": 0}, {})] == [0.2, 0, None]
     assert [held_out({"val_fraction": v}) for v in ("0.2", 1.5, -0.1, None, True)] == [None] * 5
+
+
+def test_a_loss_past_a_floats_exp_gives_an_infinite_perplexity_not_an_overflow_error():
+    """A diverged model's finite loss of 800 nats/token raised OverflowError in `gptgen eval` and in training's save."""
+    assert EvalResult(nats=8000.0, tokens=10, chars=30).as_dict()["val_perplexity"] == math.inf
+    assert EvalResult(nats=7000.0, tokens=10, chars=30).perplexity == math.exp(700.0)

@@ -372,3 +372,34 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_take(tmp_path, overrides, mes
     with pytest.raises(GptgenError, match=message):
         export_gguf(tmp_path / "m.safetensors", tmp_path / "m.gguf", "q8_0")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(bias=False), "transformers export takes GPT-2's layout .*has no biases"),  # written, 7 biases were missing
+    (dict(vocab_size=1000), "has 1,000 tokens"),  # written, its tokenizer gave ids past the model's vocabulary
+])
+def test_hf_export_refuses_what_transformers_gpt2_cannot_take(tmp_path, overrides, message):
+    from gptgen.interop import export_hf
+    from tests.test_model import tiny_model
+
+    model = tiny_model(**overrides)
+    save_model(tmp_path / "m.safetensors", model.state_dict(), model.config)
+    with pytest.raises(GptgenError, match=message):
+        export_hf(tmp_path / "m.safetensors", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_transformers_model_holding_nan_is_refused_by_tensor_not_imported(tmp_path):
+    """Imported, the file was written, then refused by every load (and kept in the Hub conversion cache)."""
+    from safetensors.torch import load_file, save_file
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import import_hf
+
+    _, folder = _hf_random(tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.bias"][3] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="tensor transformer.h.0.mlp.c_fc.bias holds NaN or infinite values"):
+        import_hf(folder, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
