@@ -210,9 +210,10 @@ def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **option}))
         with pytest.raises(ModelFileError, match=f"sets {re.escape(json.dumps(option))}; gptgen's GPT-2 has"):
             import_hf(folder, tmp_path / "x.safetensors")
-    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
-    with pytest.raises(ModelFileError, match="missing"):
-        import_hf(folder, tmp_path / "x.safetensors")
+    for n_layer in (3, 100_000_000):  # the second took minutes and gigabytes to say so
+        (folder / "config.json").write_text(json.dumps({**config, "n_layer": n_layer}))
+        with pytest.raises(ModelFileError, match=f"n_layer {n_layer:,}, weights of 2 layers"):
+            import_hf(folder, tmp_path / "x.safetensors")
     with pytest.raises(ModelFileError, match="is a file: give the transformers model's directory"):
         import_hf(folder / "model.safetensors", tmp_path / "x.safetensors")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
