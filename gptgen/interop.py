@@ -236,7 +236,12 @@ def _hf_folder(source: str | os.PathLike) -> Path:
     from gptgen.hub import hub_id, snapshot
 
     repo_id = hub_id(str(source))
-    return snapshot(repo_id) if repo_id else Path(source)
+    if not repo_id:
+        return Path(source)
+    try:
+        return snapshot(repo_id)
+    except ModelFileError as e:  # `mydir/hf` mistyped reads as a Hub id too, as `gptgen generate` says
+        raise ModelFileError(f"{e} (nor is it a local folder)") from None
 
 
 def read_hf(source: str | os.PathLike):

@@ -68,7 +68,7 @@ def test_every_command_that_reads_a_model_takes_a_hub_id(hf_cache, small_text, t
     assert expect in r.stdout + r.stderr and "does not exist" not in r.stderr, r.stderr
 
 
-def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_either(hf_cache):
+def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_either(hf_cache, tmp_path):
     assert hub.resolve(BUNDLED) == BUNDLED
     assert hub.resolve(BUNDLED.parent) == BUNDLED.parent  # a folder without a run's model file stays as it is
     with pytest.raises(TypeError, match="a model is a file path or a Hub id"):
@@ -79,6 +79,8 @@ def test_a_model_path_may_be_a_path_object_and_a_miss_says_it_is_no_local_file_e
         hub.resolve(BUNDLED, revision="v1")
     r = gptgen_offline(hf_cache, "generate", "nothere/model", "hi")
     assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr and "nor is it a local file" in r.stderr
+    r = gptgen_offline(hf_cache, "import", "nothere/hf", tmp_path / "x.safetensors")  # a mistyped folder too
+    assert r.returncode == 2 and "not in the Hugging Face cache" in r.stderr and "nor is it a local folder" in r.stderr
 
 
 def test_a_bundled_model_by_the_name_the_page_shows_unless_a_local_path_has_it(tmp_path, monkeypatch):
