@@ -295,17 +295,18 @@ def _identity(path: str | os.PathLike) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _reread(path: str | os.PathLike, name: str, like: torch.Tensor, identity: tuple[int, ...]) -> torch.Tensor:
+def _reread(path: str | os.PathLike, name: str, identity: tuple[int, ...]) -> torch.Tensor:
     """A tensor that load_model_file checked, read again through a memory map of its own, which is unmapped (and
     out of this process's memory) as soon as the tensor is dropped. The file must still be the one checked (its
-    `identity` before): a run that saves while a server loads the file would otherwise mix two models' layers."""
+    `identity` before, so its tensors are those checked): a run that saves while a server loads the file would
+    otherwise mix two models' layers."""
     try:
         with safe_open(path, framework="pt") as f:
             t = f.get_tensor(name)
         same = _identity(path) == identity
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
-    if not same or t.shape != like.shape or t.dtype != like.dtype:
+    if not same:
         raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
                              "load it again")
     return t
@@ -324,7 +325,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if metadata.get("quantization") == "int8":
         model = int8_model(config, tensors).to(device).eval()
         del tensors
-        pack(model, lambda name, like: _reread(path, name, like, identity))
+        pack(model, lambda name: _reread(path, name, identity))
         return model, metadata
     with torch.device("meta"):
         model = GPT(config)

@@ -122,10 +122,10 @@ def _cached(path: Path, text: str) -> np.ndarray | None:
     but a copied or synced cache folder may hold a cut one): an odd size, no ids for some text, an id past
     the tokenizer's ordinary tokens. Little-endian whatever the machine, so a shared cache reads alike."""
     try:
-        if not path.is_file() or path.stat().st_size % 2:
+        if path.stat().st_size % 2:
             return None
         ids = np.fromfile(path, dtype="<u2").astype(np.uint16, copy=False)
-    except OSError:  # a cache folder this user may not read
+    except OSError:  # none yet, or a cache folder this user may not read
         return None
     if (len(ids) == 0) != (len(text) == 0) or (len(ids) and ids.max() >= EOT_ID):
         return None

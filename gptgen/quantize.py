@@ -253,29 +253,27 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
     return model
 
 
-def pack(model: GPT, reread: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-    """Lay a CPU int8 model's layers out for fbgemm, each from `reread(name, weight)`: the plain weight read again,
-    by its name in the file, through a memory map of its own.
+def pack(model: GPT, reread: Callable[[str], torch.Tensor]) -> None:
+    """Lay a CPU int8 model's layers out for fbgemm, each from `reread(name)`: its plain weight read again, by its
+    name in the file, through a memory map of its own.
 
     Read through the file's one map, every weight stayed in this process's memory beside its packed copy until
     the last layer was packed: gpt2's peak RSS at load was 81 MiB higher. Through a map of its own, a weight
-    leaves memory as packing drops it. The head goes first: its packing's transient copies (its map and fbgemm's
-    input, 37 MiB each) then come before the other layers' packed weights. Its plain weight, which the
-    embedding reads, is copied out.
-    (A map that only the embedding's lookups touch saved nothing: the kernel maps a file's pages in 2 MiB
-    folios, and a few hundred tokens touch every one of the 37 MiB.)
+    leaves memory as packing drops it. The head's plain weight stays (the embedding looks its rows up in it), as
+    a copy out of its map; it goes first, so that fbgemm's 37 MiB copy of it comes before the other layers'
+    packed weights exist. (A map that only the embedding's lookups touch saved nothing: the kernel maps a file's
+    pages in 2 MiB folios, and a few hundred tokens touch every one of the 37 MiB.)
     """
     head = model.lm_head
     if not _fbgemm_ok(head.scale.device):
         return
-    wte = "transformer.wte.weight"
-    embedding = reread(wte, head.weight).clone()
-    layers = [(wte, head)] + [(f"{name}.weight", m) for name, m in model.named_modules()
-                              if isinstance(m, Int8Linear) and m is not head]
-    for name, layer in layers:
-        layer.weight = reread(name, layer.weight)
-        layer.pack()
+    embedding = head.weight = reread("transformer.wte.weight").clone()
+    head.pack()
     head.weight = embedding
+    for name, layer in model.named_modules():
+        if isinstance(layer, Int8Linear) and layer is not head:
+            layer.weight = reread(f"{name}.weight")
+            layer.pack()
 
 
 def _int8_layer(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, scale: torch.Tensor,
