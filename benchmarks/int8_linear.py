@@ -3,7 +3,8 @@
 Rows: float baselines, the int8 kernels PyTorch offers, and the one gptgen uses (fbgemm's dynamic
 int8 linear over a weight packed once), also called the plain way, through `torch.ops` with PyTorch's
 `__torch_function__` checks on (see `gptgen.quantize._linear_dynamic`). oneDNN's int8 linear takes
-activations already quantized, so its row includes quantizing them per call in eager ops.
+activations already quantized, so its row includes quantizing them per call in eager ops, as does the row
+of `torch._int_mm` (oneDNN's int8 x int8 -> int32 product on CPUs with AVX-512 VNNI) over the plain int8 rows.
 Relative output error is against the fp32 result.
 
 With --device cuda (for a session with a GPU; nothing here needs one), or --all-layers on CPU, one layer
@@ -79,12 +80,17 @@ def main() -> None:
         return torch.ops.onednn.qlinear_pointwise(qx, s, zp, onednn_w, scale, zero_points, b, 1.0, 0,
                                                   torch.float32, "none", [], "")
 
+    def int_mm(x: torch.Tensor) -> torch.Tensor:
+        s = x.abs().amax().clamp(min=1e-12) / 127  # symmetric, one scale per call
+        return torch._int_mm(torch.round(x / s).to(torch.int8), q.t()) * (s * scale) + b
+
     paths = {
         "fp32 F.linear": lambda x: F.linear(x, w, b),
         "bf16 F.linear": lambda x: F.linear(x.to(torch.bfloat16), w_bf16, b_bf16).float(),
         "int8 dequantize, then fp32 linear": lambda x: F.linear(x, q.float() * scale[:, None], b),
         "int8 aten._weight_int8pack_mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scale) + b,
         "int8 oneDNN qlinear (+ quantize x)": onednn,
+        "int8 torch._int_mm, plain rows (+ quantize x)": int_mm,
         "int8 fbgemm, plain torch.ops call":  # in gptgen's activation range
             lambda x: torch.addcmul(b, plain_fbgemm(x, ours._packed, ours._reduce_range), scale),
         "int8 fbgemm linear_dynamic (gptgen)": ours,
