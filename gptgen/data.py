@@ -61,18 +61,23 @@ def decode_text(raw: bytes, what: str) -> str:
 
 
 PIECE_CHARS = 1 << 20
-# An ASCII space, tab or line break after a character that is no whitespace to Python. (Python's \s also takes
-# \x1c-\x1f, which tiktoken's does not; every character Python's \S takes is no whitespace to either.)
-_CUT = re.compile(r"(?<=\S)[ \t\n\v\f\r]")
+# An ASCII space, tab or line break after a character that is no whitespace to Python (Python's \s also takes
+# \x1c-\x1f, which tiktoken's does not; every character Python's \S takes is no whitespace to either); or, for
+# texts without whitespace (Chinese, Japanese), a common punctuation mark (ASCII, CJK or full-width) after a
+# letter or digit. Python's letters and digits (\w but _) are letters and numbers to tiktoken too, and these
+# marks are punctuation in every Unicode version (unlike "whatever Python's tables do not call a letter": a
+# letter added to Unicode after them is a letter to tiktoken's newer tables).
+_CUT = re.compile(r"(?<=\S)[ \t\n\v\f\r]|(?<=[^\W_])[!-/:-@\[-`{-~、。〈-】〔-〟・…—‘’“”！-／：-＠［-｀｛-～]")
 
 
 def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     """The text cut into pieces of about `size` characters whose tokens, joined, are the whole text's.
 
-    Each cut goes just before an ASCII whitespace character that follows a non-whitespace one: no pre-token of
-    GPT-2's split holds both (a word, a number or a run of punctuation stops at whitespace; a run of
-    whitespace holds nothing else), and the split looks ahead but never behind, so each side splits as
-    it does in the whole text, and BPE never merges across pre-tokens (tested against the whole text).
+    Each cut goes just before an ASCII whitespace character that follows a non-whitespace one, or before a
+    punctuation mark that follows a letter or digit: no pre-token of GPT-2's split holds both (a word,
+    a number or a run of punctuation stops at whitespace and at each other; a run of whitespace holds nothing
+    else), and the split looks ahead but never behind, so each side splits as it does in the whole text, and
+    BPE never merges across pre-tokens (tested against the whole text).
     """
     out, start = [], 0
     while start + size < len(text) and (cut := _CUT.search(text, start + size)):

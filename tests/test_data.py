@@ -19,9 +19,13 @@ def test_reference_split_matches_nanogpt():
 
 
 # Where GPT-2's split is delicate: whitespace of every kind (Python's \s takes \x1c-\x1f, tiktoken's does not),
-# contractions, digits, punctuation, a combining mark, CJK and an emoji.
+# contractions, digits, punctuation, a combining mark, CJK and an emoji; and where letters, numbers and
+# punctuation meet without whitespace: _ (a word character to Python, punctuation to tiktoken), numbers that are no
+# digits (², Ⅻ, and 一, a letter with a numeric value), Arabic-Indic digits, a soft hyphen, CJK and full-width
+# punctuation, and a letter newer than Python's Unicode tables (CJK extension H: a letter to tiktoken).
 _PARTS = ["a", "Zb", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u3000",
-          "\u200b", "'s", "'ll", "'", "1", "23", ".", "!?", "e\u0301", "日本", "😀"]
+          "\u200b", "'s", "'ll", "'t", "'", "1", "23", ".", "!?", "e\u0301", "\u0301", "日本", "😀", "_", "²", "Ⅻ",
+          "一", "\u0661", "\xad", "\xaa", "ß", "。", "、", "「", "」", "—", "·", "$", "%", "＿", "（", "\U00031350"]
 
 
 @settings(max_examples=400, deadline=None)
@@ -30,6 +34,14 @@ def test_pieces_tokenize_as_the_whole_text(parts, size):
     text = "".join(parts)
     cut = pieces(text, size)
     assert "".join(cut) == text and all(len(p) >= size for p in cut[:-1])
+    tokenizer = get_tokenizer()
+    assert [t for p in cut for t in tokenizer.encode_ordinary(p)] == tokenizer.encode_ordinary(text)
+
+
+def test_a_text_without_whitespace_is_cut_at_its_punctuation():
+    text = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。" * 2000  # one line, 64,000 characters
+    cut = pieces(text, 1000)
+    assert len(cut) >= 60 and "".join(cut) == text and all(p.startswith("。") for p in cut[1:])
     tokenizer = get_tokenizer()
     assert [t for p in cut for t in tokenizer.encode_ordinary(p)] == tokenizer.encode_ordinary(text)
 
