@@ -32,6 +32,7 @@ EXAMPLES = [
 ]
 DEFAULTS = Sampling()
 RANDOM_SEED = -1  # a number box cannot be left blank, so the form says "random" with -1 (the API takes None too)
+BROWSER_EXACT = 2**53  # JavaScript's numbers hold every whole number below this, and not all above
 
 
 def _whole(name: str, value) -> int | None:
@@ -46,6 +47,9 @@ def _whole(name: str, value) -> int | None:
 
 def _seed(value) -> int | None:
     value = _whole("seed", value)
+    if isinstance(value, int) and value >= BROWSER_EXACT:
+        raise ValueError(f"seed must be below 2**53 = {BROWSER_EXACT:,} here (a browser rounds larger numbers, so "
+                         f"the text would be another seed's), got {value}")
     return None if value is None or (isinstance(value, int) and value == RANDOM_SEED) else value
 
 

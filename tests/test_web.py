@@ -85,6 +85,7 @@ def test_the_model_is_optional_and_minus_one_or_none_means_a_random_seed(client)
     (1, 10**6, "greater than maximum value 4096"),  # the cap of every other way in
     (7, "../../etc/passwd", "is not in the list of choices"),  # names only, never paths
     (6, -5, "seed must be between 0 and 2**63 - 1, got -5"),  # only -1 means random
+    (6, 2**53 + 1, "seed must be below 2**53"),  # the page's box would round it to another seed
 ])
 def test_api_bad_parameters_get_a_clear_error_and_the_server_goes_on(client, field, value, message):
     from gradio_client.exceptions import AppError
