@@ -73,7 +73,10 @@ def cpu_bf16_is_faster() -> bool:
     reference precision."""
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return False
-    x, w = torch.randn(512, 768), torch.randn(3072, 768)  # a `small` or `gpt2` MLP layer's product
+    # a `small` or `gpt2` MLP layer's product, drawn from a generator of its own: a resumed run times this right
+    # after restoring the global one, whose next numbers are the run's dropout masks
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 768, generator=generator), torch.randn(3072, 768, generator=generator)
     times = {False: [], True: []}
     for _ in range(4):  # alternating, so that a slow moment falls on both; the first of each warms up
         for bf16 in times:

@@ -82,6 +82,9 @@ class Progress:
     epochs_unprinted: int = 0  # finished epochs that await their line, which unprinted_loss covers
     unprinted_step: int = 0  # the step that finished the last of them
     target_reached: dict | None = None
+    # --dtype auto's choice, {"device": "cpu", "bf16": False}: a resume on that kind of device keeps it, since each
+    # process times the CPU's bf16 anew, and on a CPU where it is about as fast a run could switch precision midway
+    precision: dict | None = None
 
 
 def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
@@ -398,8 +401,11 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
             progress.target_reached = None  # a new target: the old one's step is not this one's
     # what a killed run wrote after its last saved state (or, new here, before its first)
     _on_rank_0(rank, world, lambda: (run.remove_partial_writes(), run.truncate_metrics(progress.step)))
-    # every process alike (each times the CPU's bf16 itself): one that measured it slower makes all use float32
-    bf16 = all(_gather(use_bf16(device, cfg.dtype)))
+    if cfg.dtype == "auto" and progress.precision is not None and progress.precision["device"] == device.type:
+        bf16 = progress.precision["bf16"]
+    else:  # every process alike (each times the CPU's bf16 itself): one that measured it slower makes all use float32
+        bf16 = all(_gather(use_bf16(device, cfg.dtype)))
+    progress.precision = {"device": device.type, "bf16": bf16}
     autocast = autocast_for(device, "bfloat16" if bf16 else "float32")
     step_model = RegionalCompile(model) if use_compile(cfg, device) else model
     if world > 1:

@@ -84,12 +84,14 @@ def test_a_cpus_bf16_is_used_when_its_products_time_10_percent_faster(monkeypatc
     monkeypatch.setattr(device.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(device.F, "linear", linear)
     device.cpu_bf16_is_faster.cache_clear()
+    rng = torch.get_rng_state()
     try:
         assert device.cpu_bf16_is_faster() is expected
         assert device.cpu_bf16_is_faster() is expected
     finally:
         device.cpu_bf16_is_faster.cache_clear()
     assert len(calls) == (8 if native else 0)  # timed once per process
+    assert torch.equal(torch.get_rng_state(), rng)  # a resumed run's dropout masks come next from it
 
 
 def test_float32_means_no_autocast():

@@ -177,6 +177,23 @@ def test_stop_and_resume_is_bit_identical_to_one_run(small_text, tmp_path, windo
             assert torch.equal(a[k], b[k]), k
 
 
+def test_a_resume_keeps_the_precision_that_dtype_auto_chose(small_text, tmp_path, monkeypatch):
+    """Each process times the CPU's bf16 anew; where it came out otherwise on resume (a CPU on the edge), the run
+    goes on in the precision it started in, and ends as one uninterrupted run does."""
+    import gptgen.train
+
+    flags = dict(dtype="auto", dropout=0.1)
+    monkeypatch.setattr(gptgen.train, "use_bf16", lambda device, dtype: True)
+    train(config(small_text, tmp_path / "a", steps=4, eval_interval=2, decay_steps=6, **flags))
+    train(config(small_text, tmp_path / "b", steps=6, eval_interval=2, **flags))
+    monkeypatch.setattr(gptgen.train, "use_bf16", lambda device, dtype: False)
+    train(resume_config(tmp_path / "a", steps=6), resume=True)
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["progress"]["precision"] == {
+        "device": "cpu", "bf16": True}
+
+
 def test_ema_evaluates_and_saves_the_average_of_the_weights(small_text, tmp_path, monkeypatch):
     """--ema: after each step the average moves a (1 - decay) share of the way to the weights (the first step's
     weights start it); the evals and the model file are the average's, and training goes on from the weights."""
