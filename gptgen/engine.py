@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import queue
+import signal
 import sys
 import threading
 import time
@@ -92,7 +93,7 @@ class Engine:
         pipe keeps order, so they are in place before any request that follows)."""
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        process = context.Process(target=_engine_main, args=(child, *self._settings), name="gptgen-engine",
+        process = context.Process(target=_engine_process, args=(child, *self._settings), name="gptgen-engine",
                                   daemon=True)
         process.start()
         child.close()
@@ -217,6 +218,14 @@ class Engine:
                 log.error(self._stopped)
 
 
+def _engine_process(*args) -> None:
+    """The engine process's entry point. A terminal's Ctrl+C reaches every process of the server's group: it is the
+    server's to stop, giving open streams their grace period, and the engine ends when the server closes its pipe
+    (or stops it at exit). Taken by the engine too, it ended at once, and the server started another."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _engine_main(*args)
+
+
 def _engine_main(conn, rows: int, device: str, threads: int) -> None:
     """The engine process: models by name, a Batch per model, one decoding step after another."""
     import torch
@@ -298,5 +307,5 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
             for name, batch in list(batches.items()):
                 if batch.active:
                     step(name, batch)
-    except (EOFError, OSError, KeyboardInterrupt):  # the server went away
+    except (EOFError, OSError):  # the server went away
         return

@@ -85,7 +85,8 @@ class ModelShelf:
         """
         model = self.get(name)
         ids, s = model.prepare(prompt, **sampling)
-        return model.text(self.engine.tokens(name, ids, s), s, len(ids))
+        # the engine keeps a prompt's last context of tokens: only those cross its pipe, as JSON decoded in its loop
+        return model.text(self.engine.tokens(name, ids[-model.config.block_size:], s), s, len(ids))
 
 
 
@@ -139,6 +140,9 @@ def pick_models(models_dir: str | Path, model: str | None) -> tuple[dict[str, Pa
     if offered:  # the folder's own file, given by its path: offered once, under the folder's name for it
         return files, offered
     name = model if path == bundled_model(model) else given_name(path)  # a bundled model given by its name keeps it
+    if name in files:  # it would have taken the name's place, the folder's model gone from the page and the API
+        raise ModelFileError(f"--model {model!r} would be served as {name!r}, the name of {str(files[name])!r} in "
+                             f"{str(folder)!r}; rename one of the files, or give another --models folder")
     return {**files, name: path}, name
 
 
@@ -210,7 +214,7 @@ def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]
     if not (isinstance(options, dict) and options.keys() <= {"include_usage"}
             and isinstance(options.get("include_usage"), bool | None)):
         raise ValueError('stream_options must be {"include_usage": true} or {"include_usage": false}')
-    model = body.get("model") or default
+    model = default if body.get("model") is None else body["model"]  # 0, false, [] are no names either
     if not isinstance(model, str):
         raise ValueError("model must be a string (GET /v1/models lists them)")
     return model, prompt, sampling, stream, bool(options.get("include_usage"))
@@ -357,12 +361,14 @@ def build_server(shelf: ModelShelf, default: str | None = None):
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound (as uvicorn binds it) before the model loads, so that a taken port is one
-    clear error and the address is printed only once it is ours."""
+    """The server's socket, bound (as uvicorn binds it) and listening before the model loads, so that a taken port
+    is one clear error and the address is printed only once it is ours. Bound alone, it was not: another server
+    could bind it too (SO_REUSEADDR lets sockets share an address until one listens), and both printed it."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()  # a client that connects meanwhile waits for the page instead of being refused
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:

@@ -61,10 +61,10 @@ ARTIFACTS = ROOT / "test-artifacts"  # screenshots of the page, kept after the r
 
 
 def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_entry: bool = False,
-                 poll_s: float = 0.2):
+                 poll_s: float = 0.2, own_group: bool = False):
     """`gptgen serve ARGS` (or the Spaces entry point, app.py) in a subprocess on a port the system picks (port
     0: no other test can take it between a check and the bind); returns (process, url) once the printed address
-    answers."""
+    answers. own_group: in a process group of its own, as a terminal starts a command (for os.killpg)."""
     import contextlib
     import re
     import subprocess
@@ -75,7 +75,8 @@ def start_server(args: list[str], log: Path, timeout_s: float = 90.0, spaces_ent
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": "0"}
     command = ["app.py"] if spaces_entry else ["-m", "gptgen", "serve", "--port", "0"]
     proc = subprocess.Popen([sys.executable, *command, *args],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=own_group)
     deadline, url = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         if proc.poll() is not None:

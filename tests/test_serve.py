@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import signal
 import threading
 
 import pytest
@@ -30,6 +32,14 @@ def test_pick_models_by_name_or_file(tmp_path):
     for path in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):  # a file of the folder: offered once
         files, default = pick_models(tmp_path, str(path))
         assert files == {"mine": other, "run": tmp_path / "run" / "model.safetensors"} and default == "run"
+
+
+def test_a_file_named_as_a_folders_model_is_refused_not_served_in_its_place(tmp_path):
+    for folder in ("runs", "other"):
+        (tmp_path / folder / "my").mkdir(parents=True)
+        (tmp_path / folder / "my" / "model.safetensors").write_bytes(BUNDLED.read_bytes())
+    with pytest.raises(ModelFileError, match="would be served as 'my', the name of .*runs/my/model.safetensors"):
+        pick_models(tmp_path / "runs", str(tmp_path / "other" / "my" / "model.safetensors"))
 
 
 def test_a_hub_model_is_served_under_the_name_it_was_given(tmp_path, monkeypatch):
@@ -119,6 +129,17 @@ def test_a_taken_port_is_one_clear_line_before_any_address():
     assert run.returncode == 2
     assert (run.stdout + run.stderr).splitlines() == [
         f"gptgen: error: port {port} is already in use on 127.0.0.1; choose another with --port"]
+
+
+def test_a_port_that_another_server_holds_while_loading_is_taken():
+    """Each server binds its port before loading its model; two that bound the same port both printed it."""
+    from gptgen import serve
+    from gptgen.config import GptgenError
+
+    with serve.bound_socket("127.0.0.1", 0) as first:
+        port = first.getsockname()[1]
+        with pytest.raises(GptgenError, match=f"port {port} is already in use"):
+            serve.bound_socket("127.0.0.1", port)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +284,41 @@ def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads
         proc.wait(timeout=30)
 
 
+def test_ctrl_c_in_a_terminal_stops_the_server_gracefully_not_its_engine(tmp_path):
+    """A terminal's Ctrl+C goes to every process of the command's group. The engine took it as the server gone and
+    ended at once: the open stream got "the engine process stopped", and the server started a new engine (loading
+    its models again) while it was stopping."""
+    import socket
+    import time
+
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")  # ~30 s for 4,096 tokens on 2 cores
+    log = tmp_path / "server.log"
+    proc, url = start_server(["--model", str(model)], log, own_group=True)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    body = json.dumps({"prompt": "A", "max_tokens": 4096, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.settimeout(30)
+            received = s.recv(65536)
+            while b"data: {" not in received:  # the stream has its first token
+                received += s.recv(65536)
+            start = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+            assert time.monotonic() - start < 30
+            while chunk := s.recv(65536):
+                received += chunk
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert b"the server is stopping; this text was cut off" in received, received[-500:]
+    assert "engine process stopped" not in log.read_text(), log.read_text()[-2000:]
+
+
 def test_openai_stream_usage_comes_last_when_asked(openai_client):
     """stream_options={"include_usage": true}, as OpenAI answers it: usage null in every chunk, then one chunk
     with no choices and the counts."""
@@ -318,6 +374,8 @@ def test_deeply_nested_json_is_a_400(web_server, raw):
     (dict(prompt=["Hi", "Ho"]), "prompt must be a string", "prompt"),
     (dict(extra_body={"stream": "yes"}), "stream must be true or false", "stream"),
     (dict(model="../etc/passwd"), "unknown model", "model"),
+    (dict(model=0), "model must be a string", "model"),  # not the default model's text
+    (dict(model=False), "model must be a string", "model"),
 ])
 def test_openai_errors_are_openai_shaped(openai_client, kwargs, message, param):
     import openai
@@ -325,7 +383,7 @@ def test_openai_errors_are_openai_shaped(openai_client, kwargs, message, param):
     with pytest.raises((openai.BadRequestError, openai.NotFoundError), match=re.escape(message)) as e:
         openai_client.completions.create(**{"model": BUNDLED.stem, "prompt": "Hi", **kwargs})
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
-    assert e.value.status_code == (404 if param == "model" else 400)  # 404 only for a model that is not there
+    assert e.value.status_code == (404 if message == "unknown model" else 400)  # 404 only for a model not there
 
 
 def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_client, web_server):
@@ -457,6 +515,21 @@ def test_a_stop_string_on_the_last_allowed_token_is_finish_reason_stop():
         cut = client.post("/v1/completions", json={**greedy, "stop": [" lord"]}).json()  # the 8th token is " lord"
         assert cut["choices"][0]["text"] == "\nI'll tell thee, my" and cut["usage"]["completion_tokens"] == 8
         assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_of_a_long_prompt_only_the_context_that_a_model_keeps_goes_to_the_engine(monkeypatch):
+    """A 100,000-token prompt was 1 MB of JSON for the engine's one decoding loop to read, which kept 128 tokens."""
+    import gptgen
+    from gptgen.serve import ModelShelf
+
+    shelf = ModelShelf({BUNDLED.stem: BUNDLED}, device="cpu", rows=1)
+    sent, tokens = [], shelf.engine.tokens
+    monkeypatch.setattr(shelf.engine, "tokens", lambda name, ids, s: sent.append(len(ids)) or tokens(name, ids, s))
+    prompt = "To be, or not to be: that is the question. " * 200
+    pieces, stats = shelf.stream(BUNDLED.stem, prompt, max_new_tokens=6, temperature=0)
+    context = shelf.about(BUNDLED.stem)[0].block_size
+    assert "".join(pieces) == gptgen.load(str(BUNDLED)).generate(prompt, max_new_tokens=6, temperature=0)
+    assert sent == [context] and stats.prompt_tokens > 10 * context
 
 
 def test_busy_is_a_429_with_retry_after_for_openai_clients():
