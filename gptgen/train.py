@@ -186,11 +186,15 @@ class RunDir:
                               "empty directory")
 
     def foreign_files(self) -> list[str]:
-        """Names here that no run writes (a new run would overwrite or delete some of its own names only)."""
+        """Names here that no run writes (a new run would overwrite or delete some of its own names only). A run
+        locks the folder before it writes anything else, so in a folder without the lock file every name is
+        another tool's: a new run would have emptied its metrics.jsonl, replaced its loss.png and deleted its
+        last-*.safetensors."""
         if not self.path.is_dir():
             return []
         names = {f.name for f in self.path.iterdir()}
-        foreign = {name for name in names if not any(fnmatch(name, own) for own in RUN_FILES)}
+        own = RUN_FILES if LOCK in names else (".write-test-*",)  # that one from a write check killed midway
+        foreign = {name for name in names if not any(fnmatch(name, pattern) for pattern in own)}
         if MODEL in names and METRICS not in names:  # a model put here, not one a run wrote (its first eval logs)
             foreign.add(MODEL)
         return sorted(foreign)

@@ -385,6 +385,19 @@ def test_train_refuses_an_out_directory_holding_only_a_model(small_text, tmp_pat
     assert (out / "model.safetensors").read_bytes() == b"my model's weights"
 
 
+def test_train_refuses_an_out_directory_of_another_tools_files_named_as_a_runs(small_text, tmp_path):
+    """metrics.jsonl, loss.png, last-*.safetensors: names a run writes, but no run wrote these (no run's lock file);
+    a new run emptied the first (or failed on its lines with a traceback), replaced the second, deleted the last."""
+    out = tmp_path / "other-tool"
+    out.mkdir()
+    files = {"metrics.jsonl": b'{"epoch": 1, "loss": 2.3}\n', "loss.png": b"my plot", "last-good.safetensors": b"w"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    r = gptgen("train", "--data", small_text, "--out", out, "--steps", "2", *FAST)
+    assert r.returncode == 2 and "not a training run's (last-good.safetensors, loss.png, metrics.jsonl)" in r.stderr
+    assert "Traceback" not in r.stderr and {f.name: f.read_bytes() for f in out.iterdir()} == files
+
+
 def test_prompt_file_and_stdin_give_the_same_text_as_the_argument(tmp_path):
     from tests.test_model import tiny_model_file
 

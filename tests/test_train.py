@@ -305,6 +305,7 @@ def test_a_run_killed_inside_its_first_writes_starts_again_and_resumes_without_t
     left one, which the next start refused as a foreign file, and resumed runs piled them up."""
     run = tmp_path / "run"
     run.mkdir()
+    (run / ".train.lock").write_text("12345")  # the dead run's first file: it locks the folder before it writes
     leftovers = [run / ".tmpAb3x9Q", run / ".last-0000001.safetensors.k2j4h1.tmp", run / ".write-test-123"]
     for f in leftovers:
         f.write_bytes(b"half a file")
