@@ -145,6 +145,11 @@ class RunDir:
             f.close()
             raise ConfigError(f"--out {str(self.path)!r} is in use by another gptgen train (process {holder}); let "
                               "it finish, or stop it first") from None
+        except OSError as e:  # a file system without locks (NFS without its lock daemon: ENOLCK): train unlocked
+            f.close()
+            log.warning("--out %r cannot be locked (%s): nothing stops another gptgen train from using it at the "
+                        "same time", str(self.path), e.strerror or e)
+            return
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()

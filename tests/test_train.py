@@ -927,6 +927,21 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_tex
     assert train(resume_config(tmp_path / "run"), resume=True)["steps"] == 20
 
 
+def test_a_folder_that_cannot_be_locked_trains_with_a_warning(small_text, tmp_path, monkeypatch, caplog):
+    """NFS without its lock daemon answers flock with ENOLCK: every train and --resume there ended in a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(f, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    assert train(config(small_text, run, steps=2))["steps"] == 2
+    assert train(resume_config(run, steps=4), resume=True)["steps"] == 4
+    assert f"--out '{run}' cannot be locked (No locks available)" in caplog.text
+
+
 def test_a_second_train_in_a_run_folder_in_use_is_refused_and_changes_nothing(small_text, tmp_path, monkeypatch):
     """A --resume typed in another terminal while the run went on deleted the files its state named; two new runs
     started together in one folder both wrote metrics.jsonl."""
