@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gptgen.checkpoint import atomic_write
+from gptgen.checkpoint import atomic_path, atomic_write
 from gptgen.config import GptgenError, cache_dir
 from gptgen.device import available_cpus
 from gptgen.tokenizer import EOT_ID, get_tokenizer
@@ -101,7 +102,7 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
     Python list of ints took a 500 MB text's process to 6.3 GB (2.3 GB in pieces, and 1.6x faster on 2
     cores). `progress` shows a bar on a terminal.
     """
-    path = cache_dir() / "tokens" / f"{_sha256(text)}.gpt2.u16"
+    path = cache_dir() / "tokens" / f"{_sha256(text)}.gpt2.u16"  # ids, then their count (see _cached)
     if (ids := _cached(path, text)) is not None:
         return ids
     tokenizer, parts = get_tokenizer(), pieces(text)
@@ -116,7 +117,9 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
     with bar, ThreadPoolExecutor(available_cpus()) as pool:  # tiktoken lets go of the GIL while it encodes
         ids = np.concatenate(list(pool.map(encode_piece, parts)))
     try:
-        atomic_write(path, ids.astype("<u2", copy=False).tobytes())
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # written from the array: no copy of it in memory
+            ids.astype("<u2", copy=False).tofile(f)
+            f.write(struct.pack("<Q", len(ids)))
     except OSError:
         pass  # a read-only cache only costs speed
     return ids
@@ -124,13 +127,18 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
 
 def _cached(path: Path, text: str) -> np.ndarray | None:
     """A cache entry's ids, or None where there is none or it cannot be the text's (gptgen writes entries whole,
-    but a copied or synced cache folder may hold a cut one): an odd size, no ids for some text, an id past
-    the tokenizer's ordinary tokens. Little-endian whatever the machine, so a shared cache reads alike."""
+    but a copied or synced cache folder may hold a cut one): ids and count that disagree (a copy cut at a block
+    boundary had passed every other check, and trained on a prefix of the text), no ids for some text, an id
+    past the tokenizer's ordinary tokens. Little-endian whatever the machine, so a shared cache reads alike."""
     try:
-        if path.stat().st_size % 2:
+        size = path.stat().st_size
+        if size < 8 or size % 2:
             return None
-        ids = np.fromfile(path, dtype="<u2").astype(np.uint16, copy=False)
+        raw = np.fromfile(path, dtype="<u2")
     except OSError:  # none yet, or a cache folder this user may not read
+        return None
+    ids = raw[:-4].astype(np.uint16, copy=False)  # the last 8 bytes are the count
+    if int(raw[-4:].view("<u8")[0]) != len(ids):
         return None
     if (len(ids) == 0) != (len(text) == 0) or (len(ids) and ids.max() >= EOT_ID):
         return None
