@@ -21,11 +21,14 @@ from gptgen.checkpoint import (
     read_safetensors,
     training_info,
 )
-from gptgen.config import OPENAI_GPT2, bundled_model, cache_dir
+from gptgen.config import OPENAI_GPT2, GptgenError, bundled_model, cache_dir
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"  # a gptgen model's name in a Hub repository, and a training run's best weights
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+# owner/name as the Hub takes them: each starts with a letter or digit and ends with one or _, no "--" or ".."
+# anywhere, no ".git" at the end (huggingface_hub refuses those with an error of its own, which was a traceback)
+_NAME = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,94}\w)?"
+REPO_ID = re.compile(rf"^(?!.*(--|\.\.))(?!.*\.git$){_NAME}/{_NAME}$", re.ASCII)
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")  # what huggingface_hub talks through
 
@@ -35,7 +38,7 @@ def is_hub_id(text: str) -> bool:
     (a mistyped `runs/my-model` should say "no such file", not wait on the network)."""
     path = Path(text)
     local = path.exists() or path.suffix == ".safetensors" or (path.parent != Path(".") and path.parent.is_dir())
-    return bool(REPO_ID.match(text)) and ".." not in text and not local
+    return bool(REPO_ID.match(text)) and not local
 
 
 def hub_id(text: str) -> str | None:
@@ -49,8 +52,9 @@ def hub_id(text: str) -> str | None:
 def check_hub_id(repo_id: str) -> str:
     """A repository that push or pull names: owner/name, whatever this folder holds (a `you/` folder here makes
     `you/my-model` a path for a model argument, not for these)."""
-    if not REPO_ID.match(repo_id) or ".." in repo_id:
-        raise ModelFileError(f"{repo_id!r} is not a Hub repository id (owner/name: letters, digits, '-', '_', '.')")
+    if not REPO_ID.match(repo_id):
+        raise ModelFileError(f"{repo_id!r} is not a Hub repository id (owner/name: letters, digits, '-', '_', '.'; "
+                             "each starting with a letter or digit, ending with one or '_', no '--' or '..')")
     return repo_id
 
 
@@ -58,10 +62,12 @@ def check_hub_id(repo_id: str) -> str:
 def _hub_call(repo_id: str):
     """A call to the Hub with its failures in one plain sentence: a refusal (with a hint when it is the login),
     or the network (huggingface_hub lets its HTTP library's errors through)."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         yield
+    except HFValidationError as e:  # a name or revision the Hub would not take, said before asking it
+        raise ModelFileError(f"{repo_id}: {str(e).splitlines()[0]}") from None
     except HfHubHTTPError as e:
         login = " (log in: `hf auth login`, or set HF_TOKEN)" if getattr(e.response, "status_code", None) in (
             401, 403) else ""
@@ -109,7 +115,7 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
     in gptgen's cache, and that file is the model."""
     from huggingface_hub import hf_hub_download
 
-    repo_id = hub_id(repo_id) or repo_id
+    repo_id = check_hub_id(OPENAI_GPT2.get(repo_id, repo_id))  # gpt2 is OpenAI's, whatever folder is here
     try:
         path = _fetch(hf_hub_download, repo_id, revision, filename=MODEL_FILE)
     except ModelFileError as missing:
@@ -144,7 +150,7 @@ def _converted(repo_id: str, pulled: Path) -> Path:
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
         try:
             import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
-        except ModelFileError:
+        except GptgenError:  # ModelFileError, or the "exists" of a file published meanwhile
             if not out.is_file():
                 raise
             # another process converted it meanwhile (two servers started at once): the same file, kept

@@ -166,10 +166,12 @@ def test_a_conversion_that_another_process_finished_meanwhile_is_taken(tmp_path,
     monkeypatch.setattr(hub, "snapshot", lambda repo_id, commit: tmp_path / "snapshot")
     pulled = tmp_path / ("c" * 40) / hub.MODEL_FILE
 
-    def the_other_one_wrote_it(source, out, origin):
+    def the_other_one_wrote_it(source, out, origin):  # as import_hf ends then: publishing finds the name taken
+        from gptgen.checkpoint import new_file
+
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_bytes(b"the other process's file")
-        raise ModelFileError(f"{out} exists; give a new file name")
+        new_file(out, ".safetensors")
 
     monkeypatch.setattr(gptgen.interop, "import_hf", the_other_one_wrote_it)
     out = hub._converted("openai-community/gpt2", pulled)
@@ -436,13 +438,28 @@ def test_push_without_a_network_is_one_clear_line(args):
     assert "Traceback" not in r.stderr
 
 
-def test_an_id_with_dot_dot_is_not_a_hub_id(tmp_path, monkeypatch):
-    """The Hub refuses `..` in names, and an id is also a path in the cache: `owner/x..` never reaches the Hub."""
+def test_an_id_the_hub_would_refuse_is_not_a_hub_id(tmp_path, monkeypatch):
+    """The Hub refuses `..` in names, and an id is also a path in the cache: `owner/x..` never reaches the Hub. It
+    also refuses `--`, a name ending in `-` or `.`, and `.git` at the end, with an error of huggingface_hub's own
+    that came out of push and pull as a traceback."""
     monkeypatch.chdir(tmp_path)
-    for repo_id in ("owner/name..x", "own..er/name"):
+    for repo_id in ("owner/name..x", "own..er/name", "you/model-", "you/model.", "a--b/c", "you/m--x", "you/m.git"):
         assert not hub.is_hub_id(repo_id), repo_id
         with pytest.raises(ModelFileError, match="not a Hub repository id"):
             hub.check_hub_id(repo_id)
+    for repo_id in ("you/model-", "a--b/c"):
+        r = gptgen_offline(tmp_path / "hub", "pull", repo_id)
+        assert r.returncode == 2 and "not a Hub repository id" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert hub.is_hub_id("you/model_") and hub.is_hub_id("o/a.b-c_d")
+
+
+def test_pull_gpt2_is_openais_whatever_folder_is_here(tmp_path, monkeypatch):
+    """`pull gpt2` with a gpt2/ folder here (a clone of the transformers repository, say) said it was no Hub id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    asked = []
+    monkeypatch.setattr(hub, "_fetch", lambda call, repo_id, revision, **kw: asked.append(repo_id) or BUNDLED)
+    assert hub.pull("gpt2") == BUNDLED and asked == ["openai-community/gpt2"]
 
 
 def test_a_spaces_short_description_says_what_the_model_is_in_any_characters(tmp_path):
