@@ -163,7 +163,8 @@ def snapshot(repo_id: str, revision: str | None = None) -> Path:
 
     return _fetch(snapshot_download, repo_id, revision,
                   allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json",
-                                  "model-*-of-*.safetensors", "gptgen.json"])  # what import reads, no more
+                                  "model-*-of-*.safetensors", "gptgen.json", "vocab.json",
+                                  "tokenizer.json"])  # what import reads, no more
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:

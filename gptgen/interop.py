@@ -63,15 +63,20 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(extra)}
 
 
+def gpt2_tokens() -> list[str]:
+    """GPT-2's tokens in its text form (vocab.json's), by id."""
+    enc, to_text = get_tokenizer(), _byte_to_unicode()
+    return ["".join(to_text[b] for b in enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [EOT]
+
+
 def gpt2_vocab() -> tuple[list[str], list[str]]:
     """(tokens, merges) in GPT-2's text form, derived from the BPE ranks: each merge is the last step of BPE
     on a token using only the ranks below its own."""
     enc = get_tokenizer()
     to_text = _byte_to_unicode()
     ranks = {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
-    tokens, merges = [], []
+    merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        tokens.append("".join(to_text[b] for b in token))
         if len(token) < 2:
             continue
         parts = [bytes([b]) for b in token]
@@ -83,8 +88,7 @@ def gpt2_vocab() -> tuple[list[str], list[str]]:
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         if len(parts) == 2:
             merges.append(" ".join("".join(to_text[b] for b in p) for p in parts))
-    tokens.append(EOT)
-    return tokens, merges
+    return gpt2_tokens(), merges
 
 
 def _float_tensors(path: str | os.PathLike) -> tuple:
@@ -165,6 +169,9 @@ HF_GELU = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation gptgen's M
 HF_AS_GPTGEN = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "layer_norm_epsilon": 1e-5}  # transformers' GPT-2 options that change the maths, as gptgen computes
 HF_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}  # GPT2Config's
+# ... and the other names GPT2Config takes for them (its attribute_map), which a config.json may use instead
+HF_ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
+              "max_position_embeddings": "n_positions"}
 VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"  # shards: model-00001-of-00002...
 
@@ -244,6 +251,27 @@ def _hf_folder(source: str | os.PathLike) -> Path:
         raise ModelFileError(f"{e} (nor is it a local folder)") from None
 
 
+def _refuse_another_tokenizer(folder: Path) -> None:
+    """A GPT-2 with a vocabulary of its own (a BPE made for another language) imported would run with GPT-2's
+    tokenizer, every gptgen command's, and write nonsense: its vocab.json or tokenizer.json, where the folder has
+    one, must give GPT-2's tokens GPT-2's ids (tokens added after them, a pad token say, are dropped at import)."""
+    ours = None
+    for name in ("vocab.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            continue
+        try:
+            vocab = json.loads((folder / name).read_text(encoding="utf-8"))
+            vocab = vocab["model"]["vocab"] if name == "tokenizer.json" else vocab
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{str(folder / name)!r} is not a readable tokenizer ({e})") from None
+        ours = ours or gpt2_tokens()
+        other = [token for i, token in enumerate(ours) if not isinstance(vocab, dict) or vocab.get(token) != i]
+        if other:
+            raise ModelFileError(f"{str(folder)!r} has a tokenizer of its own ({name}: {len(other):,} of GPT-2's "
+                                 f"{VOCAB:,} tokens missing or at other ids, {other[0]!r} first); gptgen runs every "
+                                 "model with GPT-2's, with which this one would write nonsense")
+
+
 def read_hf(source: str | os.PathLike):
     """(GPTConfig, float tensors by gptgen's names) from a transformers GPT-2 directory or Hub id (safetensors
     only)."""
@@ -263,6 +291,12 @@ def read_hf(source: str | os.PathLike):
         raise ModelFileError(f"{str(folder / 'config.json')!r} is not readable JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ModelFileError(f"{str(folder / 'config.json')!r} is not a JSON object of settings")
+    for alias, name in HF_ALIASES.items():  # read under gptgen's names only, n_head given as num_attention_heads
+        if alias in hf:  # imported as 12 heads, without a word: the head count changes no tensor's shape
+            if name in hf and hf[name] != hf[alias]:
+                raise ModelFileError(f"{str(folder / 'config.json')!r} sets {name} {hf[name]!r} and {alias} "
+                                     f"{hf[alias]!r}, two names of one setting")
+            hf[name] = hf.pop(alias)
     hf = {**HF_DEFAULTS, **hf}
     sizes = {k: hf[k] for k in HF_DEFAULTS if isinstance(hf[k], bool) or not isinstance(hf[k], int) or hf[k] < 1}
     if sizes:
@@ -278,6 +312,7 @@ def read_hf(source: str | os.PathLike):
     if hf["vocab_size"] < VOCAB:
         raise ModelFileError(f"{str(folder)!r} has a vocabulary of {hf['vocab_size']:,} tokens; gptgen's tokenizer "
                              f"is GPT-2's, of {VOCAB:,}")
+    _refuse_another_tokenizer(folder)
     config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                        block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
     weights = _hf_weights(folder)

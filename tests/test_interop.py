@@ -283,6 +283,50 @@ def test_a_padded_vocabulary_imports_as_gpt2s_tokens(tmp_path):
     assert gptgen.load(tmp_path / "imported.safetensors").generate("A", max_new_tokens=20, seed=0, top_k=0)
 
 
+@torch.no_grad()
+def test_a_config_naming_sizes_as_gpt2config_also_does_imports_them(tmp_path):
+    """GPT2Config also takes num_attention_heads, num_hidden_layers, hidden_size and max_position_embeddings. Read
+    under gptgen's names only, a head count given so became 12, without a word: it changes no tensor's shape."""
+    import json
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import import_hf
+
+    hf, folder = _hf_random(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    names = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_embd": "hidden_size",
+             "n_positions": "max_position_embeddings"}
+    (folder / "config.json").write_text(json.dumps({names.get(k, k): v for k, v in config.items()}))
+    import_hf(folder, tmp_path / "imported.safetensors")
+    assert torch.allclose(_float_gptgen(tmp_path / "imported.safetensors")(IDS)[0], hf(IDS).logits, atol=1e-4)
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4}))
+    with pytest.raises(ModelFileError, match="sets n_head 2 and num_attention_heads 4, two names of one setting"):
+        import_hf(folder, tmp_path / "x.safetensors")
+
+
+def test_a_gpt2_with_a_tokenizer_of_its_own_is_refused(tmp_path):
+    """Every gptgen command runs a model with GPT-2's tokenizer: a GPT-2 made with another BPE imported silently,
+    and wrote nonsense. Tokens added after GPT-2's (a pad token) are fine."""
+    import json
+
+    from gptgen.checkpoint import ModelFileError
+    from gptgen.interop import export_hf, import_hf
+
+    _, folder = _hf_random(tmp_path)
+    import_hf(folder, tmp_path / "m.safetensors")
+    export_hf(tmp_path / "m.safetensors", tmp_path / "exported")  # with GPT-2's vocab.json
+    vocab = json.loads((tmp_path / "exported" / "vocab.json").read_text())
+    (tmp_path / "exported" / "vocab.json").write_text(json.dumps({**vocab, "<pad>": 50257}))
+    import_hf(tmp_path / "exported", tmp_path / "padded.safetensors")
+    other = {**vocab, "Ġthe": vocab["Ġand"], "Ġand": vocab["Ġthe"]}  # two tokens' ids swapped
+    for name, content in [("vocab.json", other), ("tokenizer.json", {"model": {"type": "BPE", "vocab": other}})]:
+        (tmp_path / "exported" / "vocab.json").write_text(json.dumps(vocab))
+        (tmp_path / "exported" / name).write_text(json.dumps(content))
+        with pytest.raises(ModelFileError, match=rf"has a tokenizer of its own \({name}: 2 of GPT-2's 50,257 tokens"):
+            import_hf(tmp_path / "exported", tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_a_transformers_tensor_of_the_wrong_shape_is_refused_by_name(tmp_path):
     """Imported unchecked, it made a model file that only failed when loaded, far from its cause."""
     from safetensors.torch import load_file, save_file
