@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from gptgen.checkpoint import (
     ModelFileError,
     atomic_path,
     atomic_write,
+    check_depth,
     fsync_dir,
     given_name,
     load_model_file,
@@ -325,10 +325,7 @@ def read_hf(source: str | os.PathLike):
             refuse_nonfinite(path, key, t)  # else written, then refused by every load
             t = t.float()
             tensors[name] = t.t().contiguous() if name.endswith(HF_CONV1D) else t
-    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
-    if len(layers) != config.n_layer:  # first: building a GPT of a config's 100,000,000 layers would not end
-        raise ModelFileError(f"{str(folder)!r} does not match its config.json: n_layer {config.n_layer:,}, weights "
-                             f"of {len(layers):,} layers")
+    check_depth(config.n_layer, tensors, f"{str(folder)!r} does not match its config.json")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

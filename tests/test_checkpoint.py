@@ -122,8 +122,28 @@ def test_tensors_that_do_not_match_the_config(model_file, tmp_path):
     model, _ = model_file
     bigger = GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16)
     save_model(tmp_path / "x.safetensors", model.state_dict(), bigger)
-    with pytest.raises(ModelFileError, match="missing"):
+    with pytest.raises(ModelFileError, match="does not match its config: n_layer 3, weights of 2 layers"):
         load_model(tmp_path / "x.safetensors")
+    wider = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16)
+    save_model(tmp_path / "y.safetensors", model.state_dict(), wider)
+    with pytest.raises(ModelFileError, match="tensor .* expected"):
+        load_model(tmp_path / "y.safetensors")
+
+
+def test_a_header_of_a_hundred_million_layers_is_refused_at_once(model_file, tmp_path):
+    """The shapes were checked against a GPT built from the header's config (~1 ms a layer): a 300-byte file that
+    said 100,000,000 layers hung every command that read it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model, _ = model_file
+    huge = GPTConfig(n_layer=100_000_000, n_head=2, n_embd=32, block_size=16)
+    save_model(tmp_path / "huge.safetensors", {"transformer.wpe.weight": model.transformer.wpe.weight}, huge)
+    r = subprocess.run([sys.executable, "-m", "gptgen", "generate", str(tmp_path / "huge.safetensors"), "hi"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "n_layer 100,000,000, weights of 0 layers" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("fails", ["mid-write", "at fsync"])
