@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -335,6 +337,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
         print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)
     pieces = []
+    if not args.json:  # --json's text is escaped to ASCII
+        _text_stdout()
     for piece in model.stream(prompt, **sampling):
         pieces.append(piece)
         if not args.json:
@@ -357,12 +361,30 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt:
         raise GptgenError("give the prompt as an argument or with --prompt-file, not both")
     from gptgen.data import decode_text
+    from gptgen.generate import MAX_PROMPT_CHARS
 
+    # bytes: more of them always hold more characters than the limit (UTF-32 takes 4 a character, and 4 to mark it),
+    # so an endless pipe or a multi-GB file is refused after this much, not read whole first
+    limit = 4 * MAX_PROMPT_CHARS + 4
     try:
-        raw = sys.stdin.buffer.read() if args.prompt_file == "-" else Path(args.prompt_file).read_bytes()
+        with open(args.prompt_file, "rb") if args.prompt_file != "-" else contextlib.nullcontext(sys.stdin.buffer) as f:
+            raw = f.read(limit + 1)
     except OSError as e:
         raise GptgenError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror or e}") from None
+    if len(raw) > limit:
+        raise GptgenError(f"--prompt-file {args.prompt_file!r} holds more than {MAX_PROMPT_CHARS:,} characters, the "
+                          "limit of a prompt (a model reads only its context's worth of the end anyway)")
     return decode_text(raw, f"--prompt-file {args.prompt_file!r}")  # as training reads its text
+
+
+def _text_stdout() -> None:
+    """stdout that takes any text: where its encoding cannot (Windows' cp1252 when redirected, a latin-1 locale),
+    generated CJK or emoji ended the command mid-text with a traceback. Into a file or pipe it writes UTF-8; on
+    a terminal it shows '?' for what the terminal cannot."""
+    out = sys.stdout
+    if not hasattr(out, "reconfigure") or codecs.lookup(out.encoding or "ascii").name == "utf-8":
+        return
+    out.reconfigure(**({"errors": "replace"} if out.isatty() else {"encoding": "utf-8"}))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

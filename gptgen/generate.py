@@ -89,13 +89,14 @@ SAMPLING_PARAMS = tuple(f.name for f in fields(Sampling))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: logits of tokens already present are divided by it when positive, multiplied when not."""
+    """CTRL's penalty: logits of tokens already present are divided by it when positive, multiplied when negative
+    (a zero stays: with a penalty beyond float32's range, 0 x inf was NaN, which greedy decoding then picked)."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     picked = logits.gather(-1, seen)
     finite = torch.finfo(logits.dtype)  # a tiny penalty would make inf, and then the softmax NaN
-    penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(finite.min, finite.max)
-    return logits.scatter(-1, seen, penalized)
+    penalized = torch.where(picked > 0, picked / penalty, torch.where(picked < 0, picked * penalty, picked))
+    return logits.scatter(-1, seen, penalized.clamp(finite.min, finite.max))
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:

@@ -210,6 +210,43 @@ def test_generate_refuses_a_prompt_file_too_long_before_it_loads_the_model(tmp_p
     assert "prompt is 100,002 characters; the limit is 100,000" in r.stderr  # not "unused.safetensors does not exist"
 
 
+def test_a_prompt_piped_without_end_is_refused_once_past_the_limit(tmp_path):
+    """--prompt-file read the whole stream before it counted: an endless pipe (or /dev/zero) until memory ran out."""
+    proc = subprocess.Popen([sys.executable, "-m", "gptgen", "generate", str(tmp_path / "unused.safetensors"),
+                             "--prompt-file", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=False)
+    try:
+        proc.stdin.write(b"a" * 400_005)  # more bytes than 100,000 characters take in any encoding; the pipe stays open
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 2
+        err = proc.stderr.read().decode()
+        assert "holds more than 100,000 characters, the limit of a prompt" in err and "Traceback" not in err, err
+    finally:
+        proc.kill()
+        proc.stdin.close()
+
+
+def test_generated_text_that_stdouts_encoding_cannot_hold_is_written_as_utf8(monkeypatch):
+    """Redirected on Windows, stdout is cp1252: a CJK or emoji piece ended `gptgen generate` with a traceback."""
+    import io
+
+    import gptgen
+    from gptgen.cli import main
+    from gptgen.generate import Stats
+
+    class Model:
+        model, last = object(), Stats()
+
+        def stream(self, prompt, **sampling):
+            yield from ["的", "😀"]
+
+    monkeypatch.setattr(gptgen, "load", lambda *args, **kwargs: Model())
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", "m.safetensors", "hi"]) == 0
+    out.flush()
+    assert out.buffer.getvalue().decode("utf-8") == "的😀\n"
+
+
 def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):
     import pickle
 

@@ -60,6 +60,16 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     assert out.tolist() == [1.0, -4.0, 1.0]
 
 
+@pytest.mark.parametrize("penalty", [1e39, 1e-50])  # beyond float32's range: inf and 0 there
+def test_a_seen_token_whose_logit_is_zero_keeps_it_under_any_penalty(penalty):
+    """0 x inf made its logit NaN: greedy decoding picked it, sampling raised."""
+    logits, g = torch.tensor([0.0, 2.0, 1.0, -1.0]), torch.Generator().manual_seed(0)
+    out = apply_repetition_penalty(logits, torch.tensor([0, 3]), penalty)
+    assert torch.isfinite(out).all() and out[0] == 0 and out[1:3].tolist() == [2.0, 1.0]
+    assert next_token(logits, torch.tensor([0, 3]), Sampling(temperature=0, repetition_penalty=penalty), g) == 1
+    next_token(logits, torch.tensor([0, 3]), Sampling(temperature=1.0, repetition_penalty=penalty), g)
+
+
 @pytest.mark.parametrize("bad, name", [
     (dict(temperature=-1), "temperature"), (dict(temperature=math.nan), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
