@@ -28,6 +28,7 @@ from gptgen.tokenizer import EOT_ID, get_tokenizer
 
 MAX_NEW_TOKENS = 4096  # a cap per request, so one call cannot hold a server for ever
 MAX_PROMPT_CHARS = 100_000  # checked before tokenizing; the model sees only its context's worth anyway
+NESTED_WAIT_S = 2.0  # a stream waiting for its turn, while the running one has not moved, before it is an error
 MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings a call takes, and their length: they are looked for every token
 
 
@@ -414,7 +415,7 @@ class TextModel:
                                  "fits a transformers model's padded vocabulary)")
         self.last = Stats()
         self._busy = threading.Lock()  # the model's KV caches serve one generation at a time
-        self._busy_thread: int | None = None
+        self._read: tuple[int, int] | None = None  # (thread, token count) of its last token's read
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """generate()'s text in pieces as they are made (whole characters; close() it to stop early)."""
@@ -429,17 +430,24 @@ class TextModel:
 
     def _one_at_a_time(self, tokens: Iterator[int]) -> Iterator[int]:
         """Two generations at once would write the same KV cache rows and silently corrupt each other's
-        text: another thread waits for its turn; a second stream in the same thread (which would wait for
-        ever) is an error."""
-        if self._busy_thread == threading.get_ident():
-            raise RuntimeError("this model is already generating in this thread: finish or close() the first "
-                               "stream before starting another (or gptgen.load the model twice)")
-        with self._busy:
-            self._busy_thread = threading.get_ident()
-            try:
-                yield from tokens
-            finally:
-                self._busy_thread = None
+        text: another waits for its turn. A second stream started by the thread that reads the first (inside
+        its loop) would wait for ever: it is an error once the first has not moved for NESTED_WAIT_S since that
+        thread read from it. Not at once: a thread pool (a web framework's, iterating a stream) moves a stream
+        between its threads, so the thread that read the first's last token may start the next stream, which
+        must then wait while another thread reads the first (refused at once, it failed there)."""
+        me, seen = threading.get_ident(), self._read
+        while not self._busy.acquire(timeout=NESTED_WAIT_S):
+            if self._read == seen and seen is not None and seen[0] == me:
+                raise RuntimeError("this model is already generating in this thread: finish or close() the first "
+                                   "stream before starting another (or gptgen.load the model twice)")
+            seen = self._read
+        try:
+            for count, token in enumerate(tokens, 1):
+                self._read = (threading.get_ident(), count)  # the thread reading it now
+                yield token
+        finally:
+            self._read = None
+            self._busy.release()
 
     def prepare(self, prompt: str, **sampling) -> tuple[list[int], Sampling]:
         """(prompt token ids, Sampling); ValueError names a bad parameter."""

@@ -459,6 +459,21 @@ def test_a_second_stream_in_the_same_thread_is_refused_until_the_first_is_closed
     assert tm.generate("ROMEO: hi", max_new_tokens=40, temperature=0).startswith(start)
 
 
+def test_a_stream_read_by_a_thread_pool_lets_the_next_one_wait_its_turn(bundled):
+    """A web framework reads a stream from a pool of threads: the thread that read the first stream's first piece
+    started the second, which was refused as if nested, although another thread went on reading the first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tm = TextModel(bundled, {})
+    alone = [tm.generate(p, max_new_tokens=30, temperature=0) for p in ("ROMEO:", "JULIET:")]
+    first, second = (tm.stream(p, max_new_tokens=30, temperature=0) for p in ("ROMEO:", "JULIET:"))
+    with ThreadPoolExecutor(1) as pool:  # one thread: it reads the first's first piece, then starts the second
+        start = pool.submit(next, first).result()
+        waiting = pool.submit(lambda: "".join(second))
+        assert start + "".join(first) == alone[0]  # read on here, another thread, meanwhile
+        assert waiting.result(timeout=60) == alone[1]
+
+
 def test_an_unseeded_generation_leaves_the_callers_random_state_alone():
     tm = TextModel(tiny_model().eval(), {})
     torch.manual_seed(0)
