@@ -35,7 +35,10 @@ class EvalResult:
         return math.exp(self.nats_per_token) if self.nats_per_token < 709 else math.inf
 
     def as_dict(self) -> dict:
-        return {"val_nats_per_token": self.nats_per_token, "val_perplexity": self.perplexity,
+        """For JSON (--json, metrics.jsonl, a model's record): an infinite perplexity is null, as strict JSON has
+        no Infinity (jq and JavaScript refused the line)."""
+        perplexity = self.perplexity if math.isfinite(self.perplexity) else None
+        return {"val_nats_per_token": self.nats_per_token, "val_perplexity": perplexity,
                 "val_nats_per_char": self.nats_per_char, "val_tokens": self.tokens, "val_chars": self.chars}
 
     @classmethod

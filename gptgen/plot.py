@@ -11,14 +11,12 @@ from gptgen.config import LOG_INTERVAL
 
 def plot_losses(rows: list[dict], path: str | os.PathLike) -> None:
     """rows: metrics.jsonl's lines; the train curve is its train-loss lines, each the mean since the one before."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: its backend is the process's (a notebook's), not ours to set
 
     evals = [r for r in rows if "val_nats_per_token" in r]
     train = [r for r in rows if "val_nats_per_token" not in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], label=f"train (mean of {LOG_INTERVAL} steps)",
             linewidth=1)
     if evals:  # none with --val-fraction 0
@@ -33,6 +31,5 @@ def plot_losses(rows: list[dict], path: str | os.PathLike) -> None:
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    fig.savefig(buf, format="png")  # a Figure of its own is freed with it: nothing for pyplot to close
     atomic_write(path, buf.getvalue())

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-REPEAT_S = 1.0  # the same signal again within this is the same stop, delivered twice
+REPEAT_S = 1.0  # the same signal again within this of the first is the same stop, delivered twice
 
 
 class Interrupted(KeyboardInterrupt):
@@ -45,7 +45,8 @@ def sigint_noted(signums: tuple[int, ...] = (signal.SIGINT,), again_raises: bool
     stops where it is safe to. With `again_raises`, a second one raises Interrupted at once: for a user who will
     not wait for the stop's own work (training's eval and save). A handler, not a signal mask: the kernel gives
     a signal to any thread that does not mask it (tqdm's monitor, torch's pool), and Python then interrupts the
-    main thread all the same. Only the main thread handles signals; elsewhere none is noted."""
+    main thread all the same. Only the main thread handles signals; elsewhere none is noted. A signal this
+    process was told to ignore (SIG_IGN: a shell's background job ignores Ctrl-C) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
@@ -53,12 +54,14 @@ def sigint_noted(signums: tuple[int, ...] = (signal.SIGINT,), again_raises: bool
 
     def note(signum, frame):
         # one stop that reaches the process twice is not a second one: SLURM signals every process of a job, and
-        # torchrun then passes its own signal on to its workers
-        if caught and again_raises and not (signum == caught[-1][0] and time.monotonic() - caught[-1][1] < REPEAT_S):
+        # torchrun then passes its own signal on to its workers. Timed from the first: counted from the latest,
+        # Ctrl-C pressed again and again under a second apart never stopped at once.
+        if caught and again_raises and not (signum == caught[0][0] and time.monotonic() - caught[0][1] < REPEAT_S):
             raise Interrupted
         caught.append((signum, time.monotonic()))
 
-    previous = {signum: signal.signal(signum, note) for signum in signums}
+    previous = {signum: signal.signal(signum, note) for signum in signums
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield lambda: bool(caught)
     finally:

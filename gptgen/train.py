@@ -513,6 +513,10 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
                 loss_sum.zero_()
                 loss_count = 0
+                if not (done or interrupted):  # a stop during this eval (minutes on a CPU): its save is the stop's,
+                    interrupted = _should_stop(cfg, progress, total, ctrl_c())[1]  # not one more step and eval
+                    if interrupted:
+                        _say(bar, f"stopping at step {progress.step:,}: saved")
             if done or interrupted:
                 interrupted = interrupted and not done  # a Ctrl-C on the last step: the run is complete anyway
                 break

@@ -7,6 +7,15 @@ import gptgen.signals
 from gptgen.signals import Interrupted, sigint_noted
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_in_a_terminal():
+    """Python's own Ctrl-C handler, as a command typed in a terminal has: a test run started in a script's
+    background ignores SIGINT, which sigint_noted leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_stop_noted_then_a_second_one_raises_but_not_the_same_one_delivered_twice(monkeypatch):
     """SLURM signals every process of a job and torchrun passes its own signal on: one stop reached a worker
     twice, and the second, taken for a user's impatient one, cut the eval and save short."""
@@ -32,3 +41,25 @@ def test_without_again_raises_every_stop_is_only_noted():
         for _ in range(3):
             signal.raise_signal(signal.SIGINT)
         assert stopped()
+
+
+def test_ctrl_c_pressed_again_and_again_stops_at_once_a_second_after_the_first(monkeypatch):
+    """Each press was timed from the one before: presses under a second apart never stopped the run at once."""
+    now = [100.0]
+    monkeypatch.setattr(gptgen.signals, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True), pytest.raises(Interrupted):
+        for _ in range(4):
+            signal.raise_signal(signal.SIGINT)
+            now[0] += gptgen.signals.REPEAT_S * 0.4  # the fourth press comes 1.2 s after the first
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A shell's background job ignores Ctrl-C: `gptgen train ... &` in a script stopped with the script's Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True) as stopped:
+            signal.raise_signal(signal.SIGINT)
+            assert not stopped()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

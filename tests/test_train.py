@@ -639,7 +639,7 @@ def test_torchrun_stops_every_process_at_one_step_when_one_gets_a_ctrl_c(small_t
         proc.kill()
         pytest.fail("the processes hung after a Ctrl-C reached one of them")
     step = json.loads((run / "state.json").read_text())["progress"]["step"]
-    assert 20 < step < 100 and json.loads(out)["interrupted"], err[-3000:]
+    assert 20 <= step < 100 and json.loads(out)["interrupted"], err[-3000:]  # 20: it landed in that eval's save
     assert f"interrupted at step {step}; continue with" in err
     r = subprocess.run([*torchrun, "--resume", str(run)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 100, r.stderr[-3000:]
@@ -925,6 +925,24 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_tex
     assert json.loads((tmp_path / "run" / "state.json").read_text())["progress"]["step"] == 5
     monkeypatch.undo()
     assert train(resume_config(tmp_path / "run"), resume=True)["steps"] == 20
+
+
+def test_a_stop_during_an_eval_ends_the_run_with_that_eval_and_save(small_text, tmp_path, monkeypatch):
+    """A stop that came while the run evaluated (minutes on a CPU) ran one more step, then evaluated and saved
+    again: twice the wait, and under a 30 s grace period (Kubernetes, torchrun) the second was killed."""
+    import gptgen.train
+
+    evals_at, eval_and_save = [], gptgen.train._eval_and_save
+
+    def stopped_meanwhile(cfg, run, model, optimizer, corpus, progress, *args):
+        evals_at.append(progress.step)
+        if progress.step == 2:
+            signal.raise_signal(signal.SIGTERM)  # `kill`, while the bar says evaluating
+        return eval_and_save(cfg, run, model, optimizer, corpus, progress, *args)
+
+    monkeypatch.setattr(gptgen.train, "_eval_and_save", stopped_meanwhile)
+    summary = train(config(small_text, tmp_path / "run", steps=10, eval_interval=2))
+    assert summary["interrupted"] and summary["steps"] == 2 and evals_at == [2]
 
 
 def test_a_folder_that_cannot_be_locked_trains_with_a_warning(small_text, tmp_path, monkeypatch, caplog):
