@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import start_server, write_random_int8_model  # noqa: E402
 
-PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and"  # 16 tokens
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and"  # 21 tokens
 SAMPLING = {"temperature": 0.8, "top_k": 50}
 KINDS = ["openai", "gradio"]  # client i's request j uses KINDS[(i + j) % len(KINDS)]
 GOALS = {"speedup_at_8": 3.0, "per_client_tok_s_at_8": 10.0}
