@@ -30,6 +30,17 @@ def small_text(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Python's own Ctrl-C handler in this process, as a command typed in a terminal has, for a test that raises
+    SIGINT in it: a test run started in a script's background ignores SIGINT, which gptgen leaves ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def sigint_as_usual() -> None:
     """A Popen preexec_fn for a child that a test sends Ctrl-C: a test run started in the background (`make test
     &` from a script) ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt."""

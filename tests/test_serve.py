@@ -231,11 +231,12 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
     proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
     try:
         client = openai.OpenAI(base_url=f"{url}v1", api_key="not-needed", timeout=10, max_retries=0)
-        assert client.completions.create(model="gpt2", prompt="A", max_tokens=1).usage.completion_tokens == 1
+        one_token = dict(model="gpt2", prompt="A", max_tokens=1, temperature=0)  # greedy: sampled, it drew the end
+        assert client.completions.create(**one_token).usage.completion_tokens == 1
         for _ in range(3):
             leave(client)
             start = time.monotonic()
-            assert client.completions.create(model="gpt2", prompt="A", max_tokens=1).usage.completion_tokens == 1
+            assert client.completions.create(**one_token).usage.completion_tokens == 1
             assert time.monotonic() - start < 10  # ~0.02 s alone; a row left held is ~30 s
     finally:
         proc.terminate()

@@ -6,14 +6,7 @@ import pytest
 import gptgen.signals
 from gptgen.signals import Interrupted, sigint_noted
 
-
-@pytest.fixture(autouse=True)
-def sigint_as_in_a_terminal():
-    """Python's own Ctrl-C handler, as a command typed in a terminal has: a test run started in a script's
-    background ignores SIGINT, which sigint_noted leaves ignored."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+pytestmark = pytest.mark.usefixtures("sigint_as_in_a_terminal")
 
 
 def test_a_stop_noted_then_a_second_one_raises_but_not_the_same_one_delivered_twice(monkeypatch):

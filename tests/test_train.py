@@ -898,6 +898,7 @@ def test_a_bad_out_or_data_path_is_refused_before_tokenizing_or_downloading(smal
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.usefixtures("sigint_as_in_a_terminal")
 def test_a_second_ctrl_c_stops_at_once_and_the_run_keeps_its_last_save(small_text, tmp_path, monkeypatch):
     """The first Ctrl-C's eval scores the whole val split (minutes for a large text on a CPU); a user who will
     not wait presses it again."""
