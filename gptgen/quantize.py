@@ -151,9 +151,10 @@ class Int8Linear(nn.Module):
         self._col_sums = None
         self._reduce_range = False  # fbgemm's activation range, chosen at pack: the column sums are taken in it
 
-    def pack(self) -> None:
+    def pack(self, keep_weight: bool = False) -> None:
         """Lay the weight out for fbgemm once, at load. fbgemm keeps its own int8 copy, so the plain one is
-        dropped (int8_weight() rebuilds it on demand)."""
+        dropped (int8_weight() rebuilds it on demand), unless kept: the tied head's, whose rows the embedding
+        looks up."""
         if self._packed is not None or not _fbgemm_ok(self.scale.device):
             return
         with warnings.catch_warnings():  # quantized tensors are deprecated as a user type; fbgemm's ops are not
@@ -165,7 +166,8 @@ class Int8Linear(nn.Module):
         # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
         probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1), self._reduce_range)])
         self._col_sums = _linear_dynamic(probe, self._packed, self._reduce_range)[0]
-        self.weight = None
+        if not keep_weight:
+            self.weight = None
 
     def int8_weight(self) -> torch.Tensor:
         if self.weight is not None:
@@ -267,9 +269,8 @@ def pack(model: GPT, reread: Callable[[str], torch.Tensor]) -> None:
     head = model.lm_head
     if not _fbgemm_ok(head.scale.device):
         return
-    embedding = head.weight = reread("transformer.wte.weight").clone()
-    head.pack()
-    head.weight = embedding
+    head.weight = reread("transformer.wte.weight").clone()
+    head.pack(keep_weight=True)
     for name, layer in model.named_modules():
         if isinstance(layer, Int8Linear) and layer is not head:
             layer.weight = reread(f"{name}.weight")

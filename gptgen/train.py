@@ -58,8 +58,9 @@ STATE = "state.json"
 MODEL = "model.safetensors"
 METRICS = "metrics.jsonl"
 LOCK = ".train.lock"
+WRITE_TEST = ".write-test-"  # check_writable's probe, named by the process; a kill may leave one
 RUN_FILES = (STATE, MODEL, METRICS, "loss.png", LOCK, *STEP_FILES,
-             *checkpoint.PARTIAL_WRITES, ".write-test-*")  # what a run writes in its directory
+             *checkpoint.PARTIAL_WRITES, f"{WRITE_TEST}*")  # what a run writes in its directory
 BAR_INTERVAL_S = 1.0  # the bar's loss is read at most this often between metrics lines (each read is a host sync)
 EPOCH_LINE_INTERVAL_S = 10  # short epochs (a small text) share one line: "epochs 12-19 done ..."
 NOT_RECIPE = ("data", "out", "device", "sample_tokens", "sample_prompt")  # knobs that do not shape the model
@@ -167,7 +168,7 @@ class RunDir:
         error = None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
+            probe = self.path / f"{WRITE_TEST}{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
@@ -198,7 +199,7 @@ class RunDir:
         if not self.path.is_dir():
             return []
         names = {f.name for f in self.path.iterdir()}
-        own = RUN_FILES if LOCK in names else (".write-test-*",)  # that one from a write check killed midway
+        own = RUN_FILES if LOCK in names else (f"{WRITE_TEST}*",)  # a write check's, killed midway
         foreign = {name for name in names if not any(fnmatch(name, pattern) for pattern in own)}
         if MODEL in names and METRICS not in names:  # a model put here, not one a run wrote (its first eval logs)
             foreign.add(MODEL)
