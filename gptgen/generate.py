@@ -166,6 +166,7 @@ class Batch:
         self.context = model.config.block_size
         self.device = model.transformer.wpe.weight.device
         self.active: list[Sequence] = []
+        self.pending = 0  # rows 0..pending-1 sampled a token that the cache does not hold yet
         compiled = getattr(model, "compiled_decoder", None)  # see compile_decoding(): its shapes never change
         model.setup_caches(batch=rows, max_len=None if compiled else max_len, static=compiled is not None)
         self.decoder = int8_decoder(model) or compiled  # a compiled step (TorchScript for int8 on CPU), or None
@@ -199,7 +200,12 @@ class Batch:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, int | None]]:
-        """A token for every active sequence: (sequence, token), token None where the text ended."""
+        """A token for every active sequence: (sequence, token), token None where the text ended.
+
+        The forward for the tokens the last step handed out runs at the start of this one, so a token goes out
+        as soon as it is sampled: a lone sequence's first token costs its prefill, not its prefill and a step.
+        """
+        self._forward()
         self._free_rows()
         out = []
         for seq in self.active:
@@ -215,18 +221,24 @@ class Batch:
             seq.done = seq.new_tokens == s.max_new_tokens
             out.append((seq, token))
         self._free_rows()
-        for row, seq in enumerate(self.active):
+        self.pending = len(self.active)
+        return out
+
+    def _forward(self) -> None:
+        """Logits for the last token of rows 0..pending-1 (the rows that sampled one; rows added since hold their
+        prefill's). A row cancelled since is forwarded too: freeing it first could move an added row among them."""
+        batch, self.pending = self.active[:self.pending], 0
+        for row, seq in enumerate(batch):
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
                 seq.tokens = seq.tokens[-max(1, 3 * self.context // 4):]
                 self._prefill(seq, row, seq.tokens[:-1])
-        if not self.active:
-            return out
-        tokens, positions = [seq.tokens[-1] for seq in self.active], [seq.cached for seq in self.active]
+        if not batch:
+            return
+        tokens, positions = [seq.tokens[-1] for seq in batch], [seq.cached for seq in batch]
         logits = self.decoder(tokens, positions) if self.decoder else eager_step(self.model, tokens, positions)
-        for i, seq in enumerate(self.active):
+        for i, seq in enumerate(batch):
             seq.logits = logits[i]
             seq.cached += 1
-        return out
 
     def _free_rows(self) -> None:
         """Drop finished sequences; the last active row moves into each freed one, so rows stay 0..n-1."""

@@ -295,10 +295,21 @@ def test_decoding_keeps_cudnn_attention_off_and_restores_it():
     batch.add([1, 2, 3], Sampling(max_new_tokens=3, seed=1))
     batch.step()
     batch.add([4, 5], Sampling(max_new_tokens=3, seed=2))
-    batch.step()
+    batch.step()  # the first row's step
+    batch.step()  # both rows'
     model.clear_caches()
     assert len(seen) == 4 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_token_is_handed_out_before_the_forward_for_it():
+    """The first token cost the prompt's prefill and a step's forward; each later one costs one forward."""
+    model = tiny_model().eval()
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    tokens = generate_tokens(model, [1, 2, 3], Sampling(max_new_tokens=3, temperature=0))
+    assert [len(calls) for _ in tokens] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("context", [1, 2, 3])
