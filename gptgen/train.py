@@ -403,6 +403,8 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     # --ema: the average is the model that is evaluated and saved; training goes on from the weights themselves
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
     data_rng = np.random.default_rng([cfg.seed, rank])
+    # the same weights on every rank (seeded above), then dropout masks of each rank's own
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     progress = Progress()
     if resume:
         progress = _on_every_rank(rank, world,
@@ -426,7 +428,9 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     if cfg.windows == "epoch":
         windows = EpochWindows(corpus.train, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    steps_per_epoch = len(corpus.train) / tokens_per_step
+    # an epoch of --windows epoch is its whole windows' tokens (what they leave waits for another epoch's offset)
+    epoch_tokens = windows.count * cfg.block_size if windows is not None else len(corpus.train)
+    steps_per_epoch = epoch_tokens / tokens_per_step
     total = max_steps(cfg, steps_per_epoch)
     if resume and _should_stop(cfg, progress, total)[0]:
         by = _stopped_by(cfg, progress, total)
@@ -491,11 +495,12 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
             if log_row or time.perf_counter() - shown_at >= BAR_INTERVAL_S:
                 shown_at = time.perf_counter()
                 rate = session_tokens / (shown_at - session_start)
-                recent = recent_sum.item() / recent_count
+                # a metrics line's loss is the mean over ranks (all reach that line); the bar's between lines, rank 0's
+                recent = (_rank_mean(recent_sum, world) if log_row else recent_sum).item() / recent_count
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))
             if log_row:
                 _stop_if_diverged(run, cfg, progress, world, train_loss=recent)
-                row = _metrics_row(progress, corpus, lr, recent)
+                row = _metrics_row(progress, epoch_tokens, lr, recent)
                 if done and progress.target_reached is not None and not len(corpus.val):
                     row["target_reached"] = progress.target_reached  # with a val split, on the eval's line
                 _on_rank_0(rank, world, lambda: run.log_metrics(row, durable=False))  # noqa: B023 - called at once
@@ -506,9 +511,9 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
                           "at once; the run then keeps its last save)")
             if progress.step % cfg.eval_interval == 0 or done or interrupted:
                 epoch_loss.fold(progress, world)
-                last_val, sample = _eval_and_save(cfg, run, model, optimizer, corpus, progress,
-                                                  loss_sum.item() / loss_count, lr, data_rng, device, autocast, rank,
-                                                  world, ema)
+                train_row = _metrics_row(progress, epoch_tokens, lr, _rank_mean(loss_sum, world).item() / loss_count)
+                last_val, sample = _eval_and_save(cfg, run, model, optimizer, corpus, progress, train_row, data_rng,
+                                                  device, autocast, rank, world, ema)
                 if sample is not None:
                     _say(bar, f"sample at step {progress.step:,}:\n{cfg.sample_prompt}{sample}")
                 bar.set_postfix_str(_postfix(recent, last_val, rate, cfg, progress))  # the new val, at once
@@ -527,8 +532,10 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     summary = {"run_dir": str(run.path), "steps": progress.step, "epochs": round(progress.step / steps_per_epoch, 3),
                "tokens_seen": progress.tokens_seen, "wall_time_s": round(progress.elapsed_s, 1),
                "best_val_nats_per_token": progress.best_val if scored else None,
-               "best_step": progress.best_step if scored else None,
-               "model": str(run.path / MODEL), "interrupted": interrupted}
+               "best_step": progress.best_step if scored else None, "model": str(run.path / MODEL),
+               # the step model.safetensors holds: the latest with a target (the text fitted) or without a val split
+               "model_step": progress.best_step if scored and cfg.target_loss is None else progress.step,
+               "interrupted": interrupted}
     if cfg.target_loss is not None:
         summary["target_loss"] = cfg.target_loss
         summary["target_reached"] = progress.target_reached
@@ -566,10 +573,8 @@ class EpochLoss:
 
     def fold(self, progress: Progress, world: int) -> None:
         """Into progress.epoch_loss, which state.json keeps for resume; under DDP the mean over ranks."""
-        if world > 1:
-            dist.all_reduce(self.sum)
-            self.sum /= world
-        progress.epoch_loss = [progress.epoch_loss[0] + self.sum.item(), progress.epoch_loss[1] + self.steps]
+        progress.epoch_loss = [progress.epoch_loss[0] + _rank_mean(self.sum, world).item(),
+                               progress.epoch_loss[1] + self.steps]
         self.sum.zero_()
         self.steps = 0
 
@@ -594,6 +599,15 @@ def epoch_of(step: int, steps_per_epoch: float) -> int:
     return int((step - 1) // steps_per_epoch) + 1
 
 
+def _rank_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    """t's mean over the ranks (a copy; t itself outside torchrun): every rank calls it at the same step."""
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
 def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.Tensor, epoch_loss: EpochLoss,
                              steps_per_epoch: float, total: int | None, bar: tqdm, world: int) -> None:
     """Epoch bookkeeping for the bar and the log, and the --target-loss check.
@@ -611,11 +625,7 @@ def _track_epochs_and_target(cfg: TrainConfig, progress: Progress, loss: torch.T
             epoch_loss.print_line(progress, steps_per_epoch, bar)
     if cfg.target_loss is None:
         return
-    if world > 1:
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= world
-    progress.recent_losses = (progress.recent_losses + [loss.item()])[-LOSS_WINDOW:]
+    progress.recent_losses = (progress.recent_losses + [_rank_mean(loss, world).item()])[-LOSS_WINDOW:]
     window = _window_mean(progress)
     if len(progress.recent_losses) == LOSS_WINDOW and window < cfg.target_loss and progress.target_reached is None:
         progress.target_reached = {"step": progress.step, "epoch": round(progress.step / steps_per_epoch, 3),
@@ -712,17 +722,18 @@ def _postfix(train_loss: float, val: float | None, rate: float, cfg: TrainConfig
     return ", ".join(parts)
 
 
-def _metrics_row(progress: Progress, corpus: Corpus, lr: float, train_loss: float) -> dict:
+def _metrics_row(progress: Progress, epoch_tokens: int, lr: float, train_loss: float) -> dict:
     """A metrics.jsonl line's common part: where the run is, and its mean train loss since the line before."""
     return {"step": progress.step, "tokens_seen": progress.tokens_seen, "elapsed_s": round(progress.elapsed_s, 2),
-            "epoch": round(progress.tokens_seen / len(corpus.train), 3), "lr": lr, "train_loss": train_loss}
+            "epoch": round(progress.tokens_seen / epoch_tokens, 3), "lr": lr, "train_loss": train_loss}
 
 
 def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimizer, corpus: Corpus,
-                   progress: Progress, train_loss: float, lr: float, data_rng: np.random.Generator,
+                   progress: Progress, train_row: dict, data_rng: np.random.Generator,
                    device: torch.device, autocast, rank: int, world: int, ema: AveragedModel | None
                    ) -> tuple[float | None, str | None]:
-    """The val loss (None with --val-fraction 0), and on rank 0 the model's sample (None without --sample-tokens)."""
+    """The val loss (None with --val-fraction 0), and on rank 0 the model's sample (None without --sample-tokens).
+    train_row: the eval line's _metrics_row()."""
     average = None if ema is None else ema.module
     judged = model if average is None else average  # --ema: the average is the model evaluated and saved
     model.share_rows()  # --trim-vocab's: the weights are whole for evaluation and saving
@@ -731,7 +742,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     result = None if not len(corpus.val) else evaluate(
         judged, corpus.val, corpus.val_chars, block_size=cfg.block_size, batch_size=cfg.eval_batch_size,
         device=device, autocast=autocast, progress=rank == 0)
-    _stop_if_diverged(run, cfg, progress, world, train_loss=train_loss,
+    _stop_if_diverged(run, cfg, progress, world, train_loss=train_row["train_loss"],
                       **({"val_loss": result.nats_per_token} if result is not None else {}))
     improved = result is not None and result.nats_per_token < progress.best_val
     keep = improved or result is None or cfg.target_loss is not None  # fitting the text: the latest is the model
@@ -745,7 +756,7 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
         nonlocal sample
         sample = _sample(judged, cfg) if cfg.sample_tokens else None
         if result is not None:  # an eval's line is its val loss's (metrics.jsonl's readers tell them by it)
-            row = {**_metrics_row(progress, corpus, lr, train_loss), **result.as_dict()}
+            row = {**train_row, **result.as_dict()}
             if sample is not None:
                 row["sample"] = sample
             if progress.recent_losses:

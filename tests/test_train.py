@@ -111,7 +111,7 @@ def test_loss_falls_and_run_files_are_written(small_text, tmp_path):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     model, metadata = load_model(run / "model.safetensors")
     training = json.loads(metadata["training"])
-    assert training["steps"] == summary["best_step"] == 30
+    assert training["steps"] == summary["best_step"] == summary["model_step"] == 30
     assert training["tokens_seen"] == 30 * 4 * 32
     assert training["corpus_bytes"] == small_text.stat().st_size and len(training["corpus_sha256"]) == 64
     assert math.isclose(training["val_nats_per_token"], rows[-1]["val_nats_per_token"])
@@ -411,11 +411,12 @@ def test_ctrl_c_at_random_moments_then_resume_is_bit_identical_to_one_run(small_
 def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptgen",
-           "train", *cli_flags(small_text, run)]
+           "train", *cli_flags(small_text, run, target_loss=0.001)]  # never reached: keeps every step's loss
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-12000:]  # rank 1's lines too (a rank's failure shows in the others')
-    assert json.loads(r.stdout)["steps"] == 30  # one summary: rank 0 speaks for all
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 30  # one summary: rank 0 speaks for all
     assert r.stderr.count("training tiny") == 1
     assert [row["step"] for row in RunDir(run).metrics()] == [1, 10, 10, 20, 20, 30, 30]  # one writer
     rows = evals(run)
@@ -424,8 +425,14 @@ def test_torchrun_two_processes_with_gloo(small_text, tmp_path):
     state = json.loads((run / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["rng"][0]["data"] != state["rng"][1]["data"]  # each rank draws its own batches
-    model, _ = load_model(run / "model.safetensors")
-    assert model.num_params() > 0
+    assert state["rng"][0]["torch"] != state["rng"][1]["torch"]  # ... and its own dropout masks
+    # the loss lines are the mean over both ranks (the --target-loss window's losses are), not rank 0's
+    mean_of_last_10 = sum(state["progress"]["recent_losses"][-10:]) / 10
+    assert [r["train_loss"] for r in RunDir(run).metrics()[-2:]] == pytest.approx([mean_of_last_10] * 2, rel=1e-5)
+    model, metadata = load_model(run / "model.safetensors")  # with a target, the latest weights are kept
+    assert json.loads(metadata["training"])["steps"] == summary["model_step"] == 30
+    assert evaluate(model, load_corpus(small_text, 0.1).val, 1, block_size=32).nats_per_token == pytest.approx(
+        rows[-1]["val_nats_per_token"], rel=1e-5)  # both ranks' val windows, summed once
     assert (run / "loss.png").stat().st_size > 0
     cmd = [*cmd[:4], "--nproc_per_node=3", "-m", "gptgen", "train", "--resume", str(run), "--steps", "40"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -659,6 +666,20 @@ def test_without_a_val_split_the_last_steps_and_the_target_are_in_the_metrics(sm
     rows = RunDir(tmp_path / "target").metrics()
     assert rows[-1]["step"] == reached["steps"] and [r for r in rows if "target_reached" in r] == rows[-1:]
     assert rows[-1]["target_reached"] == reached["target_reached"]
+
+
+def test_an_epoch_of_windows_is_its_whole_windows(small_text, tmp_path):
+    """--windows epoch visits (tokens - 1) // block_size windows an epoch; --epochs counted the text's tokens
+    instead, so on a text of 2.9 blocks each epoch asked ran 1.45 of them."""
+    text = tmp_path / "short.txt"
+    text.write_text(small_text.read_text()[:620])
+    train_tokens = load_corpus(text, val_fraction=0.0).train
+    windows = (len(train_tokens) - 1) // 64
+    assert len(train_tokens) - windows * 64 > 32  # a text that is far from whole windows
+    summary = train(config(text, tmp_path / "run", val_fraction=0.0, block_size=64, batch_size=1, steps=None,
+                           epochs=3, windows="epoch", eval_interval=1000))
+    assert summary["steps"] == 3 * windows and summary["epochs"] == 3.0
+    assert RunDir(tmp_path / "run").metrics()[-1]["epoch"] == 3.0
 
 
 def test_resuming_on_another_text_says_so_even_when_that_text_is_short(small_text, tmp_path):
