@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
 BATCH_ROWS = 32  # sequences decoded together per model (each holds a KV cache row of the model's context)
 MAX_WAITING = 64  # the engine holds BATCH_ROWS + this many requests (all models); more are refused with ServerBusy
+STOPPED = "the engine has been stopped"  # Engine.close()'s, as requests read it
 MAX_RESTARTS = 3  # engine processes started again within a minute; more means something is wrong each time
 
 
@@ -82,6 +83,7 @@ class Engine:
         self._restarts: list[float] = []
         self._stopped: str | None = None
         self._start()
+        atexit.register(self.close)  # before multiprocessing's own exit hook, which would wait for the process
 
     @property
     def capacity(self) -> int:
@@ -169,6 +171,21 @@ class Engine:
             except OSError as e:  # the process just died; the reader thread is starting another
                 raise EngineError("the engine process stopped; send the request again") from e
 
+    def close(self) -> None:
+        """Ends the engine process (its requests fail) for good: it ignores the SIGINT and SIGTERM that reach the
+        server's whole process group, so it ends when told to, or when its pipe closes with the server."""
+        with self._lock:
+            if self._stopped == STOPPED:
+                return
+            self._stopped = STOPPED
+            self.fail_all(f"{STOPPED}; send the request again later")
+            with contextlib.suppress(OSError):  # one that died meanwhile is not restarted now
+                self._conn.send_bytes(json.dumps({"op": "exit"}).encode())
+        self._process.join(timeout=5)
+        if self._process.is_alive():  # in a long load: it reads its pipe between steps and loads only
+            self._process.kill()
+            self._process.join()
+
     def _receive(self, conn, process) -> None:
         """Route one engine process's messages to the waiting requests; if it dies, fail what it had and start
         another (up to MAX_RESTARTS a minute)."""
@@ -202,7 +219,7 @@ class Engine:
     def _restart(self, what: str) -> None:
         with self._lock:
             self.fail_all(f"{what}; this request was lost, send it again")
-            if sys.is_finalizing() or _exiting:
+            if sys.is_finalizing() or _exiting or self._stopped == STOPPED:
                 return
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < 60] + [now]
@@ -219,10 +236,12 @@ class Engine:
 
 
 def _engine_process(*args) -> None:
-    """The engine process's entry point. A terminal's Ctrl+C reaches every process of the server's group: it is the
-    server's to stop, giving open streams their grace period, and the engine ends when the server closes its pipe
-    (or stops it at exit). Taken by the engine too, it ended at once, and the server started another."""
+    """The engine process's entry point. A terminal's Ctrl+C, and a SIGTERM from `systemctl stop` or `kill -TERM
+    -- -PGID`, reach every process of the server's group: they are the server's to stop, giving open streams their
+    grace period, and the engine ends when the server closes it (Engine.close) or its pipe. Taken by the engine
+    too, they ended it at once, and the server started another while it was stopping."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _engine_main(*args)
 
 
@@ -250,6 +269,8 @@ def _engine_main(conn, rows: int, device: str, threads: int) -> None:
         models[name], batches[name] = model, batch
 
     def handle(message: dict) -> None:
+        if message["op"] == "exit":  # Engine.close()
+            sys.exit()
         rid = message["id"]
         if message["op"] == "load":
             try:

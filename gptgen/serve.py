@@ -407,13 +407,16 @@ def serve(models_dir: str | Path, model: str | None = None, host: str = "127.0.0
     with bound_socket(host, port) as sock:
         port = sock.getsockname()[1]  # the one the system chose for --port 0
         shelf = ModelShelf(files, device, max_batch, threads)
-        app = build_server(shelf, default)
-        if not _loopback(host):
-            log.warning("serving on %s: anyone who can reach this machine there can use the page", host)
-        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", shown, port,
-                 shown, port)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
-            # a stop (Ctrl+C, SIGTERM) gives open streams a few seconds to end, not as long as their texts take
-            config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_STOP_S)
-            _Server(config, shelf.engine).run(sockets=[sock])
+        try:
+            app = build_server(shelf, default)
+            if not _loopback(host):
+                log.warning("serving on %s: anyone who can reach this machine there can use the page", host)
+            shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+            log.info("gptgen: the page is on http://%s:%d/ , the OpenAI-compatible API on http://%s:%d/v1", shown,
+                     port, shown, port)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how a server is stopped (uvicorn.run does this)
+                # a stop (Ctrl+C, SIGTERM) gives open streams a few seconds to end, not as long as their texts take
+                config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_STOP_S)
+                _Server(config, shelf.engine).run(sockets=[sock])
+        finally:
+            shelf.engine.close()

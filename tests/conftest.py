@@ -22,6 +22,24 @@ def _isolated_caches(tmp_path_factory):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 
+@pytest.fixture(autouse=True)
+def _engines_closed(monkeypatch):
+    """The engine processes a test starts end with it: some twenty (each with torch and a model) stayed until pytest
+    exited. A module fixture's engine starts before this fixture does, and ends at exit."""
+    from gptgen.engine import Engine
+
+    started, init = [], Engine.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", tracked)
+    yield
+    for engine in started:
+        engine.close()
+
+
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> Path:
     """The first 40,000 characters of the reference corpus: ~11k tokens, enough to see a loss fall."""

@@ -250,6 +250,37 @@ def test_a_model_whose_reload_failed_after_a_restart_is_loaded_by_its_next_reque
     assert list(engine.tokens("m", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
 
 
+def test_close_ends_the_engine_and_starts_no_other(tiny_file):
+    from gptgen.engine import EngineError
+
+    engine = _engine(tiny_file, rows=1)
+    endless = engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=4096, temperature=1.0, top_k=0, seed=0))
+    next(endless)
+    process = engine._process
+    engine.close()
+    assert process.exitcode == 0  # it ended when told, not killed
+    with pytest.raises(EngineError, match="the engine has been stopped"):
+        list(endless)
+    with pytest.raises(EngineError, match="the engine has been stopped"):
+        engine.tokens("tiny", [1, 2], Sampling(max_new_tokens=2))
+    time.sleep(0.5)
+    assert engine._process is process  # its reader saw the pipe close, and started none
+    engine.close()  # twice: nothing more to do
+
+
+def test_a_sigterm_to_the_servers_process_group_leaves_the_engine_to_the_server(tiny_file):
+    """systemd's stop (KillMode=control-group) and `kill -TERM -- -PGID` reach every process of the group; the
+    engine ended at once, its streams failed before their grace period, and the server started another."""
+    import signal
+
+    engine = _engine(tiny_file, rows=1)
+    process = engine._process
+    os.kill(process.pid, signal.SIGTERM)
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+    assert engine._process is process and process.is_alive()
+
+
 def test_a_restart_while_a_request_is_cancelled_fails_the_others_and_starts_a_new_engine():
     """A cancel() (a client gone) takes its reply from another thread while a restart fails them all: its
     KeyError killed the reader thread, so no engine started and the other requests waited for ever."""

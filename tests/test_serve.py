@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -285,10 +286,12 @@ def test_the_page_and_the_api_answer_with_more_streams_open_than_default_threads
         proc.wait(timeout=30)
 
 
-def test_ctrl_c_in_a_terminal_stops_the_server_gracefully_not_its_engine(tmp_path):
-    """A terminal's Ctrl+C goes to every process of the command's group. The engine took it as the server gone and
-    ended at once: the open stream got "the engine process stopped", and the server started a new engine (loading
-    its models again) while it was stopping."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_sent_to_the_servers_group_stops_the_server_gracefully_not_its_engine(tmp_path, stop):
+    """A terminal's Ctrl+C goes to every process of the command's group, and so do `systemctl stop`'s SIGTERM and
+    `kill -TERM -- -PGID`. The engine took it as the server gone and ended at once: the open stream got "the engine
+    process stopped", and the server started a new engine (loading its models again) while it was stopping. The
+    engine, which now ignores both, still ends with the server."""
     import socket
     import time
 
@@ -308,13 +311,19 @@ def test_ctrl_c_in_a_terminal_stops_the_server_gracefully_not_its_engine(tmp_pat
             while b"data: {" not in received:  # the stream has its first token
                 received += s.recv(65536)
             start = time.monotonic()
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, stop)
             proc.wait(timeout=60)
             assert time.monotonic() - start < 30
             while chunk := s.recv(65536):
                 received += chunk
+            deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends when it sees the server gone
+            with pytest.raises(ProcessLookupError):  # no process of the group is left: the engine ended too
+                while time.monotonic() < deadline:
+                    os.killpg(proc.pid, 0)
+                    time.sleep(0.1)
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     assert b"the server is stopping; this text was cut off" in received, received[-500:]
     assert "engine process stopped" not in log.read_text(), log.read_text()[-2000:]
