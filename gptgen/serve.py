@@ -196,9 +196,11 @@ def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]
     body = {key: value for key, value in body.items() if value is not None}
     if unknown := sorted(body.keys() - _BODY_FIELDS - _SAMPLING_FIELDS.keys()):
         raise UnknownFields(unknown)
-    for key, only in _NEUTRAL.items():
-        if key in body and body[key] != only:
+    for key, only in _NEUTRAL.items():  # true == 1 and 0 == false in Python, not in JSON
+        if key in body and (body[key] != only or isinstance(body[key], bool) != isinstance(only, bool)):
             raise ValueError(f"{key}={json.dumps(body[key])} is not supported (only {json.dumps(only)})")
+    if not isinstance(body.get("user", ""), str):
+        raise ValueError("user must be a string")
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -250,8 +252,8 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                 return _openai_error(f"the body is over {MAX_BODY_BYTES // 2**20} MiB", status=413)
         try:
             body = json.loads(raw)
-        except ValueError:
-            return _openai_error("the body is not valid JSON")
+        except ValueError as e:  # a syntax error, bytes that are not UTF-8, an integer of over 4,300 digits
+            return _openai_error(f"the body is not valid JSON ({e})")
         except RecursionError:  # json's parser recurses once per level of nesting
             return _openai_error("the body's JSON is nested too deeply")
         try:
@@ -311,13 +313,13 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                     return Response(status_code=499)  # nginx's "client closed request": no one reads it
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
-        finally:
-            pieces.close()
+        finally:  # in a thread: a cancel waits for the engine's lock, held while a new engine process starts
+            await run_in_threadpool(pieces.close)
         return chunk("".join(text), finish(), usage=usage())
 
-    offered = {route.path.replace(":path}", "}"): method for route in api.routes if route.path.startswith("/v1/")
-               for method in getattr(route, "methods", ())}
-    routes = " and ".join(f"{method} {path}" for path, method in offered.items())
+    offered = {route.path.replace(":path}", "}"): (method, route) for route in api.routes
+               if route.path.startswith("/v1/") for method in getattr(route, "methods", ())}
+    routes = " and ".join(f"{method} {path}" for path, (method, _) in offered.items())
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -326,11 +328,11 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
     async def elsewhere(request: Request):
         """Other OpenAI routes (chat completions, embeddings, ...) answer as OpenAI does, not as the page's 404."""
         path = request.url.path
-        if path not in offered:
+        method = next((m for m, route in offered.values() if route.path_regex.match(path)), None)  # /v1/models/x too
+        if method is None:
             return _openai_error(f"this server has no {path}; it offers {routes} only", status=404)
-        r = _openai_error(f"{path} takes {offered[path]}, not {request.method}; this server offers {routes} only",
-                          status=405)
-        r.headers["Allow"] = offered[path]
+        r = _openai_error(f"{path} takes {method}, not {request.method}; this server offers {routes} only", status=405)
+        r.headers["Allow"] = method
         return r
 
 

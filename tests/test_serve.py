@@ -374,6 +374,9 @@ def test_deeply_nested_json_is_a_400(web_server, raw):
     (dict(max_tokens=0), "max_tokens must be between 1", "max_tokens"),  # the body's name, not the API's
     (dict(extra_body={"top_k": 1.5}), "top_k must be an integer", "top_k"),
     (dict(n=2), "n=2 is not supported", "n"),
+    (dict(n=True), "n=true is not supported", "n"),  # true == 1 in Python
+    (dict(extra_body={"echo": 0}), "echo=0 is not supported", "echo"),  # and 0 == false
+    (dict(extra_body={"user": [[1]]}), "user must be a string", "user"),
     (dict(logprobs=1), "logprobs=1 is not supported", "logprobs"),
     (dict(logit_bias={"262": 100}), 'logit_bias={"262": 100} is not supported', "logit_bias"),
     (dict(stream_options={"include_usage": True}), "stream_options is only allowed when stream is true",
@@ -412,6 +415,8 @@ def test_other_v1_routes_get_openai_errors_that_say_what_is_offered(openai_clien
                                                                          for o in offered)
     r = httpx.head(f"{web_server}v1/models")
     assert r.status_code == 405 and r.headers["allow"] == "GET"
+    r = httpx.delete(f"{web_server}v1/models/{BUNDLED.stem}")  # OpenAI's delete-model: a 404 that named it offered
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and "takes GET, not DELETE" in r.text
     r = httpx.get(f"{web_server}v1")  # the API's root, not the page's
     assert r.status_code == 404 and all(o in r.json()["error"]["message"] for o in offered)
     assert httpx.get(web_server).status_code == 200 and httpx.get(f"{web_server}config").status_code == 200  # the page
@@ -432,6 +437,17 @@ def test_a_body_over_the_cap_is_a_413_before_it_is_parsed(web_server):
     r = httpx.post(f"{web_server}v1/completions", content=raw, headers={"content-type": "application/json"},
                    timeout=60)
     assert r.status_code == 413 and r.json()["error"]["message"] == "the body is over 4 MiB"
+
+
+@pytest.mark.parametrize("raw, why", [('{"prompt": "Hi",}', "Expecting property name"),
+                                      ('{"max_tokens": %s}' % ("9" * 5000), "Exceeds the limit")])
+def test_a_body_that_is_not_json_is_a_400_that_says_where(web_server, raw, why):
+    import httpx
+
+    r = httpx.post(f"{web_server}v1/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the body is not valid JSON (")
+    assert why in r.json()["error"]["message"]
 
 
 def test_a_field_name_that_is_no_unicode_text_is_a_400_that_shows_it_escaped(web_server):
