@@ -173,25 +173,30 @@ HF_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, 
 HF_ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
               "max_position_embeddings": "n_positions"}
 VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
+EXPORT_TMP = ".gptgen-export-"  # how an export's temporary folder's name starts
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"  # shards: model-00001-of-00002...
 
 
 def refuse_taken_dir(out: str | os.PathLike) -> None:
     """`export --format hf` fills a new or empty directory only."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(not p.name.startswith(EXPORT_TMP) for p in out.iterdir())):
         raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
                           "overwritten)")
 
 
 @contextlib.contextmanager
 def _fresh_dir(out: Path) -> Iterator[Path]:
-    """A temporary directory beside out for the block to fill and rename onto out; out must not hold anything
-    yet. Removed, with any folders made above it, if the block fails."""
+    """A temporary directory for the block to fill, out being new or empty: beside a new out, renamed onto it; inside
+    an empty one, whose files then move out of it, as out's parent may be another filesystem (a container's bind
+    mount) or not writable. Removed, with any folders made above it, if the block fails; one that a killed export
+    left inside out is removed by the next."""
     refuse_taken_dir(out)
     with parents_made(out):
+        for stale in out.glob(f"{EXPORT_TMP}*") if out.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)
         with naming_the_target(out):
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+            tmp = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=EXPORT_TMP, suffix=".tmp"))
         try:
             os.chmod(tmp, user_mode(0o777))  # mkdtemp makes directories private
             yield tmp
@@ -230,7 +235,7 @@ def export_hf(model_path: str | os.PathLike, out_dir: str | os.PathLike) -> None
         for name, content in files.items():  # each written whole and synced, as the weights are, before the rename
             text = content + "\n" if isinstance(content, str) else json.dumps(content, indent=1, ensure_ascii=False)
             atomic_write(tmp / name, text.encode())  # UTF-8 whatever the locale: GPT-2's Ġ, ¡ ... are not ASCII
-        if out.exists():  # an empty folder the user made (their current one, say): filled, not replaced
+        if tmp.parent == out:  # an empty folder the user made (their current one, say): filled, not replaced
             for f in tmp.iterdir():
                 os.replace(f, out / f.name)
             fsync_dir(out)
@@ -349,10 +354,13 @@ def _hf_weights(folder: Path) -> list[Path]:
     index = folder / HF_INDEX
     if index.is_file():
         try:
-            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
-            return sorted({folder / name for name in shards})
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            names = [Path(name) for name in shards]
         except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
             raise ModelFileError(f"{str(index)!r} is not a transformers index of weights files ({e!r})") from None
+        if outside := sorted(str(n) for n in names if n.is_absolute() or ".." in n.parts):  # by name: a Hub
+            raise ModelFileError(f"{str(index)!r} names weights files outside its folder: {', '.join(outside)}")
+        return sorted(folder / name for name in names)  # snapshot's files are links to blobs elsewhere
     if (folder / HF_WEIGHTS).is_file():
         return [folder / HF_WEIGHTS]
     found = ", ".join(sorted(p.name for p in folder.iterdir()))

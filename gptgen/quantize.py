@@ -44,12 +44,13 @@ def _fbgemm_ok(device: torch.device) -> bool:
     return device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def _range_row(width: int, reduce_range: bool) -> torch.Tensor:
-    """A row holding -128 and 127 (-64 and 63 with `reduce_range`): appended to integer-valued activations, it
-    makes fbgemm's range exactly that, so its scale is 1 and its zero point 128 (64), and the integers pass
-    through unchanged."""
+def _range_rows(width: int, reduce_range: bool) -> torch.Tensor:
+    """Rows holding -128 and 127 (-64 and 63 with `reduce_range`): appended to integer-valued activations, they
+    make fbgemm's range exactly that, so its scale is 1 and its zero point 128 (64), and the integers pass
+    through unchanged. One row, or two for a width of 1 (one row of width 1 held -128 alone)."""
     half = 64.0 if reduce_range else 128.0
-    return F.pad(torch.tensor([[-half, half - 1]]), [0, width - 2])
+    ends = torch.tensor([[-half], [half - 1]])
+    return ends if width == 1 else F.pad(ends.view(1, 2), [0, width - 2])
 
 
 @functools.cache
@@ -66,7 +67,7 @@ def fbgemm_saturates() -> bool:
                                                      torch.ones(1, dtype=torch.double),
                                                      torch.zeros(1, dtype=torch.long), 0)
     packed = torch.ops.quantized.linear_prepack(q, None)
-    x = torch.cat([torch.full((1, width), 127.0), _range_row(width, False)])  # 127 is uint8 255: the largest
+    x = torch.cat([torch.full((1, width), 127.0), _range_rows(width, False)])  # 127 is uint8 255: the largest
     return _linear_dynamic(x, packed, False)[0, 0].item() != 127 * 127 * width
 
 
@@ -129,8 +130,8 @@ def _fbgemm_per_sequence(x: torch.Tensor, packed: _Packed, col_sums: torch.Tenso
     # round half to even, minus 128 (64): adding 1.5 * 2**23 leaves no fraction bits (torch.round is not vectorized)
     half = 64 if reduce_range else 128
     q = t.add_(12582912.0).sub_(12582912.0 + half).clamp_(-half, half - 1).view(-1, K)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([q, _range_row(K, reduce_range)]), packed,
-                                           reduce_range)[:-1].unflatten(0, x.shape[:-1])
+    y = torch.ops.quantized.linear_dynamic(torch.cat([q, _range_rows(K, reduce_range)]), packed,
+                                           reduce_range)[:q.size(0)].unflatten(0, x.shape[:-1])
     return torch.addcmul(y, (half - zero).float().view(shape), col_sums).mul_(scale.view(shape))
 
 
@@ -164,7 +165,7 @@ class Int8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(q, None)
         self._reduce_range = fbgemm_saturates()
         # each output's sum of weights, by fbgemm itself: a row of ones (exact, with the range row), no copy
-        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_row(self.weight.size(1), self._reduce_range)])
+        probe = torch.cat([torch.ones(1, self.weight.size(1)), _range_rows(self.weight.size(1), self._reduce_range)])
         self._col_sums = _linear_dynamic(probe, self._packed, self._reduce_range)[0]
         if not keep_weight:
             self.weight = None

@@ -182,6 +182,28 @@ def test_hf_export_fills_an_empty_folder_the_current_one_too(tmp_path, monkeypat
     assert torch.equal(_float_gptgen(tmp_path / "back.safetensors")(IDS)[0], _float_gptgen(BUNDLED)(IDS)[0])
 
 
+def test_hf_export_into_an_empty_folder_works_inside_it(tmp_path, monkeypatch):
+    """Its temporary folder went beside it: on another filesystem where the folder is a mount point (a container's
+    bind mount: the renames failed with EXDEV), or refused where the parent is not writable. One that a killed
+    export left inside it does not make the folder taken, and goes."""
+    import tempfile
+    from pathlib import Path
+
+    from gptgen.interop import export_hf
+    from tests.conftest import BUNDLED
+
+    out = tmp_path / "mounted"
+    (out / ".gptgen-export-killed.tmp").mkdir(parents=True)
+    (out / ".gptgen-export-killed.tmp" / "model.safetensors").write_bytes(b"half")
+    made_in, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made_in.append(Path(kw["dir"])) or mkdtemp(**kw))
+    export_hf(BUNDLED, out)
+    assert made_in == [out]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "gptgen.json", "merges.txt", "model.safetensors",
+        "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+
+
 def test_hf_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path):
     import json
 
@@ -255,6 +277,7 @@ def test_a_broken_transformers_folder_is_a_clear_error(tmp_path):
 def test_import_reads_the_weights_transformers_wrote_and_no_other_file(tmp_path):
     """Every *.safetensors file of the folder was read as weights: a gptgen file imported into it (a later one by
     name overwrote the export's tensors). Sharded weights are read by their index."""
+    from gptgen.checkpoint import ModelFileError
     from gptgen.interop import import_hf
 
     hf, folder = _hf_random(tmp_path)
@@ -266,6 +289,14 @@ def test_import_reads_the_weights_transformers_wrote_and_no_other_file(tmp_path)
     import_hf(tmp_path / "sharded", tmp_path / "from-shards.safetensors")
     assert torch.equal(_float_gptgen(tmp_path / "from-shards.safetensors")(IDS)[0],
                        _float_gptgen(tmp_path / "again.safetensors")(IDS)[0])
+    # an index (a Hub repo's, say) that names files outside its folder: another model's weights, read as its own
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    for outside in (str(tmp_path / "again.safetensors"), "../again.safetensors"):
+        entries = json.loads(index.read_text())
+        entries["weight_map"]["lm_head.weight"] = outside
+        index.write_text(json.dumps(entries))
+        with pytest.raises(ModelFileError, match=f"names weights files outside its folder: {re.escape(outside)}$"):
+            import_hf(tmp_path / "sharded", tmp_path / "escaped.safetensors")
 
 
 @torch.no_grad()
