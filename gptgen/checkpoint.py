@@ -130,7 +130,10 @@ def _publish(tmp: Path, path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    """Makes a rename in the directory `path` durable: without it, a power cut may undo it."""
+    """Makes a rename in the directory `path` durable: without it, a power cut may undo it. Not on Windows, which
+    opens no folder as a file (every save failed after its rename) and whose NTFS journals renames itself."""
+    if os.name == "nt":
+        return
     dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -191,6 +191,26 @@ def test_atomic_write_fsyncs_the_directory_after_the_rename(tmp_path, monkeypatc
     assert events == [(tmp_path / "f.bin").stat().st_ino, "replace", tmp_path.stat().st_ino]
 
 
+def test_on_windows_a_write_does_not_open_its_folder(tmp_path, monkeypatch):
+    """Windows opens no folder as a file (PermissionError): every save failed after its rename."""
+    real_open = os.open
+
+    def as_windows(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    import types
+
+    import gptgen.checkpoint
+
+    # os.name for gptgen's writes alone: pathlib makes WindowsPaths where it is "nt"
+    windows = types.SimpleNamespace(**{**vars(os), "name": "nt", "open": as_windows})
+    monkeypatch.setattr(gptgen.checkpoint, "os", windows)
+    atomic_write(tmp_path / "f.bin", b"new")
+    assert (tmp_path / "f.bin").read_bytes() == b"new"
+
+
 @pytest.mark.parametrize("links", ["hard links", "no hard links (FAT, some FUSE)"])
 def test_a_new_file_never_replaces_one_made_while_it_was_written(tmp_path, monkeypatch, links):
     """quantize, import and export check that their output is new before the work, which takes minutes for a
