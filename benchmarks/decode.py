@@ -131,7 +131,8 @@ def run_llama(path: Path):
         # its token loop, as the other rows take token ids: create_completion(stream=True) decodes the whole text
         # so far at every token, and where a byte token leaves UTF-8 unfinished (random weights make many) retries
         # every prefix of the backlog, which on a tiny model took 1.3-10.5 ms a token against its loop's 1.1
-        start = time.perf_counter()
+        llm.reset()  # else generate() reuses the cache of an earlier call's prompt (the warm-up's is the same 16 ids),
+        start = time.perf_counter()  # and its first token came after 1 of the 16, not all, as the others' do
         first, count = 0.0, 0
         for token in llm.generate(prompt, top_k=TOP_K, top_p=1.0, min_p=0.0, temp=1.0, reset=True):
             if token == llm.token_eos():  # the end of the text, not one of its tokens (gptgen counts it so too)
@@ -201,6 +202,9 @@ def main() -> None:
     systems = (args.systems or ",".join(CUDA_SYSTEMS if args.device == "cuda" else SYSTEMS)).split(",")
     if args.device == "cpu" and (compiled := [s for s in systems if s.endswith("-compiled")]):
         p.error(f"{', '.join(compiled)}: gptgen compiles its decoding on CUDA only (--device cuda)")
+    if args.device == "cuda" and (peers := [s for s in systems if not s.startswith("gptgen")]):
+        p.error(f"{', '.join(peers)}: the peers run on the CPU here, so a ratio to gptgen on CUDA would compare "
+                "devices; compare them with --device cpu")
     results: dict[str, list[dict]] = {system: [] for system in systems}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -127,7 +127,7 @@ def gpt2_linears(device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
         "fp32 F.linear": lambda x: run(float_layers(fp32), x),
         "bf16 F.linear": lambda x: run(float_layers(bf16), x, torch.bfloat16),
         "int8 Int8Linear (gptgen, bf16)": lambda x: run(int8, x, torch.bfloat16),
-        "int8 aten._weight_int8pack_mm": lambda x: run(
+        "int8 aten._weight_int8pack_mm (fp32 activations)": lambda x: run(
             [lambda x, m=m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.scale) for m in int8], x),
     }
     for name in ("bf16 F.linear", "int8 Int8Linear (gptgen, bf16)"):

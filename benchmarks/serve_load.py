@@ -6,7 +6,7 @@ OpenAI-compatible API and the Gradio API in turn (client i starts with the one a
 one included, runs the same half-and-half mix, so the ratio to one client compares like with like (with one
 client on OpenAI's API alone, it compared a mix against the lighter client). Reports aggregate and per-client
 tokens/s, p50/p95 time to first token, and failed requests, with the aggregate's ratio to one client.
---soak-minutes then runs 32 streaming clients for that long, sampling the server's RSS and asking for
+--soak-minutes then runs 32 streaming clients for that long, sampling the server's memory (PSS) and asking for
 the page every few seconds.
 
     python benchmarks/serve_load.py [--clients 1,4,8,32] [--seconds 30] [--soak-minutes 5] [--json out.json]
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import gradio_client
 import openai
-from report import emit, status_mib, tokens_in
+from report import emit, tokens_in
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -166,16 +166,24 @@ def level(url: str, model: str, n: int, seconds: float, max_tokens: int, pid: in
             "errors": [e for c in clients for e in c.errors][:5]}
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process and its descendants."""
-    return sum(status_mib("VmRSS", p) for p in process_tree(pid))
+def pss_mib(pid: int) -> float:
+    """Memory of a process and its descendants (the server, its engine, multiprocessing's resource tracker): their
+    PSS, which shares each page they share (torch's libraries, mapped by server and engine) among them. Their RSS
+    summed, which the soak read before 2026-11-29, counted such pages once per process."""
+    def own(p: int) -> float:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no Pss in /proc/{p}/smaps_rollup")
+
+    return sum(own(p) for p in process_tree(pid))
 
 
 def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_tokens: int,
          sample_every_s: float = 5.0) -> dict:
-    """`clients` streaming clients for `seconds`; RSS and a page request every sample_every_s.
+    """`clients` streaming clients for `seconds`; memory (PSS) and a page request every sample_every_s.
 
-    RSS growth is from the first sample after the first fifth of the run (the KV cache rows are touched
+    Memory growth is from the first sample after the first fifth of the run (the KV cache rows are touched
     as sequences first reach each length) to the last sample.
     """
     import httpx
@@ -184,7 +192,7 @@ def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_token
     stop = threading.Event()
 
     start = time.perf_counter()
-    samples.append((0.0, rss_mib(pid)))  # a soak shorter than one interval still has a reading
+    samples.append((0.0, pss_mib(pid)))  # a soak shorter than one interval still has a reading
 
     def watch() -> None:
         while not stop.wait(sample_every_s):
@@ -194,16 +202,16 @@ def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_token
             except httpx.HTTPError:
                 ok = False
             page.append((ok, time.perf_counter() - t))
-            samples.append((time.perf_counter() - start, rss_mib(pid)))
+            samples.append((time.perf_counter() - start, pss_mib(pid)))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     result = level(url, model, clients, seconds, max_tokens, pid)
     stop.set()
     watcher.join()
-    warm = [rss for t, rss in samples if t >= seconds / 5] or [samples[-1][1]]
-    return {**result, "rss_start_mib": warm[0], "rss_end_mib": warm[-1], "rss_growth": warm[-1] / warm[0] - 1,
-            "rss_samples": len(samples), "page_checks": len(page), "page_ok": sum(ok for ok, _ in page),
+    warm = [pss for t, pss in samples if t >= seconds / 5] or [samples[-1][1]]
+    return {**result, "pss_start_mib": warm[0], "pss_end_mib": warm[-1], "pss_growth": warm[-1] / warm[0] - 1,
+            "pss_samples": len(samples), "page_checks": len(page), "page_ok": sum(ok for ok, _ in page),
             "page_max_s": max((s for _, s in page), default=float("nan"))}
 
 
@@ -261,8 +269,8 @@ def main() -> None:
                 s = soak(url, path.stem, proc.pid, 32, args.soak_minutes * 60, args.max_tokens)
                 result["soak"] = s
                 print(f"soak: 32 clients for {args.soak_minutes:g} min: {s['requests']} requests, {s['failed']} "
-                      f"failed, {s['busy']} busy; RSS {s['rss_start_mib']:.0f} -> {s['rss_end_mib']:.0f} MiB "
-                      f"({s['rss_growth']:+.1%}); page answered {s['page_ok']}/{s['page_checks']} "
+                      f"failed, {s['busy']} busy; PSS {s['pss_start_mib']:.0f} -> {s['pss_end_mib']:.0f} MiB "
+                      f"({s['pss_growth']:+.1%}); page answered {s['page_ok']}/{s['page_checks']} "
                       f"(slowest {s['page_max_s']:.2f} s)")
             emit(result, args.json)
         finally:

@@ -23,7 +23,7 @@ def test_32_clients_for_30_seconds_lose_nothing_and_the_page_answers(tmp_path):
     assert s["failed"] == 0, s["errors"]
     assert s["requests"] >= 32 and s["tokens"] > 0
     assert s["page_checks"] >= 3 and s["page_ok"] == s["page_checks"]  # ~15 when the machine is idle
-    assert s["rss_growth"] < 0.10
+    assert s["pss_growth"] < 0.10
 
 
 def test_the_benchmarks_read_the_token_count_of_every_stats_line_the_page_writes():
