@@ -109,7 +109,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default: {d.top_p})")
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
                    help=f"1 = off (default: {d.repetition_penalty})")
-    p.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end the text before this string (repeatable; \\n stands for a line break, as on the page)")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -320,11 +321,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import gptgen
+    from gptgen.generate import Sampling, check_prompt, line_breaks
 
+    if sys.stdout is None:  # `>&-`
+        raise GptgenError("standard output is closed: there is nowhere to write the text")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-                    seed=args.seed)
-    from gptgen.generate import Sampling, check_prompt
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                    stop=tuple(line_breaks(s) for s in args.stop), seed=args.seed)
 
     try:
         Sampling(**sampling)
@@ -337,8 +340,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compile and getattr(model.model, "compiled_decoder", None) is None:
         print("gptgen: --compile acts on CUDA only; decoding as usual", file=sys.stderr)
     pieces = []
-    if not args.json:  # --json's text is escaped to ASCII
-        _text_stdout()
     for piece in model.stream(prompt, **sampling):
         pieces.append(piece)
         if not args.json:
@@ -366,6 +367,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
     # bytes: more of them always hold more characters than the limit (UTF-32 takes 4 a character, and 4 to mark it),
     # so an endless pipe or a multi-GB file is refused after this much, not read whole first
     limit = 4 * MAX_PROMPT_CHARS + 4
+    if args.prompt_file == "-" and sys.stdin is None:  # `<&-`
+        raise GptgenError("--prompt-file -: standard input is closed")
     try:
         with open(args.prompt_file, "rb") if args.prompt_file != "-" else contextlib.nullcontext(sys.stdin.buffer) as f:
             raw = f.read(limit + 1)
@@ -379,12 +382,16 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def _text_stdout() -> None:
     """stdout that takes any text: where its encoding cannot (Windows' cp1252 when redirected, a latin-1 locale),
-    generated CJK or emoji ended the command mid-text with a traceback. Into a file or pipe it writes UTF-8; on
-    a terminal it shows '?' for what the terminal cannot."""
+    generated CJK or emoji ended `generate` mid-text with a traceback, and a file name in them the other commands
+    after their work. Into a file or pipe it writes UTF-8; on a terminal it shows '?' for what the terminal
+    cannot. A file name's bytes that are not UTF-8 (Linux keeps them as surrogates) go out as they came in."""
     out = sys.stdout
-    if not hasattr(out, "reconfigure") or codecs.lookup(out.encoding or "ascii").name == "utf-8":
+    if not hasattr(out, "reconfigure"):
         return
-    out.reconfigure(**({"errors": "replace"} if out.isatty() else {"encoding": "utf-8"}))
+    if codecs.lookup(out.encoding or "ascii").name == "utf-8" or not out.isatty():
+        out.reconfigure(encoding="utf-8", errors="surrogateescape")
+    else:
+        out.reconfigure(errors="replace")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -466,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 near = difflib.get_close_matches(unknown[0], flags, n=1, cutoff=0.7)  # 0.6 offered --out for --bogus
                 args.subparser.error(f"unrecognized arguments: {' '.join(unknown)}"
                                      f"{f' (did you mean {near[0]}?)' if near else ''}")
+            _text_stdout()
             commands = {"train": cmd_train, "eval": cmd_eval, "quantize": cmd_quantize, "generate": cmd_generate,
                         "export": cmd_export, "import": cmd_import, "serve": cmd_serve,
                         "push": cmd_push, "pull": cmd_pull,

@@ -316,6 +316,12 @@ def generate_tokens(model, prompt: list[int], s: Sampling) -> Iterator[int]:
             model.clear_caches()
 
 
+def line_breaks(stop: str) -> str:
+    """A stop string as typed on the page or the command line: `\\n` stands for a line break (`\\n\\n`: a blank
+    line)."""
+    return stop.replace("\\n", "\n")
+
+
 def check_prompt(prompt: str) -> None:
     """A clear error (for the CLI too, before it loads a model) for a prompt that is not text or is too long:
     the length is capped before tokenizing, so work cannot grow without bound."""
@@ -427,7 +433,7 @@ class TextModel:
                                  "fits a transformers model's padded vocabulary)")
         self.last = Stats()
         self._busy = threading.Lock()  # the model's KV caches serve one generation at a time
-        self._read: tuple[int, int] | None = None  # (thread, token count) of its last token's read
+        self._read: tuple | None = None  # (thread, token count) of its last token's read, or of the next's ask
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         """generate()'s text in pieces as they are made (whole characters; close() it to stop early)."""
@@ -446,7 +452,9 @@ class TextModel:
         its loop) would wait for ever: it is an error once the first has not moved for NESTED_WAIT_S since that
         thread read from it. Not at once: a thread pool (a web framework's, iterating a stream) moves a stream
         between its threads, so the thread that read the first's last token may start the next stream, which
-        must then wait while another thread reads the first (refused at once, it failed there)."""
+        must then wait while another thread reads the first (refused at once, it failed there). A thread that
+        asks the first for its next token is noted at once, not when the token comes: a token slower than
+        NESTED_WAIT_S (a large model on a CPU) made a pool's second stream fail too."""
         me, seen = threading.get_ident(), self._read
         while not self._busy.acquire(timeout=NESTED_WAIT_S):
             if self._read == seen and seen is not None and seen[0] == me:
@@ -457,6 +465,7 @@ class TextModel:
             for count, token in enumerate(tokens, 1):
                 self._read = (threading.get_ident(), count)  # the thread reading it now
                 yield token
+                self._read = (threading.get_ident(), count, "asks for the next")
         finally:
             self._read = None
             self._busy.release()

@@ -17,7 +17,7 @@ import pandas as pd
 from gptgen.checkpoint import imported_from, training_info
 from gptgen.config import GPTConfig
 from gptgen.engine import EngineError
-from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats
+from gptgen.generate import MAX_NEW_TOKENS, ClosingIterator, Sampling, Stats, line_breaks
 from gptgen.serve import ModelShelf
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def _seed(value) -> int | None:
 
 
 def _stops(text: str | None) -> list[str] | None:
-    """The page's stop box: one string per line, where `\\n` stands for a line break (`\\n\\n`: a blank line)."""
-    return [line.replace("\\n", "\n") for line in (text or "").splitlines() if line] or None
+    """The page's stop box: one string per line (see line_breaks)."""
+    return [line_breaks(line) for line in (text or "").splitlines() if line] or None
 
 
 def stats_line(s: Stats, context: int, stopped: bool = False) -> str:

@@ -247,6 +247,32 @@ def test_generated_text_that_stdouts_encoding_cannot_hold_is_written_as_utf8(mon
     assert out.buffer.getvalue().decode("utf-8") == "的😀\n"
 
 
+def test_a_closed_stdin_or_stdout_is_a_clear_error(capsys, monkeypatch):
+    """`--prompt-file - <&-` and `>&-` ended with a traceback (sys.stdin / sys.stdout are None then)."""
+    monkeypatch.setattr(sys, "stdin", None)
+    status, _, err = run_main(capsys, "generate", BUNDLED, "--prompt-file", "-")
+    assert status == 2 and "--prompt-file -: standard input is closed" in err, err
+    monkeypatch.setattr(sys, "stdout", None)
+    status, _, err = run_main(capsys, "generate", BUNDLED, "ROMEO:")
+    assert status == 2 and "standard output is closed" in err, err
+
+
+def test_every_command_writes_any_file_name_to_a_redirected_stdout(tmp_path, monkeypatch):
+    """Redirected on Windows, stdout is cp1252: `quantize m 模型.safetensors > log` wrote the file, then failed with a
+    traceback printing its name."""
+    import io
+
+    from gptgen.cli import main
+    from tests.test_model import tiny_model_file
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", out)
+    target = tmp_path / "模型-int8.safetensors"
+    assert main(["quantize", str(tiny_model_file(tmp_path / "m.safetensors")), str(target)]) == 0
+    out.flush()
+    assert f"wrote {target}:" in out.buffer.getvalue().decode("utf-8")
+
+
 def test_generate_rejects_a_pickle_renamed_safetensors(tmp_path):
     import pickle
 
@@ -752,3 +778,7 @@ def test_generate_stop_ends_the_text_before_the_first_stop_string_given(capsys):
     report = json.loads(out)
     assert report["text"] == full[:min(full.index(first), full.index(later))], (full, report)
     assert status == 0 and report["new_tokens"] < 60
+    # \\n stands for a line break, as in the page's stop box
+    assert "\n" in full
+    status, out, _ = run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", "\\n")
+    assert status == 0 and json.loads(out)["text"] == full[:full.index("\n")]

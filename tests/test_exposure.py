@@ -102,7 +102,8 @@ def test_servers_bind_loopback_unless_told(monkeypatch, caplog):
     with serve.bound_socket("127.0.0.1", 0) as sock:
         assert sock.getsockname()[0] == "127.0.0.1"
     monkeypatch.setattr(serve, "pick_models", lambda models_dir, model: ({}, None))
-    monkeypatch.setattr(serve, "ModelShelf", lambda *args: types.SimpleNamespace(engine=None))
+    engine = types.SimpleNamespace(close=lambda: None)
+    monkeypatch.setattr(serve, "ModelShelf", lambda *args: types.SimpleNamespace(engine=engine))
     monkeypatch.setattr(serve, "build_server", lambda shelf, default: None)
     given = types.SimpleNamespace(getsockname=lambda: ("", 8123))  # port 0: the port the system chose is printed
     monkeypatch.setattr(serve, "bound_socket", lambda host, port: contextlib.nullcontext(given))

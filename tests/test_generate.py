@@ -195,6 +195,17 @@ def test_a_cancelled_sequence_frees_its_row_and_the_others_go_on_unchanged():
     assert got[2] == list(generate_tokens(model, *requests[2]))  # joined in the cancelled one's row
 
 
+def test_a_row_cancelled_as_another_joins_leaves_the_newcomer_its_own_text():
+    """A row is cancelled and a sequence joins between two steps: the rows that sampled a token are forwarded
+    first, then freed (freed first, the newcomer would move among them and be forwarded with them)."""
+    model = lively_model()  # context 16: the newcomer's 14-token prompt rebuilds its cache soon
+    requests = [(list(range(100, 100 + n)), Sampling(max_new_tokens=12, temperature=0)) for n in (3, 5, 14)]
+    got = run_batch(model, requests, rows=3, join_every=2, cancel=(0, 4))  # at step 4: 2 joins, 0 is cancelled
+    alone = [list(generate_tokens(model, *r)) for r in requests]
+    assert got[0] == alone[0][:len(got[0])] and len(got[0]) < 12
+    assert got[1] == alone[1] and got[2] == alone[2]
+
+
 def _model(kind: str):
     import gptgen
     from tests.conftest import BUNDLED
@@ -303,7 +314,8 @@ def test_decoding_keeps_cudnn_attention_off_and_restores_it():
 
 
 def test_a_token_is_handed_out_before_the_forward_for_it():
-    """The first token cost the prompt's prefill and a step's forward; each later one costs one forward."""
+    """The first token cost the prompt's prefill and a step's forward; now its prefill, and each later one a
+    forward."""
     model = tiny_model().eval()
     calls = []
     forward = model.forward
@@ -482,6 +494,33 @@ def test_a_stream_read_by_a_thread_pool_lets_the_next_one_wait_its_turn(bundled)
         start = pool.submit(next, first).result()
         waiting = pool.submit(lambda: "".join(second))
         assert start + "".join(first) == alone[0]  # read on here, another thread, meanwhile
+        assert waiting.result(timeout=60) == alone[1]
+
+
+def test_a_stream_read_slowly_by_another_thread_is_not_taken_for_a_nested_one(bundled, monkeypatch):
+    """The same with tokens slower than NESTED_WAIT_S (a large model on a CPU): while another thread waited for the
+    first stream's next token, the second stream was refused as if nested."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gptgen.generate
+
+    tm = TextModel(bundled, {})
+    alone = [tm.generate(p, max_new_tokens=4, temperature=0) for p in ("ROMEO:", "JULIET:")]
+    monkeypatch.setattr(gptgen.generate, "NESTED_WAIT_S", 0.1)
+    tokens = gptgen.generate.generate_tokens
+
+    def slow(*args):
+        for token in tokens(*args):
+            time.sleep(0.4)
+            yield token
+
+    monkeypatch.setattr(gptgen.generate, "generate_tokens", slow)
+    first, second = (tm.stream(p, max_new_tokens=4, temperature=0) for p in ("ROMEO:", "JULIET:"))
+    with ThreadPoolExecutor(1) as pool:
+        start = pool.submit(next, first).result()
+        waiting = pool.submit(lambda: "".join(second))
+        assert start + "".join(first) == alone[0]
         assert waiting.result(timeout=60) == alone[1]
 
 

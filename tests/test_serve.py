@@ -543,6 +543,23 @@ def test_a_stop_string_on_the_last_allowed_token_is_finish_reason_stop():
         assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_bad_request_for_a_model_not_loaded_yet_does_not_load_it():
+    """It was refused only after the model had loaded (pausing every other model's decoding), and kept it loaded:
+    bad requests alone could load every model of --models."""
+    from gptgen.serve import ModelShelf
+
+    shelf = ModelShelf({"a": BUNDLED, "b": BUNDLED}, device="cpu", rows=1)
+    shelf.get("a")
+    for bad in (dict(temperature=-1), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            shelf.stream("b", "Hi", **bad)
+    with pytest.raises(ValueError, match="prompt is 100,001 characters"):
+        shelf.stream("b", "x" * 100_001)
+    assert list(shelf._loaded) == ["a"] and list(shelf.engine._models) == ["a"]
+    pieces, _ = shelf.stream("b", "Hi", max_new_tokens=2, seed=0)
+    assert "".join(pieces) and list(shelf._loaded) == ["a", "b"]
+
+
 def test_of_a_long_prompt_only_the_context_that_a_model_keeps_goes_to_the_engine(monkeypatch):
     """A 100,000-token prompt was 1 MB of JSON for the engine's one decoding loop to read, which kept 128 tokens."""
     import gptgen
