@@ -7,7 +7,9 @@ import errno
 import json
 import os
 import re
+import struct
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -324,6 +326,40 @@ def _reread(path: str | os.PathLike, name: str, identity: tuple[int, ...]) -> to
     return t
 
 
+class FileRows:
+    """Rows of an int8 matrix in a model file, read from the file when asked (os.pread): the tied embedding's few
+    rows a token, without its whole table in memory (gpt2's: 37 MiB, the head's fbgemm copy being another). Mapped
+    instead, the lookups of a few hundred tokens brought every page of it in (the kernel maps 2 MiB folios). The
+    file stays open, so a file replaced meanwhile (a run saving it) does not change the rows read."""
+
+    def __init__(self, path: str | os.PathLike, name: str, identity: tuple[int, ...]) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, fd)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+                raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving "
+                                     "it?); load it again")
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            entry = json.loads(os.pread(fd, length, 8))[name]  # load_model_file checked the header and this tensor
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
+        self.fd, self.count, self.width = fd, *entry["shape"]
+        self.start = 8 + length + entry["data_offsets"][0]
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        """The int8 rows of token ids `idx` (any shape): shape (*idx.shape, width)."""
+        ids = idx.reshape(-1).tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.count:
+            raise IndexError(f"token id {max(ids) if max(ids) >= self.count else min(ids)} is out of range for "
+                             f"{self.count} rows")
+        out = bytearray(len(ids) * self.width)
+        for i, row in enumerate(ids):
+            out[i * self.width:(i + 1) * self.width] = os.pread(self.fd, self.width, self.start + row * self.width)
+        return torch.frombuffer(out, dtype=torch.int8).view(*idx.shape, self.width) if ids else \
+            torch.empty(*idx.shape, self.width, dtype=torch.int8)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(GPT, metadata) from a model file, float or int8, checked tensor by tensor against its config.
 
@@ -337,7 +373,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     if metadata.get("quantization") == "int8":
         model = int8_model(config, tensors).to(device).eval()
         del tensors
-        pack(model, lambda name: _reread(path, name, identity))
+        rows = (lambda name: FileRows(path, name, identity)) if hasattr(os, "pread") else None  # not on Windows
+        pack(model, lambda name: _reread(path, name, identity), rows)
         return model, metadata
     with torch.device("meta"):
         model = GPT(config)

@@ -207,14 +207,12 @@ class Int8Embedding(nn.Module):
     def __init__(self, head: Int8Linear) -> None:
         super().__init__()
         self.head = [head]  # a list, so the tensors are not registered (and saved) twice
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head[0].weight
+        self.file_rows = None  # the rows read from the model file, where the head keeps only fbgemm's copy (pack())
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
-        return head.weight[idx].to(head.scale.dtype) * head.scale[idx, None]  # the model's float dtype
+        rows = head.weight[idx] if head.weight is not None else self.file_rows[idx.cpu()].to(idx.device)
+        return rows.to(head.scale.dtype) * head.scale[idx, None]  # the model's float dtype
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -256,22 +254,24 @@ def int8_model(config, tensors: dict[str, torch.Tensor]) -> GPT:
     return model
 
 
-def pack(model: GPT, reread: Callable[[str], torch.Tensor]) -> None:
+def pack(model: GPT, reread: Callable[[str], torch.Tensor], file_rows: Callable[[str], object] | None = None) -> None:
     """Lay a CPU int8 model's layers out for fbgemm, each from `reread(name)`: its plain weight read again, by its
     name in the file, through a memory map of its own.
 
     Read through the file's one map, every weight stayed in this process's memory beside its packed copy until
     the last layer was packed: gpt2's peak RSS at load was 81 MiB higher. Through a map of its own, a weight
-    leaves memory as packing drops it. The head's plain weight stays (the embedding looks its rows up in it), as
-    a copy out of its map; it goes first, so that fbgemm's 37 MiB copy of it comes before the other layers'
-    packed weights exist. (A map that only the embedding's lookups touch saved nothing: the kernel maps a file's
-    pages in 2 MiB folios, and a few hundred tokens touch every one of the 37 MiB.)
+    leaves memory as packing drops it. The embedding then reads the tied head's rows from the file as tokens need
+    them (`file_rows(name)`, a checkpoint.FileRows); without it, the head keeps its plain weight too, a copy out
+    of its map. The head goes first, so that fbgemm's 37 MiB copy of it comes before the other layers' exist.
     """
     head = model.lm_head
     if not _fbgemm_ok(head.scale.device):
         return
-    head.weight = reread("transformer.wte.weight").clone()
-    head.pack(keep_weight=True)
+    wte = "transformer.wte.weight"
+    head.weight = reread(wte) if file_rows else reread(wte).clone()
+    head.pack(keep_weight=file_rows is None)
+    if file_rows:
+        model.transformer.wte.file_rows = file_rows(wte)
     for name, layer in model.named_modules():
         if isinstance(layer, Int8Linear) and layer is not head:
             layer.weight = reread(f"{name}.weight")
@@ -287,21 +287,21 @@ def _int8_layer(x: torch.Tensor, packed: _Packed, col_sums: torch.Tensor, scale:
     return _rescale(y, scale, bias)
 
 
-def _decode_step(tokens: list[int], positions: list[int], wte: torch.Tensor, wte_scale: torch.Tensor,
-                 wpe: torch.Tensor, packed: list[_Packed], col_sums: list[torch.Tensor], scales: list[torch.Tensor],
+def _decode_step(tokens: list[int], positions: list[int], embedded: torch.Tensor, wpe: torch.Tensor,
+                 packed: list[_Packed], col_sums: list[torch.Tensor], scales: list[torch.Tensor],
                  biases: list[torch.Tensor | None], norms: list[list[torch.Tensor | None]],
                  caches: list[list[torch.Tensor]], n_head: int, eps: float, reduce_range: bool) -> torch.Tensor:
-    """GPT.forward for one new token of each sequence in cache rows 0..B-1 (tokens[b] at positions[b]) over
-    fbgemm's packed weights: the same ops in the same order (so the same logits, bit for bit), run by
-    TorchScript instead of Python. Returns the logits, (B, vocab).
+    """GPT.forward for one new token of each sequence in cache rows 0..B-1 (tokens[b] at positions[b]; embedded[b],
+    its token's embedding, as the model's embedding looks it up) over fbgemm's packed weights: the same ops in the
+    same order (so the same logits, bit for bit), run by TorchScript instead of Python. Returns the logits,
+    (B, vocab).
 
     Per layer i: packed[4i:4i+4] are c_attn, attn.c_proj, c_fc, mlp.c_proj; norms[2i], norms[2i+1] are
     ln_1, ln_2 as [weight, bias]; caches[i] is [keys and values, keys, values], views made once (fewer ops
     a token); the last packed weight and norm are the head and ln_f. Each row attends over its own keys.
     """
     B = len(tokens)
-    idx, at = torch.tensor(tokens), torch.tensor(positions)
-    x = (wte[idx].float() * wte_scale[idx].unsqueeze(1) + wpe[at]).unsqueeze(1)  # (B, T=1, C)
+    x = (embedded + wpe[torch.tensor(positions)]).unsqueeze(1)  # (B, T=1, C)
     C = x.size(-1)
     for i, (kv, k, v) in enumerate(caches):  # kv: (2, rows, nh, max_len, hs); k, v: (rows, nh, max_len, hs)
         h = F.layer_norm(x, [C], norms[2 * i][0], norms[2 * i][1], eps)
@@ -354,8 +354,8 @@ class Int8Decoder:
         linears.append(model.lm_head)
         norms = [m for b in blocks for m in (b.ln_1, b.ln_2)] + [model.transformer.ln_f]
         caches = [b.attn.cache.kv for b in blocks]
-        self.step = step
-        self.args = (model.lm_head.weight, model.lm_head.scale, model.transformer.wpe.weight,
+        self.step, self.embedding = step, model.transformer.wte
+        self.args = (model.transformer.wpe.weight,
                      [m._packed for m in linears], [m._col_sums for m in linears], [m.scale for m in linears],
                      [m.bias for m in linears], [[m.weight, m.bias] for m in norms],
                      [[kv, kv[0], kv[1]] for kv in caches], model.config.n_head, norms[0].eps,
@@ -364,8 +364,9 @@ class Int8Decoder:
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         # Unoptimized: TorchScript's profiling runs made the first two calls 26 and 8 ms (3.5 ms after them);
         # without them every call takes the same, as fast as after the profiling (measured).
+        embedded = self.embedding(torch.tensor(tokens))
         with torch.jit.optimized_execution(False):
-            return self.step(tokens, positions, *self.args)
+            return self.step(tokens, positions, embedded, *self.args)
 
 
 def int8_decoder(model) -> Int8Decoder | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gptgen.checkpoint import (
     RECORD_FIELDS,
@@ -418,6 +419,7 @@ def test_loading_an_int8_model_peaks_at_about_the_loaded_models_memory(tmp_path)
     path = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")
     child = f"""
 import torch
+from safetensors.torch import load_file
 from gptgen.checkpoint import load_model
 def mib(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":")) / 1024
@@ -439,3 +441,25 @@ def test_a_write_that_fails_without_naming_a_file_names_the_target(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(target))
     assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
+
+
+def test_file_rows_read_an_int8_files_rows_and_refuse_ids_past_them(tmp_path):
+    """The embedding of a loaded int8 model reads its rows from the file (load and lookups: test_quantize)."""
+    from gptgen.checkpoint import FileRows, _identity
+    from gptgen.quantize import quantize_state_dict
+    from tests.test_model import tiny_model
+
+    model = tiny_model()
+    path = tmp_path / "i8.safetensors"
+    save_model(path, quantize_state_dict(model.state_dict()), model.config, quantization="int8")
+    stored = load_file(path)["transformer.wte.weight"]
+    rows = FileRows(path, "transformer.wte.weight", _identity(path))
+    ids = torch.tensor([[3, 0, 3], [stored.size(0) - 1, 7, 1]])
+    assert torch.equal(rows[ids], stored[ids]) and rows[torch.tensor([], dtype=torch.long)].shape == (0, 32)
+    for bad in (stored.size(0), -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is out of range for {stored.size(0)} rows"):
+            rows[torch.tensor([1, bad])]
+    identity = _identity(path)
+    save_model(path, quantize_state_dict(tiny_model().state_dict()), model.config, quantization="int8")  # a new save
+    with pytest.raises(ModelFileError, match="changed while it was being loaded"):
+        FileRows(path, "transformer.wte.weight", identity)

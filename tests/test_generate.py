@@ -551,7 +551,7 @@ def test_load_float_and_int8_files_with_dtype(tmp_path):
     assert bf16.model.transformer.wpe.weight.dtype == torch.bfloat16
     assert len(bf16.generate("Hi", max_new_tokens=4, temperature=0)) > 0
     int8 = gptgen.load(str(i8), device="cpu", dtype="bfloat16")
-    assert int8.model.lm_head.weight.dtype == torch.int8 and int8.metadata["quantization"] == "int8"
+    assert int8.model.lm_head.int8_weight().dtype == torch.int8 and int8.metadata["quantization"] == "int8"
     assert int8.model.transformer.wpe.weight.dtype == torch.float32  # on a CPU: fbgemm's int8 layers take float32
     with pytest.raises(ConfigError, match="dtype"):
         gptgen.load(str(f32), dtype="fp8")

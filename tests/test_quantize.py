@@ -67,8 +67,12 @@ def test_int8_file_stays_int8_in_memory(files):
     _, _, i8 = files
     model, metadata = load_model(i8)
     assert metadata["quantization"] == "int8"
-    assert model.lm_head.weight.dtype == torch.int8
-    assert model.transformer.wte.weight is model.lm_head.weight  # the tied pair shares one int8 tensor
+    # the tied pair: the head keeps fbgemm's copy alone; the embedding reads its rows from the file
+    assert model.lm_head.weight is None and model.lm_head.int8_weight().dtype == torch.int8
+    every = torch.arange(model.config.vocab_size)
+    assert torch.equal(model.transformer.wte.file_rows[every], model.lm_head.int8_weight())
+    assert torch.equal(model.transformer.wte(every[None, :5])[0],
+                       model.lm_head.int8_weight()[:5].float() * model.lm_head.scale[:5, None])
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert len(linears) == 1 + 4 * model.config.n_layer
     assert all(m.int8_weight().dtype == torch.int8 for m in linears)
