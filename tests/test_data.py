@@ -188,6 +188,22 @@ def test_a_cache_entry_that_cannot_be_the_texts_is_tokenized_again_and_replaced(
     assert entry.read_bytes() == good
 
 
+def test_a_cache_write_left_by_a_kill_goes_once_stale_and_one_in_progress_stays():
+    import time
+
+    from gptgen.data import STALE_TMP_S
+
+    folder = cache_dir() / "tokens"
+    folder.mkdir(parents=True, exist_ok=True)
+    killed, writing = folder / ".abc.gpt2.u16.x1.tmp", folder / ".def.gpt2.u16.x2.tmp"
+    killed.write_bytes(b"half")
+    writing.write_bytes(b"half")
+    os.utime(killed, (time.time() - STALE_TMP_S - 60,) * 2)
+    encode("A text not tokenized before in this run: 1f3a9c.")
+    assert not killed.exists() and writing.exists()
+    writing.unlink()
+
+
 def test_cache_write_failure_is_not_fatal(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
