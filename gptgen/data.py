@@ -130,7 +130,13 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
         return ids
 
     with bar, ThreadPoolExecutor(available_cpus()) as pool:  # tiktoken lets go of the GIL while it encodes
-        ids = np.concatenate(list(pool.map(encode_piece, parts)))
+        try:
+            ids = np.concatenate(list(pool.map(encode_piece, parts)))
+        except BaseException as e:  # pyo3's PanicException is no Exception: nothing else would say what happened
+            if type(e).__name__ != "PanicException":
+                raise
+            raise DataError("the tokenizer (tiktoken) failed on this text: a run of about a million or more "
+                            "whitespace characters inside it overflows its pattern engine; shorten such runs") from None
     _remove_stale_writes(path.parent)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # written from the array: no copy of it in memory
@@ -266,6 +272,7 @@ DATASETS = {
 def download(name: str, out_dir: str | os.PathLike = "data") -> Path:
     """Fetch a known corpus into out_dir, checked against its sha256; an existing good copy is kept, and a file of
     that name holding something else (the user's edit, another text) is never replaced."""
+    import http.client
     import urllib.request
 
     if name not in DATASETS:
@@ -280,7 +287,7 @@ def download(name: str, out_dir: str | os.PathLike = "data") -> Path:
     try:
         with urllib.request.urlopen(ds.url, timeout=60) as r:
             raw = r.read()
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:  # IncompleteRead: the connection closed mid-file
         raise DataError(f"could not download {name} from {ds.url}: {e}; if you have a copy, pass it to "
                         f"`gptgen train --data FILE`") from None
     digest = hashlib.sha256(raw).hexdigest()

@@ -10,8 +10,10 @@ import tiktoken
 
 EOT = "<|endoftext|>"
 EOT_ID = 50256
-# GPT-2's pre-tokenizer split, as in tiktoken's own "gpt2" definition.
-_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenizer split, as in tiktoken's own "gpt2" definition (r50k_pat_str): the same splits as GPT-2's
+# pattern, written with possessive quantifiers and a rule of its own for whitespace at the end. With the plain
+# pattern, a run of ~1M whitespace characters at the end of a text overflowed tiktoken's regex engine.
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 @functools.cache

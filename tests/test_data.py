@@ -188,6 +188,17 @@ def test_a_cache_entry_that_cannot_be_the_texts_is_tokenized_again_and_replaced(
     assert entry.read_bytes() == good
 
 
+def test_a_million_whitespace_characters_end_as_tiktoken_ends_them_and_inside_are_a_clear_error():
+    """GPT-2's plain pattern overflowed tiktoken's regex engine on such a run at a text's end (tiktoken's own gpt2
+    pattern does not); inside a text tiktoken itself fails, and pyo3's panic is no Exception: a traceback."""
+    import tiktoken
+
+    text = "hello world" + "\n" * 1_000_000
+    assert encode(text).tolist() == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    with pytest.raises(DataError, match="a run of about a million or more whitespace characters"):
+        encode("hello" + "\n" * 1_000_000 + "world")
+
+
 def test_a_cache_write_left_by_a_kill_goes_once_stale_and_one_in_progress_stays():
     import time
 
@@ -241,3 +252,19 @@ def test_download_checks_the_hash_keeps_a_good_copy_and_replaces_no_other_file(t
     with pytest.raises(DataError, match="nothing was written"):
         data.download("shakespeare", other)
     assert not other.exists() or not any(other.iterdir())
+    import http.client
+    import urllib.request
+
+    class CutShort:  # the server closed the connection before Content-Length: a traceback, not an OSError
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            raise http.client.IncompleteRead(b"First Citizen", 1_115_381)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: CutShort())
+    with pytest.raises(DataError, match="could not download shakespeare .*IncompleteRead"):
+        data.download("shakespeare", other)

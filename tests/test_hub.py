@@ -413,6 +413,17 @@ def test_without_a_network_the_cache_is_asked_at_once_without_retries(hf_cache, 
     assert not [r for r in caplog.records if "Retry" in r.getMessage()]
 
 
+def test_offline_the_hub_is_not_looked_up(monkeypatch):
+    """HF_HUB_OFFLINE=1: where DNS packets are dropped, each lookup waited out the resolver's timeout."""
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: pytest.fail("looked the Hub's name up"))
+    assert hub._no_network()
+
+
 def test_push_refuses_bad_ids_and_non_models_before_any_call(api, tmp_path):
     with pytest.raises(ModelFileError, match="not a Hub repository id"):
         hub.push(BUNDLED, "no-owner")
