@@ -1,3 +1,4 @@
+import contextlib
 import signal
 from types import SimpleNamespace
 
@@ -56,3 +57,23 @@ def test_a_signal_the_process_ignores_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("leave", ["normally", "by Interrupted"])
+def test_the_handlers_before_are_put_back(leave):
+    """A handler left installed would note a later Ctrl-C (at the CLI's prompt, in a notebook) instead of stopping."""
+    def mine(signum, frame):
+        pass
+
+    before = {signum: signal.signal(signum, mine) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Interrupted) if leave == "by Interrupted" else contextlib.nullcontext():
+            with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True):
+                assert signal.getsignal(signal.SIGINT) is not mine and signal.getsignal(signal.SIGTERM) is not mine
+                if leave == "by Interrupted":
+                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
