@@ -330,22 +330,37 @@ class FileRows:
     """Rows of an int8 matrix in a model file, read from the file when asked (os.pread): the tied embedding's few
     rows a token, without its whole table in memory (gpt2's: 37 MiB, the head's fbgemm copy being another). Mapped
     instead, the lookups of a few hundred tokens brought every page of it in (the kernel maps 2 MiB folios). The
-    file stays open, so a file replaced meanwhile (a run saving it) does not change the rows read."""
+    file stays open, so a file replaced meanwhile (a run saving it) does not change the rows read. A copy (a
+    model's deepcopy) holds a descriptor of its own; a pickle, which could only hold a number, is refused."""
 
     def __init__(self, path: str | os.PathLike, name: str, identity: tuple[int, ...]) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, fd)
+        self.path = str(path)
         try:
+            fd = self._own(os.open(path, os.O_RDONLY))
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
-                raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving "
-                                     "it?); load it again")
             (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
             entry = json.loads(os.pread(fd, length, 8))[name]  # load_model_file checked the header and this tensor
         except (OSError, ValueError, struct.error) as e:
             raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+            raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
+                                 "load it again")
         self.fd, self.count, self.width = fd, *entry["shape"]
         self.start = 8 + length + entry["data_offsets"][0]
+
+    def _own(self, fd: int) -> int:
+        weakref.finalize(self, os.close, fd)
+        return fd
+
+    def __deepcopy__(self, memo: dict) -> FileRows:
+        copy = object.__new__(FileRows)
+        copy.__dict__.update(self.__dict__)
+        copy.fd = copy._own(os.dup(self.fd))  # the original's is closed with it
+        return copy
+
+    def __reduce__(self):
+        raise TypeError("an int8 model loaded on a CPU reads its embedding's rows from its file, so it cannot be "
+                        "pickled; save it with gptgen's safetensors functions instead")
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         """The int8 rows of token ids `idx` (any shape): shape (*idx.shape, width)."""
@@ -355,7 +370,10 @@ class FileRows:
                              f"{self.count} rows")
         out = bytearray(len(ids) * self.width)
         for i, row in enumerate(ids):
-            out[i * self.width:(i + 1) * self.width] = os.pread(self.fd, self.width, self.start + row * self.width)
+            data = os.pread(self.fd, self.width, self.start + row * self.width)
+            if len(data) != self.width:  # the file cut short in place since it loaded
+                raise ModelFileError(f"model file {self.path!r} no longer holds its embedding's row {row}")
+            out[i * self.width:(i + 1) * self.width] = data
         return torch.frombuffer(out, dtype=torch.int8).view(*idx.shape, self.width) if ids else \
             torch.empty(*idx.shape, self.width, dtype=torch.int8)
 

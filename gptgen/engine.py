@@ -175,12 +175,11 @@ class Engine:
         """Ends the engine process (its requests fail) for good: it ignores the SIGINT and SIGTERM that reach the
         server's whole process group, so it ends when told to, or when its pipe closes with the server."""
         with self._lock:
-            if self._stopped == STOPPED:
-                return
-            self._stopped = STOPPED
-            self.fail_all(f"{STOPPED}; send the request again later")
-            with contextlib.suppress(OSError):  # one that died meanwhile is not restarted now
-                self._conn.send_bytes(json.dumps({"op": "exit"}).encode())
+            if self._stopped != STOPPED:  # a second call (a Ctrl+C cut the first short) only waits, below
+                self._stopped = STOPPED
+                self.fail_all(f"{STOPPED}; send the request again later")
+                with contextlib.suppress(OSError):  # one that died meanwhile is not restarted now
+                    self._conn.send_bytes(json.dumps({"op": "exit"}).encode())
         self._process.join(timeout=5)
         if self._process.is_alive():  # in a long load: it reads its pipe between steps and loads only
             self._process.kill()

@@ -230,8 +230,8 @@ class Batch:
         batch, self.pending = self.active[:self.pending], 0
         for row, seq in enumerate(batch):
             if len(seq.tokens) > self.context:  # cache full: keep the most recent 3/4, rebuild the cache from them
-                seq.tokens = seq.tokens[-max(1, 3 * self.context // 4):]
-                self._prefill(seq, row, seq.tokens[:-1])
+                seq.tokens = seq.tokens[-(1 if seq.done else max(1, 3 * self.context // 4)):]  # no one reads a
+                self._prefill(seq, row, seq.tokens[:-1])  # cancelled one's: its forward needs only a free position
         if not batch:
             return
         tokens, positions = [seq.tokens[-1] for seq in batch], [seq.cached for seq in batch]

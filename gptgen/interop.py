@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,15 +175,21 @@ HF_ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "
               "max_position_embeddings": "n_positions"}
 VOCAB = EOT_ID + 1  # GPT-2's BPE: 50,257 tokens
 EXPORT_TMP = ".gptgen-export-"  # how an export's temporary folder's name starts
+EXPORT_STALE_S = 3600  # one this old is a killed export's; a younger one may be another export's, under way
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"  # shards: model-00001-of-00002...
 
 
 def refuse_taken_dir(out: str | os.PathLike) -> None:
-    """`export --format hf` fills a new or empty directory only."""
+    """`export --format hf` fills a new or empty directory only (an export's stale temporary folder aside)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(not p.name.startswith(EXPORT_TMP) for p in out.iterdir())):
+    if not out.exists():
+        return
+    if not out.is_dir() or any(not p.name.startswith(EXPORT_TMP) for p in out.iterdir()):
         raise GptgenError(f"{str(out)!r} exists and is not an empty directory; choose a new one (nothing was "
                           "overwritten)")
+    if live := [p.name for p in out.iterdir() if time.time() - p.stat().st_mtime < EXPORT_STALE_S]:
+        raise GptgenError(f"another export is writing into {str(out)!r} ({live[0]}); wait for it to end, or remove "
+                          "that folder if its export was killed")
 
 
 @contextlib.contextmanager
@@ -190,10 +197,10 @@ def _fresh_dir(out: Path) -> Iterator[Path]:
     """A temporary directory for the block to fill, out being new or empty: beside a new out, renamed onto it; inside
     an empty one, whose files then move out of it, as out's parent may be another filesystem (a container's bind
     mount) or not writable. Removed, with any folders made above it, if the block fails; one that a killed export
-    left inside out is removed by the next."""
+    left inside out is removed by the next once an hour old (younger, it may be another export's, under way)."""
     refuse_taken_dir(out)
     with parents_made(out):
-        for stale in out.glob(f"{EXPORT_TMP}*") if out.is_dir() else ():
+        for stale in out.glob(f"{EXPORT_TMP}*") if out.is_dir() else ():  # all stale, refuse_taken_dir saw
             shutil.rmtree(stale, ignore_errors=True)
         with naming_the_target(out):
             tmp = Path(tempfile.mkdtemp(dir=out if out.is_dir() else out.parent, prefix=EXPORT_TMP, suffix=".tmp"))

@@ -443,6 +443,7 @@ def test_a_write_that_fails_without_naming_a_file_names_the_target(tmp_path):
     assert list(tmp_path.iterdir()) == []  # and the temporary file is gone
 
 
+@pytest.mark.skipif(not hasattr(os, "pread"), reason="no os.pread (Windows): the rows stay in memory there")
 def test_file_rows_read_an_int8_files_rows_and_refuse_ids_past_them(tmp_path):
     """The embedding of a loaded int8 model reads its rows from the file (load and lookups: test_quantize)."""
     from gptgen.checkpoint import FileRows, _identity
@@ -459,7 +460,25 @@ def test_file_rows_read_an_int8_files_rows_and_refuse_ids_past_them(tmp_path):
     for bad in (stored.size(0), -1):
         with pytest.raises(IndexError, match=f"token id {bad} is out of range for {stored.size(0)} rows"):
             rows[torch.tensor([1, bad])]
+    # a copy reads through a descriptor of its own: the original's, closed with it, may be another file's by then
+    import copy
+    import gc
+    import pickle
+
+    twin = copy.deepcopy(rows)
+    del rows
+    gc.collect()
+    with open(tmp_path / "other", "w+b") as other:  # likely given the closed descriptor's number
+        other.write(b"x" * 100_000)
+        other.flush()
+        assert torch.equal(twin[ids], stored[ids])
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(twin)
     identity = _identity(path)
     save_model(path, quantize_state_dict(tiny_model().state_dict()), model.config, quantization="int8")  # a new save
-    with pytest.raises(ModelFileError, match="changed while it was being loaded"):
+    with pytest.raises(ModelFileError, match=r"^model file .* changed while it was being loaded"):
         FileRows(path, "transformer.wte.weight", identity)
+    os.truncate(path, twin.start + 10 * twin.width)  # cut short in place, ten rows left
+    cut = FileRows(path, "transformer.wte.weight", _identity(path))
+    with pytest.raises(ModelFileError, match="no longer holds its embedding's row 50"):
+        cut[torch.tensor([0, 50])]

@@ -268,6 +268,17 @@ def test_close_ends_the_engine_and_starts_no_other(tiny_file):
     engine.close()  # twice: nothing more to do
 
 
+def test_a_close_after_one_cut_short_still_ends_the_engine(tiny_file):
+    """A Ctrl+C could cut close() short after it marked the engine stopped and before it told the process: the
+    close() at exit then returned at once, and the process, which ignores SIGTERM, held the exit."""
+    from gptgen.engine import STOPPED
+
+    engine = _engine(tiny_file, rows=1)
+    engine._stopped = STOPPED  # where the first call was cut short
+    engine.close()
+    assert not engine._process.is_alive()
+
+
 def test_a_sigterm_to_the_servers_process_group_leaves_the_engine_to_the_server(tiny_file):
     """systemd's stop (KillMode=control-group) and `kill -TERM -- -PGID` reach every process of the group; the
     engine ended at once, its streams failed before their grace period, and the server started another."""

@@ -187,14 +187,19 @@ def test_hf_export_into_an_empty_folder_works_inside_it(tmp_path, monkeypatch):
     bind mount: the renames failed with EXDEV), or refused where the parent is not writable. One that a killed
     export left inside it does not make the folder taken, and goes."""
     import tempfile
+    import time
     from pathlib import Path
 
-    from gptgen.interop import export_hf
+    from gptgen.config import GptgenError
+    from gptgen.interop import EXPORT_STALE_S, export_hf
     from tests.conftest import BUNDLED
 
     out = tmp_path / "mounted"
     (out / ".gptgen-export-killed.tmp").mkdir(parents=True)
     (out / ".gptgen-export-killed.tmp" / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(GptgenError, match="another export is writing into .*gptgen-export-killed.tmp"):
+        export_hf(BUNDLED, out)  # young: perhaps another export's, under way (it was removed, and that one failed)
+    os.utime(out / ".gptgen-export-killed.tmp", (time.time() - EXPORT_STALE_S - 60,) * 2)
     made_in, mkdtemp = [], tempfile.mkdtemp
     monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made_in.append(Path(kw["dir"])) or mkdtemp(**kw))
     export_hf(BUNDLED, out)

@@ -67,10 +67,12 @@ def test_int8_file_stays_int8_in_memory(files):
     _, _, i8 = files
     model, metadata = load_model(i8)
     assert metadata["quantization"] == "int8"
-    # the tied pair: the head keeps fbgemm's copy alone; the embedding reads its rows from the file
-    assert model.lm_head.weight is None and model.lm_head.int8_weight().dtype == torch.int8
+    assert model.lm_head.int8_weight().dtype == torch.int8
     every = torch.arange(model.config.vocab_size)
-    assert torch.equal(model.transformer.wte.file_rows[every], model.lm_head.int8_weight())
+    if model.lm_head._packed is not None and hasattr(os, "pread"):  # fbgemm (x86), and not Windows
+        # the tied pair: the head keeps fbgemm's copy alone; the embedding reads its rows from the file
+        assert model.lm_head.weight is None
+        assert torch.equal(model.transformer.wte.file_rows[every], model.lm_head.int8_weight())
     assert torch.equal(model.transformer.wte(every[None, :5])[0],
                        model.lm_head.int8_weight()[:5].float() * model.lm_head.scale[:5, None])
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
