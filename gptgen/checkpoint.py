@@ -365,7 +365,9 @@ class FileRows:
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
         """The int8 rows of token ids `idx` (any shape): shape (*idx.shape, width)."""
         ids = idx.reshape(-1).tolist()
-        if ids and not 0 <= min(ids) <= max(ids) < self.count:
+        if not ids:  # frombuffer takes no empty buffer
+            return torch.empty(*idx.shape, self.width, dtype=torch.int8)
+        if not 0 <= min(ids) <= max(ids) < self.count:
             raise IndexError(f"token id {max(ids) if max(ids) >= self.count else min(ids)} is out of range for "
                              f"{self.count} rows")
         out = bytearray(len(ids) * self.width)
@@ -374,8 +376,7 @@ class FileRows:
             if len(data) != self.width:  # the file cut short in place since it loaded
                 raise ModelFileError(f"model file {self.path!r} no longer holds its embedding's row {row}")
             out[i * self.width:(i + 1) * self.width] = data
-        return torch.frombuffer(out, dtype=torch.int8).view(*idx.shape, self.width) if ids else \
-            torch.empty(*idx.shape, self.width, dtype=torch.int8)
+        return torch.frombuffer(out, dtype=torch.int8).view(*idx.shape, self.width)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
