@@ -15,13 +15,14 @@ def emit(result, path: str | None) -> None:
         Path(path).write_text(json.dumps(result, indent=1))
 
 
-def status_mib(field: str, pid: int | str = "self") -> float:
-    """A memory field of /proc/PID/status (kB there, KiB in fact) in MiB. VmHWM, the peak, is the process's own:
-    unlike ru_maxrss it is not inherited from the parent across exec."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def status_mib(field: str, pid: int | str = "self", source: str = "status") -> float:
+    """A memory field of /proc/PID/status, or of another such file (smaps_rollup: Pss), in MiB (kB there, KiB in
+    fact). VmHWM, the peak, is the process's own: unlike ru_maxrss it is not inherited from the parent across
+    exec."""
+    for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/{source}")
 
 
 def hf_gpt2(config, **settings):

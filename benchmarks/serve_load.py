@@ -29,7 +29,7 @@ from pathlib import Path
 
 import gradio_client
 import openai
-from report import emit, tokens_in
+from report import emit, status_mib, tokens_in
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -170,13 +170,7 @@ def pss_mib(pid: int) -> float:
     """Memory of a process and its descendants (the server, its engine, multiprocessing's resource tracker): their
     PSS, which shares each page they share (torch's libraries, mapped by server and engine) among them. Their RSS
     summed, which the soak read before 2026-11-29, counted such pages once per process."""
-    def own(p: int) -> float:
-        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError(f"no Pss in /proc/{p}/smaps_rollup")
-
-    return sum(own(p) for p in process_tree(pid))
+    return sum(status_mib("Pss", p, "smaps_rollup") for p in process_tree(pid))
 
 
 def soak(url: str, model: str, pid: int, clients: int, seconds: float, max_tokens: int,

@@ -9,6 +9,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,21 @@ def atomic_path(path: str | os.PathLike, new: bool = False) -> Iterator[Path]:
         finally:
             Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+STALE_WRITE_S = 24 * 3600  # a partial write this old is a killed one's, not one in progress
+
+
+def remove_stale_writes(folder: Path) -> None:
+    """The partial writes (PARTIAL_WRITES) that killed processes left in a folder that several share, such as a
+    cache: a write in progress is minutes old, so one a day old goes."""
+    for pattern in PARTIAL_WRITES:
+        for tmp in folder.glob(pattern):
+            try:
+                if time.time() - tmp.stat().st_mtime > STALE_WRITE_S:
+                    tmp.unlink()
+            except OSError:  # another process took it first, or a read-only folder
+                pass
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -304,25 +320,34 @@ def training_info(metadata: dict[str, str]) -> dict:
     return {k: v for k, v in info.items() if k not in RECORD_FIELDS or RECORD_FIELDS[k](v)}
 
 
-def _identity(path: str | os.PathLike) -> tuple[int, ...]:
-    st = os.stat(path)
+def _identity(file: str | os.PathLike | int) -> tuple[int, ...]:
+    """What tells a file from its replacement, by path or by open descriptor."""
+    st = os.stat(file)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_again_error(path: str | os.PathLike, e: Exception) -> ModelFileError:
+    return ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}")
+
+
+def _check_unchanged(path: str | os.PathLike, identity: tuple[int, ...], now: tuple[int, ...]) -> None:
+    """The file read again must be the one checked (its `identity` then, so its tensors are those checked): a run
+    that saves while a server loads the file would otherwise mix two models' layers."""
+    if now != identity:
+        raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
+                             "load it again")
 
 
 def _reread(path: str | os.PathLike, name: str, identity: tuple[int, ...]) -> torch.Tensor:
     """A tensor that load_model_file checked, read again through a memory map of its own, which is unmapped (and
-    out of this process's memory) as soon as the tensor is dropped. The file must still be the one checked (its
-    `identity` before, so its tensors are those checked): a run that saves while a server loads the file would
-    otherwise mix two models' layers."""
+    out of this process's memory) as soon as the tensor is dropped."""
     try:
         with safe_open(path, framework="pt") as f:
             t = f.get_tensor(name)
-        same = _identity(path) == identity
+        now = _identity(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
-    if not same:
-        raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
-                             "load it again")
+        raise _read_again_error(path, e) from None
+    _check_unchanged(path, identity, now)
     return t
 
 
@@ -337,14 +362,12 @@ class FileRows:
         self.path = str(path)
         try:
             fd = self._own(os.open(path, os.O_RDONLY))
-            st = os.fstat(fd)
+            now = _identity(fd)
             (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
             entry = json.loads(os.pread(fd, length, 8))[name]  # load_model_file checked the header and this tensor
         except (OSError, ValueError, struct.error) as e:
-            raise ModelFileError(f"model file {str(path)!r} could not be read again while loading: {e}") from None
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity:
-            raise ModelFileError(f"model file {str(path)!r} changed while it was being loaded (a run saving it?); "
-                                 "load it again")
+            raise _read_again_error(path, e) from None
+        _check_unchanged(path, identity, now)
         self.fd, self.count, self.width = fd, *entry["shape"]
         self.start = 8 + length + entry["data_offsets"][0]
 

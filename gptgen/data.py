@@ -6,7 +6,6 @@ import hashlib
 import os
 import re
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gptgen.checkpoint import atomic_path, atomic_write
+from gptgen.checkpoint import atomic_path, atomic_write, remove_stale_writes
 from gptgen.config import GptgenError, cache_dir
 from gptgen.device import available_cpus
 from gptgen.tokenizer import EOT_ID, get_tokenizer
@@ -96,20 +95,6 @@ def _sha256(text: str) -> str:
     return h.hexdigest()
 
 
-STALE_TMP_S = 24 * 3600  # a temporary cache file this old is a killed write's, not one in progress
-
-
-def _remove_stale_writes(folder: Path) -> None:
-    """Temporary files that killed writes left in the cache (a 500 MB text's: ~230 MB each): a write in progress
-    is minutes old, so one a day old goes."""
-    for tmp in folder.glob(".*.tmp"):
-        try:
-            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
-                tmp.unlink()
-        except OSError:  # another process took it first, or a read-only cache
-            pass
-
-
 def encode(text: str, progress: bool = False) -> np.ndarray:
     """Token ids as uint16, cached on disk under the sha256 of the text (a corpus is tokenized once).
 
@@ -137,7 +122,7 @@ def encode(text: str, progress: bool = False) -> np.ndarray:
                 raise
             raise DataError("the tokenizer (tiktoken) failed on this text: a run of about a million or more "
                             "whitespace characters inside it overflows its pattern engine; shorten such runs") from None
-    _remove_stale_writes(path.parent)
+    remove_stale_writes(path.parent)  # killed writes' (a 500 MB text's: ~230 MB each)
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # written from the array: no copy of it in memory
             ids.astype("<u2", copy=False).tofile(f)

@@ -35,7 +35,6 @@ from gptgen.config import GptgenError
 from gptgen.generate import ClosingIterator, Sampling
 
 log = logging.getLogger(__name__)
-_exiting = False  # set at interpreter exit, when multiprocessing stops the engine on purpose
 BATCH_ROWS = 32  # sequences decoded together per model (each holds a KV cache row of the model's context)
 MAX_WAITING = 64  # the engine holds BATCH_ROWS + this many requests (all models); more are refused with ServerBusy
 STOPPED = "the engine has been stopped"  # Engine.close()'s, as requests read it
@@ -53,12 +52,6 @@ class ServerBusy(GptgenError):
 
 class EngineError(GptgenError):
     """The engine could not load a model or finish a request (its message says why)."""
-
-
-@atexit.register
-def _at_exit() -> None:
-    global _exiting
-    _exiting = True
 
 
 def default_threads() -> int:
@@ -218,7 +211,7 @@ class Engine:
     def _restart(self, what: str) -> None:
         with self._lock:
             self.fail_all(f"{what}; this request was lost, send it again")
-            if sys.is_finalizing() or _exiting or self._stopped == STOPPED:
+            if sys.is_finalizing() or self._stopped == STOPPED:  # close() stops every engine at exit
                 return
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < 60] + [now]

@@ -202,14 +202,14 @@ def test_a_million_whitespace_characters_end_as_tiktoken_ends_them_and_inside_ar
 def test_a_cache_write_left_by_a_kill_goes_once_stale_and_one_in_progress_stays():
     import time
 
-    from gptgen.data import STALE_TMP_S
+    from gptgen.checkpoint import STALE_WRITE_S
 
     folder = cache_dir() / "tokens"
     folder.mkdir(parents=True, exist_ok=True)
     killed, writing = folder / ".abc.gpt2.u16.x1.tmp", folder / ".def.gpt2.u16.x2.tmp"
     killed.write_bytes(b"half")
     writing.write_bytes(b"half")
-    os.utime(killed, (time.time() - STALE_TMP_S - 60,) * 2)
+    os.utime(killed, (time.time() - STALE_WRITE_S - 60,) * 2)
     encode("A text not tokenized before in this run: 1f3a9c.")
     assert not killed.exists() and writing.exists()
     writing.unlink()
