@@ -229,21 +229,30 @@ def _output(page) -> str:
     return page.input_value("#output textarea")
 
 
-# Clicks Generate, then records the output's length at every frame until the run is reported finished.
-WATCH_RUN = """() => new Promise(resolve => {
+# Clicks Generate, then records the output's length at every frame until the page reports the run ended (in
+# window.run.stats): stats that differ from the last run's, and say it was generated or refused.
+START_WATCHED_RUN = """() => {
   const out = document.querySelector('#output textarea');
-  const stats = document.querySelector('#stats');
-  const before = stats.textContent;
-  const lengths = [];
+  const stats = () => document.querySelector('#stats [data-testid=markdown]')?.textContent ?? '';  // not the timer
+  const before = stats();
+  const run = window.run = {lengths: [], stats: null, changed: false};
   const frame = () => {
-    lengths.push(out.value.length);
-    const now = stats.textContent;
-    if (now !== before && now.includes('Generated')) resolve({lengths, stats: now.trim()});
+    run.lengths.push(out.value.length);
+    const now = stats();
+    run.changed ||= now !== before;
+    if (run.changed && (now.includes('Generated') || now.includes('⚠'))) run.stats = now.trim();
     else requestAnimationFrame(frame);
   };
   document.querySelector('#generate').click();
   requestAnimationFrame(frame);
-})"""
+}"""
+
+
+def _watched_run(page, timeout_s: float = 60) -> dict:
+    """Generate and wait for the run's end: {"lengths": the output's length at each frame, "stats": the page's}."""
+    page.evaluate(START_WATCHED_RUN)
+    page.wait_for_function("window.run.stats !== null", timeout=timeout_s * 1000)
+    return page.evaluate("window.run")
 
 
 def _set_max_new_tokens(page, n: int) -> None:
@@ -264,8 +273,8 @@ CLICK_THEN_STOP_ONCE_CLEARED = """() => new Promise(resolve => {
 def _finish_a_short_run(page) -> None:
     page.fill("#prompt textarea", "Hello")
     _set_max_new_tokens(page, 5)
-    page.click("#generate")
-    page.wait_for_selector("#stats:has-text('Generated')", timeout=30_000)
+    stats = _watched_run(page, timeout_s=30)["stats"]
+    assert stats.startswith("Generated"), stats
 
 
 def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
@@ -275,7 +284,7 @@ def test_page_example_fills_the_prompt_and_the_text_streams_then_finishes(page):
     expect(page.locator("#prompt textarea")).to_have_value(EXAMPLES[1])
     page.fill("#seed input", "5")
     _set_max_new_tokens(page, 256)
-    run = page.evaluate(WATCH_RUN)
+    run = _watched_run(page)
     final = len(_output(page))
     assert "Generated" in run["stats"] and "tokens/s" in run["stats"] and final > 0
     partial = sorted({n for n in run["lengths"] if 0 < n < final})
@@ -363,6 +372,7 @@ def test_stop_pressed_while_the_run_waits_for_a_row_ends_it_before_its_first_tok
     proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
     try:
         tab.goto(url)
+        _ready(tab)
         _finish_a_short_run(tab)  # text on the page, for the next click to clear
         holder = Client(url, verbose=False).submit(*_args("A", {**SAMPLING, "max_new_tokens": 4096}, model.stem),
                                                    api_name="/generate")
@@ -374,6 +384,7 @@ def test_stop_pressed_while_the_run_waits_for_a_row_ends_it_before_its_first_tok
         tab.close()
         proc.terminate()
         proc.wait(timeout=30)
+        print((tmp_path / "server.log").read_text())  # shown if the test failed
 
 
 def test_a_stop_pressed_while_idle_does_not_stop_the_next_run(page):
