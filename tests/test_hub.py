@@ -186,6 +186,25 @@ def test_a_conversion_that_another_process_finished_meanwhile_is_taken(tmp_path,
         hub._converted("openai-community/gpt2", pulled)
 
 
+def test_a_conversion_killed_half_way_leaves_no_file_behind_once_it_is_stale(tmp_path, monkeypatch):
+    import time
+
+    import gptgen.interop
+    from gptgen.checkpoint import STALE_WRITE_S
+
+    monkeypatch.setenv("GPTGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "snapshot", lambda repo_id, commit: tmp_path / "snapshot")
+    monkeypatch.setattr(gptgen.interop, "import_hf", lambda source, out, origin: Path(out).write_bytes(b"model"))
+    folder = tmp_path / "hub" / "openai-community--gpt2" / ("c" * 40)
+    folder.mkdir(parents=True)
+    killed, writing = folder / ".gpt2.safetensors.k1ll3d.tmp", folder / ".gpt2.safetensors.wr1t1n.tmp"  # atomic_path's
+    for partial in (killed, writing):
+        partial.write_bytes(b"half")
+    os.utime(killed, (time.time() - STALE_WRITE_S - 60,) * 2)
+    assert hub._converted("openai-community/gpt2", tmp_path / ("c" * 40) / hub.MODEL_FILE).read_bytes() == b"model"
+    assert not killed.exists() and writing.exists()
+
+
 def test_a_bare_gpt2_name_is_a_local_path_when_one_has_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert [hub.hub_id(n) for n in ("gpt2", "gpt2-xl", "distilgpt2", "owner/m", "gpt3")] == [
