@@ -244,6 +244,9 @@ def load_model_file(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, torch
             raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected "
                                  f"{dtype or 'float'} {shape}")
         refuse_nonfinite(path, name, t)
+        if name.endswith(SCALE) and not bool(((t > 0) & torch.isfinite(t * 127)).all()):  # 127 * scale: a weight
+            raise ModelFileError(f"{str(path)!r}: tensor {name} holds scales that are not positive or overflow, so "
+                                 "the weights they give are not the quantized ones (gptgen quantize writes none)")
     return config, tensors, metadata
 
 
@@ -255,11 +258,21 @@ def check_depth(n_layer: int, names, mismatch: str) -> None:
         raise ModelFileError(f"{mismatch}: n_layer {n_layer:,}, weights of {len(layers):,} layers")
 
 
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what a model's float weights may be
+
+
 def refuse_nonfinite(path: str | os.PathLike, name: str, t: torch.Tensor) -> None:
     """A ModelFileError for a float tensor holding NaN or infinite values: sampling from such a model raised deep
     inside. A sum is NaN or infinite with any one of its terms, and takes a twentieth of the time isfinite() does
-    (124M floats: 21 vs 385 ms; weights never sum to 3e38)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t.sum())):
+    (124M floats: 21 vs 385 ms; weights never sum to 3e38). It sums in float32 at least: float16's sum overflows
+    past 65,504, which an embedding's weights reach. Float8 and float4 weights (no sum, no layers for them here)
+    are refused."""
+    if not t.is_floating_point():
+        return
+    if t.dtype not in FLOATS:
+        raise ModelFileError(f"{str(path)!r}: tensor {name} is {t.dtype}; gptgen reads float32, bfloat16, float16 "
+                             "or float64 weights")
+    if not bool(torch.isfinite(t.sum(dtype=torch.promote_types(t.dtype, torch.float32)))):
         raise ModelFileError(f"{str(path)!r}: tensor {name} holds NaN or infinite values, so the model's outputs "
                              "would too (gptgen train stops a run that diverges before it saves)")
 
@@ -418,6 +431,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         rows = (lambda name: FileRows(path, name, identity)) if hasattr(os, "pread") else None  # not on Windows
         pack(model, lambda name: _reread(path, name, identity), rows)
         return model, metadata
+    if len({t.dtype for t in tensors.values()}) > 1:  # layers of one dtype each: a forward would refuse the mix
+        tensors = {k: t.float() for k, t in tensors.items()}
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(tensors, strict=False, assign=True)

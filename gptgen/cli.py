@@ -347,9 +347,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     stats = model.last
     if args.json:
-        print(json.dumps({"text": "".join(pieces), "prompt_tokens": stats.prompt_tokens,
-                          "new_tokens": stats.new_tokens, "first_token_s": stats.first_token_s,
-                          "total_s": stats.total_s, "tokens_per_s": stats.tokens_per_s}))
+        print(json.dumps({"text": "".join(pieces), **dataclasses.asdict(stats), "tokens_per_s": stats.tokens_per_s}))
     else:
         sys.stdout.write("\n")
     return 0

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptgen.checkpoint import TIED
 from gptgen.model import GPT
 
 _Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed weight, a TorchScript class
@@ -216,9 +217,12 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A float model's weights -> the int8 file's tensors: every 2-D weight but the position embedding."""
+    """A float model's weights -> the int8 file's tensors: every 2-D weight but the position embedding (and the
+    tied head, which a model's state_dict() holds beside the embedding it is)."""
     out = {}
     for name, t in state.items():
+        if name == TIED:
+            continue
         if is_quantized(name, tuple(t.shape)):
             out[name], out[name + SCALE] = quantize_rows(t)
         else:

@@ -92,6 +92,55 @@ def test_a_model_holding_nan_or_inf_is_refused_by_tensor(model_file, tmp_path, v
         load_model(bad)
 
 
+def test_a_half_precision_model_whose_weights_sum_past_float16s_range_loads(tmp_path):
+    """The NaN check summed in float16, whose largest number is 65,504: finite weights were refused."""
+    model = tiny_model().half()
+    with torch.no_grad():
+        model.transformer.wte.weight.fill_(0.5)  # 0.5 x 4,096 x 32 = 65,536
+    save_model(tmp_path / "m.safetensors", model.state_dict(), model.config)
+    assert torch.equal(load_model(tmp_path / "m.safetensors")[0].transformer.wte.weight, model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_tensor_is_a_clear_error(model_file, tmp_path, dtype):
+    """It passed as a float, then the NaN check's sum raised NotImplementedError: a traceback."""
+    model, path = model_file
+    tensors = {**load_model_file(path)[1], "transformer.h.0.ln_1.weight": torch.ones(32, dtype=dtype)}
+    save_model(tmp_path / "f8.safetensors", tensors, model.config)
+    with pytest.raises(ModelFileError, match=f"tensor transformer.h.0.ln_1.weight is {dtype}; gptgen reads float32"):
+        load_model(tmp_path / "f8.safetensors")
+
+
+def test_a_float_model_of_mixed_dtypes_runs_in_float32(model_file, tmp_path):
+    """`gptgen eval` (load_model, no cast after it) failed in the forward: "mixed dtype"."""
+    model, path = model_file
+    tensors = load_model_file(path)[1]
+    tensors["transformer.ln_f.weight"] = tensors["transformer.ln_f.weight"].double()
+    save_model(tmp_path / "mixed.safetensors", tensors, model.config)
+    mixed = load_model(tmp_path / "mixed.safetensors")[0]
+    assert {p.dtype for p in mixed.parameters()} == {torch.float32}
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.allclose(mixed(idx)[0], model.eval()(idx)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.02, 1e38])
+def test_an_int8_scale_that_is_not_positive_or_overflows_is_refused(model_file, tmp_path, value):
+    """A negative one loaded, its row's weights flipped; 127 x 1e38 is infinite, and sampling raised later."""
+    model, path = model_file
+    tensors = quantize_state_dict(load_model_file(path)[1])
+    tensors["transformer.h.0.attn.c_attn.weight.scale"][5] = value
+    save_model(tmp_path / "bad.safetensors", tensors, model.config, quantization="int8")
+    with pytest.raises(ModelFileError, match="c_attn.weight.scale holds scales that are not positive or overflow"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_a_models_state_dict_quantizes_to_a_file_that_loads(model_file, tmp_path):
+    """quantize_state_dict(model.state_dict()) gave lm_head.weight.scale too, which every load refused."""
+    model, _ = model_file
+    save_model(tmp_path / "q.safetensors", quantize_state_dict(model.state_dict()), model.config, quantization="int8")
+    assert load_model(tmp_path / "q.safetensors")[1]["quantization"] == "int8"
+
+
 def test_missing_file_and_foreign_safetensors(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors")

@@ -777,7 +777,9 @@ def test_generate_stop_ends_the_text_before_the_first_stop_string_given(capsys):
     status, out, _ = run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", later, "--stop", first)
     report = json.loads(out)
     assert report["text"] == full[:min(full.index(first), full.index(later))], (full, report)
-    assert status == 0 and report["new_tokens"] < 60
+    assert status == 0 and report["new_tokens"] < 60 and report["stopped_by_string"]
+    unmet = json.loads(run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", "@")[1])  # not in the text
+    assert unmet["text"] == full and not unmet["stopped_by_string"]
     # \\n stands for a line break, as in the page's stop box
     assert "\n" in full
     status, out, _ = run_main(capsys, "generate", BUNDLED, "ROMEO:", *flags, "--stop", "\\n")
