@@ -104,14 +104,15 @@ def test_a_failed_step_fails_every_request_in_it_even_one_it_finished(tiny_file,
     from gptgen.engine import _engine_main
     from gptgen.generate import Batch
 
-    step = Batch.step
+    free_rows = Batch._free_rows
 
-    def failing_step(batch):  # the decode after request 1's last token raises (CUDA out of memory, say)
-        if len(batch.active) == 2 and any(seq.new_tokens == seq.sampling.max_new_tokens - 1 for seq in batch.active):
-            batch.decoder = lambda *args: 1 / 0
-        return step(batch)
+    def failing_free_rows(batch):  # moving a row into request 1's, once it has its last token, raises (CUDA, say)
+        before = len(batch.active)
+        free_rows(batch)
+        if before == 2 and len(batch.active) == 1:
+            raise RuntimeError("CUDA error: out of memory")
 
-    monkeypatch.setattr(Batch, "step", failing_step)
+    monkeypatch.setattr(Batch, "_free_rows", failing_free_rows)
     ours, theirs = multiprocessing.Pipe()
     ours.send_bytes(json.dumps({"op": "load", "name": "tiny", "path": str(tiny_file[0]), "id": 0}).encode())
     for rid, n in [(1, 3), (2, 50)]:  # sent before the engine starts, so both join its first step
@@ -128,7 +129,7 @@ def test_a_failed_step_fails_every_request_in_it_even_one_it_finished(tiny_file,
             failed[message["id"]] = message["error"]
     ours.close()
     engine.join(timeout=30)
-    assert failed == {1: "ZeroDivisionError: division by zero", 2: "ZeroDivisionError: division by zero"}
+    assert failed == {1: "RuntimeError: CUDA error: out of memory", 2: "RuntimeError: CUDA error: out of memory"}
 
 
 def test_a_stream_closed_on_its_last_token_leaves_the_reader_thread_running():
@@ -239,10 +240,15 @@ def test_a_model_whose_reload_failed_after_a_restart_is_loaded_by_its_next_reque
     path.rename(tmp_path / "away")
     old = engine._process.pid
     os.kill(old, signal.SIGKILL)
+
+    def reloaded() -> bool:  # the new engine has answered its reload (a failure: the file is away)
+        with engine._lock:  # held while a restart starts the process and asks for the reload
+            return engine._process.pid != old and not engine._replies
+
     deadline = time.monotonic() + 120
-    while (engine._process.pid == old or engine._replies) and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the new engine has answered its reload (a failure: the file is away)
-    assert engine._process.pid != old and not engine._replies
+    while not reloaded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reloaded()
     with pytest.raises(EngineError, match="does not exist"):  # while the file is away, each request says why
         list(engine.tokens("m", [1, 2], Sampling(max_new_tokens=2)))
     (tmp_path / "away").rename(path)
