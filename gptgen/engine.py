@@ -108,16 +108,17 @@ class Engine:
             self._models.pop(name, None)
             raise EngineError(message)
 
-    def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
-        """The token ids of one request, decoded in its model's batch; closing the iterator cancels it.
+    def refuse_if_full(self) -> None:
+        """ServerBusy when rows + max_waiting requests are already in the engine, counted over all models: they
+        share the cores, so a second model adds no capacity."""
+        if len(self._replies) >= self.capacity:
+            raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few seconds")
 
-        Raises ServerBusy at once when rows + max_waiting requests are already in the engine, counted over all
-        models: they share the cores, so a second model adds no capacity.
-        """
+    def tokens(self, name: str, prompt: list[int], s: Sampling) -> Iterator[int]:
+        """The token ids of one request, decoded in its model's batch; closing the iterator cancels it. A full
+        engine raises ServerBusy at once (refuse_if_full)."""
         with self._lock:  # the count and the new request at once: requests arriving together cannot overshoot it
-            if len(self._replies) >= self.capacity:
-                raise ServerBusy(f"the server is busy ({len(self._replies)} requests in progress); retry in a few "
-                                 "seconds")
+            self.refuse_if_full()
             # with its model's file: an engine that restarted and could not load it then (a file being replaced)
             # loads it for this request, rather than refusing the model for good
             rid, reply = self._request({"op": "generate", "name": name, "path": self._models.get(name),

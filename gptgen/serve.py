@@ -82,10 +82,12 @@ class ModelShelf:
         """(text pieces, the Stats they fill in), decoded in the engine's batch with every other request.
 
         Bad parameters raise ValueError, and a full queue ServerBusy, here, before any wait: before a model not
-        loaded yet loads (pausing every other model's decoding), which a bad request did, and kept it loaded.
+        loaded yet loads (pausing every other model's decoding), which a bad or refused request did, and kept it
+        loaded.
         """
         config, metadata = self.about(name)
         ids, s = (self._loaded.get(name) or TextModel(None, metadata, config)).prepare(prompt, **sampling)
+        self.engine.refuse_if_full()  # checked again as the request goes in
         model = self.get(name)
         # the engine keeps a prompt's last context of tokens: only those cross its pipe, as JSON decoded in its loop
         return model.text(self.engine.tokens(name, ids[-model.config.block_size:], s), s, len(ids))

@@ -545,7 +545,8 @@ def test_a_stop_string_on_the_last_allowed_token_is_finish_reason_stop():
 
 def test_a_bad_request_for_a_model_not_loaded_yet_does_not_load_it():
     """It was refused only after the model had loaded (pausing every other model's decoding), and kept it loaded:
-    bad requests alone could load every model of --models."""
+    bad requests alone could load every model of --models, and a full server loaded it before saying so."""
+    from gptgen.engine import MAX_WAITING, ServerBusy
     from gptgen.serve import ModelShelf
 
     shelf = ModelShelf({"a": BUNDLED, "b": BUNDLED}, device="cpu", rows=1)
@@ -555,6 +556,10 @@ def test_a_bad_request_for_a_model_not_loaded_yet_does_not_load_it():
             shelf.stream("b", "Hi", **bad)
     with pytest.raises(ValueError, match="prompt is 100,001 characters"):
         shelf.stream("b", "x" * 100_001)
+    shelf.engine.max_waiting = -1  # full: refused too, before the load
+    with pytest.raises(ServerBusy):
+        shelf.stream("b", "Hi")
+    shelf.engine.max_waiting = MAX_WAITING
     assert list(shelf._loaded) == ["a"] and list(shelf.engine._models) == ["a"]
     pieces, _ = shelf.stream("b", "Hi", max_new_tokens=2, seed=0)
     assert "".join(pieces) and list(shelf._loaded) == ["a", "b"]
