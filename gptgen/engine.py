@@ -73,6 +73,8 @@ class Engine:
         self._replies: dict[int, queue.Queue] = {}
         self._lock = threading.RLock()  # around sends and (re)starting the process
         self._models: dict[str, str] = {}  # name -> path, loaded again in a restarted process
+        self._loading: set[str] = set()  # the models load() is waiting for
+        self._refused: dict[str, str] = {}  # models whose load stopped the process, and why they are not loaded again
         self._restarts: list[float] = []
         self._stopped: str | None = None
         self._start()
@@ -99,14 +101,22 @@ class Engine:
             self._request({"op": "load", "name": name, "path": path})
 
     def load(self, name: str, path: str) -> None:
-        """Load a model file in the engine under `name` (and warm it up); returns when it is ready."""
+        """Load a model file in the engine under `name` (and warm it up); returns when it is ready. A model whose
+        load stopped the process (out of memory, say) is refused from then on: loaded again by each retry, it
+        ended every other model's requests each time, then the engine for good (MAX_RESTARTS)."""
         with self._lock:  # known before the engine has it: one that restarts meanwhile loads it too
+            if name in self._refused:
+                raise EngineError(self._refused[name])
             self._models[name] = path
+            self._loading.add(name)
             reply = self._request({"op": "load", "name": name, "path": path})[1]
-        kind, message = reply.get()
+        try:
+            kind, message = reply.get()
+        finally:
+            self._loading.discard(name)
         if kind == "failed":
             self._models.pop(name, None)
-            raise EngineError(message)
+            raise EngineError(self._refused.get(name, message))
 
     def refuse_if_full(self) -> None:
         """ServerBusy when rows + max_waiting requests are already in the engine, counted over all models: they
@@ -211,6 +221,10 @@ class Engine:
 
     def _restart(self, what: str) -> None:
         with self._lock:
+            for name in self._loading:  # not loaded again by the new process
+                self._models.pop(name, None)
+                self._refused[name] = (f"{what} while loading model {name!r} (out of memory?); it is not loaded "
+                                       "again until the server restarts")
             self.fail_all(f"{what}; this request was lost, send it again")
             if sys.is_finalizing() or self._stopped == STOPPED:  # close() stops every engine at exit
                 return

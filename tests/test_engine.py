@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import threading
 import time
 
@@ -225,6 +226,40 @@ def test_a_killed_engine_fails_its_requests_clearly_and_a_new_one_serves_the_nex
     assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))  # reloaded
 
 
+def test_a_model_whose_load_stopped_the_engine_is_refused_and_the_others_go_on(tiny_file, tmp_path):
+    """Loaded again by the new process and by each retry, it stopped the engine each time (every stream of the
+    other models lost), then for good after MAX_RESTARTS."""
+    import signal
+
+    from gptgen.engine import EngineError
+    from tests.conftest import write_random_int8_model
+
+    big = write_random_int8_model(tmp_path / "big.safetensors", "gpt2")  # seconds to load and warm up
+    engine = _engine(tiny_file, rows=2)
+    old, errors = engine._process.pid, []
+
+    def load_big() -> None:
+        try:
+            engine.load("big", str(big))
+        except EngineError as e:
+            errors.append(str(e))
+
+    loading = threading.Thread(target=load_big)
+    loading.start()
+    while "big" not in engine._loading:  # asked for; its load takes seconds
+        time.sleep(0.001)
+    os.kill(old, signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    loading.join(timeout=60)
+    assert len(errors) == 1 and re.fullmatch(r"the engine process stopped \(exit code -9\) while loading model 'big' "
+                                             r"\(out of memory\?\); it is not loaded again until the server "
+                                             r"restarts", errors[0]), errors
+    with pytest.raises(EngineError, match="not loaded again"):
+        engine.load("big", str(big))
+    assert engine._process.pid != old and list(engine._models) == ["tiny"]
+    prompt, s = _requests(1)[0]
+    assert list(engine.tokens("tiny", prompt, s)) == list(generate_tokens(tiny_file[1], prompt, s))
+
+
 def test_a_model_whose_reload_failed_after_a_restart_is_loaded_by_its_next_request(tiny_file, tmp_path):
     """The restarted engine's reload of a file being replaced (or out of memory again) failed unseen, and every
     later request for the model failed with "model 'm' is not loaded" until the server restarted."""
@@ -305,7 +340,7 @@ def test_a_restart_while_a_request_is_cancelled_fails_the_others_and_starts_a_ne
 
     engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
     engine._lock, engine._restarts, engine._stopped, starts = threading.RLock(), [], None, []
-    engine._start = lambda: starts.append(1)
+    engine._loading, engine._start = set(), lambda: starts.append(1)
 
     class CancelledMeanwhile(queue.Queue):
         def put(self, item, *args, **kwargs):
@@ -366,7 +401,7 @@ def test_an_engine_that_keeps_dying_stops_being_restarted_and_says_so():
 
     engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
     engine._lock, engine._replies, engine._restarts, engine._stopped, starts = threading.RLock(), {}, [], None, []
-    engine._start = lambda: starts.append(1)
+    engine._loading, engine._start = set(), lambda: starts.append(1)
     assert MAX_RESTARTS == 3  # the README's "up to 3 restarts a minute"
     for _ in range(MAX_RESTARTS + 1):
         engine._restart("the engine process stopped (exit code -9)")
