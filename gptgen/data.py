@@ -35,9 +35,10 @@ def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
     what = f"data file {str(path)!r}"
     check_data_file(path)
     raw = path.read_bytes()
-    if not raw.removeprefix(b"\xef\xbb\xbf").strip():  # a byte order mark alone is no text either
+    text = decode_text(raw, what)
+    if not text or text.isspace():  # a byte order mark alone is no text either; strip() would copy the text
         raise DataError(f"{what} is empty; pass a UTF-8 text file with some text in it")
-    return decode_text(raw, what), raw
+    return text, raw
 
 
 def decode_text(raw: bytes, what: str) -> str:

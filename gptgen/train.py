@@ -280,6 +280,10 @@ def _rng_bytes(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode()
 
 
+def _rng_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _gather(obj):
     """Every rank's object, in rank order (a one-item list outside torchrun)."""
     if not dist.is_initialized():
@@ -749,7 +753,9 @@ def _eval_and_save(cfg: TrainConfig, run: RunDir, model: GPT, optimizer: Optimiz
     if improved:
         progress.best_val, progress.best_step = result.nats_per_token, progress.step
     rngs = _gather({"data": data_rng.bit_generator.state, "torch": _rng_bytes(torch.get_rng_state()),
-                    "cuda": _rng_bytes(torch.cuda.get_rng_state()) if device.type == "cuda" else None})
+                    # the run's own GPU's generator (dropout's masks), not the current one's (cuda:0's for cuda:1)
+                    "cuda": _rng_bytes(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
+                    "mps": _rng_bytes(torch.mps.get_rng_state()) if device.type == "mps" else None})
     sample = None
 
     def save() -> None:
@@ -886,7 +892,9 @@ def _restore(run: RunDir, state: dict, model: GPT, optimizer: Optimizer, data_rn
     checkpoint.load_optimizer(run.path / state["optimizer"], optimizer)
     rng = state["rng"][rank]
     data_rng.bit_generator.state = rng["data"]
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["torch"])), dtype=torch.uint8))
+    torch.set_rng_state(_rng_tensor(rng["torch"]))
     if rng["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(rng["cuda"])), dtype=torch.uint8))
+        torch.cuda.set_rng_state(_rng_tensor(rng["cuda"]), device)
+    if rng.get("mps") is not None and device.type == "mps":  # absent from the state an earlier gptgen saved
+        torch.mps.set_rng_state(_rng_tensor(rng["mps"]))
     return Progress(**state["progress"])
