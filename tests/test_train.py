@@ -253,12 +253,18 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 def test_a_timed_run_warms_up_for_a_quarter_of_its_time_at_most():
     """A 1-minute run of slow steps used to spend all of its ~70 steps in a 100-step warmup."""
+    def cosine(done: float) -> float:
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * done))
+
     timed = TrainConfig(lr=1.0, minutes=1.0)
     assert lr_at(timed, 0, 0.0) == pytest.approx(1 / 100)
-    assert lr_at(timed, 1, 4.0, first_step_s=4.0) == pytest.approx(2 / 100)  # the first step compiled: not counted
-    assert lr_at(timed, 8, 11.0, first_step_s=4.0) == pytest.approx(0.5)  # half of a quarter of the 56 s left
-    cosine_at_30_percent = 0.1 + 0.45 * (1 + math.cos(math.pi * 0.3))
-    assert lr_at(timed, 15, 18.0, first_step_s=4.0) == pytest.approx(cosine_at_30_percent)  # warm: on the cosine
+    # the first step compiled: not counted
+    assert lr_at(timed, 1, 4.0, first_step_s=4.0) == pytest.approx(2 / 100 * cosine(4 / 60))
+    # half of a quarter of the 56 s left: half of the cosine's lr, which the time has already lowered
+    assert lr_at(timed, 8, 11.0, first_step_s=4.0) == pytest.approx(0.5 * cosine(11 / 60))
+    assert lr_at(timed, 15, 18.0, first_step_s=4.0) == pytest.approx(cosine(0.3))  # warm: on the cosine
+    # no drop where the warmup ends (it ended on the peak, then fell to the cosine's 0.81 at once)
+    assert lr_at(timed, 14, 17.9, first_step_s=4.0) == pytest.approx(lr_at(timed, 15, 18.1, first_step_s=4.0), rel=0.01)
     assert lr_at(timed, 60, 57.0, first_step_s=4.0) < 0.2  # and has nearly ended when the time has
     fast = TrainConfig(lr=1.0, minutes=60.0)
     assert lr_at(fast, 98, 10.0) < 0.999
