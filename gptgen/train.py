@@ -86,6 +86,8 @@ class Progress:
     # --dtype auto's choice, {"device": "cpu", "bf16": False}: a resume on that kind of device keeps it, since each
     # process times the CPU's bf16 anew, and on a CPU where it is about as fast a run could switch precision midway
     precision: dict | None = None
+    # the warmup's share and the cosine's share that the schedule has reached (lr_at's `reached`)
+    schedule: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
 
 
 def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
@@ -97,12 +99,16 @@ def max_steps(cfg: TrainConfig, steps_per_epoch: float) -> int | None:
 
 
 def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None = None,
-          first_step_s: float = 0.0) -> float:
+          first_step_s: float = 0.0, reached: list[float] | None = None) -> float:
     """Linear warmup, then cosine to min_lr over the step horizon or the time budget, whichever is nearer.
 
     The default warmup is 5% of the step schedule, at most 200 steps (100 when only --minutes bounds the run);
     with --minutes it also ends once a quarter of the time after the first step (which compiles) has passed,
-    so that a short timed run of slow steps does not spend itself warming up."""
+    so that a short timed run of slow steps does not spend itself warming up.
+
+    `reached`, a run's [warmup share, cosine share] so far, is never gone back on, and is updated: a resume with
+    another budget goes on from where the run was. It went back up the new budget's cosine (a run stopped by
+    --minutes at min_lr, resumed with the --steps the CLI suggests, went on at 10x that) or into a new warmup."""
     horizon = cfg.decay_steps or total_steps or cfg.steps
     budget_s = cfg.minutes * 60 if cfg.minutes else None
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(200, (horizon or 2000) // 20)
@@ -114,6 +120,8 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None
     if budget_s:
         done = max(done, elapsed_s / budget_s)
     done = min(1.0, max(0.0, done))
+    if reached is not None:
+        reached[:] = warm, done = max(warm, reached[0]), max(done, reached[1])
     # warming up towards the cosine, not the peak: the time's cosine has gone on meanwhile, and a warmup that
     # ended on the peak dropped at once to it (by 18% at a quarter of the time)
     return (min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.lr - min_lr)) * min(1.0, warm)
@@ -467,7 +475,7 @@ def _train(cfg: TrainConfig, run: RunDir, *, resume: bool, rank: int, world: int
     # The bar is closed also when an error stops the run, before its message.
     with sigint_noted((signal.SIGINT, signal.SIGTERM), again_raises=True) as ctrl_c, bar:
         while True:
-            lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s)
+            lr = lr_at(cfg, progress.step, progress.elapsed_s, total, progress.first_step_s, progress.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if windows is None:

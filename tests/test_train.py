@@ -251,6 +251,20 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lr_at(timed, 500, 30.0) == pytest.approx(0.55)
 
 
+def test_a_resume_with_another_budget_goes_on_from_the_schedule_it_had_reached():
+    """Stopped by --minutes at min_lr, then resumed with the --steps that the CLI suggests: the lr went back up
+    the steps' cosine, to 10x; a short run resumed with a long budget went back into a warmup."""
+    reached = [0.0, 0.0]
+    timed, steps = TrainConfig(lr=1.0, steps=2000, minutes=10.0), TrainConfig(lr=1.0, steps=2000)
+    lrs = [lr_at(timed, step, elapsed_s=2.0 * (step + 1), reached=reached) for step in range(300)]
+    assert lrs[-1] == pytest.approx(0.1) and lr_at(steps, 300, 600.0) > 0.97
+    assert lr_at(steps, 300, 600.0, reached=reached) == pytest.approx(0.1)
+    short, long = TrainConfig(lr=1.0, steps=100), TrainConfig(lr=1.0, steps=4000)
+    reached = [0.0, 0.0]
+    last = [lr_at(short, step, 0.0, reached=reached) for step in range(100)][-1]
+    assert lr_at(long, 100, 0.0) < 0.6 and lr_at(long, 100, 0.0, reached=reached) == pytest.approx(last)
+
+
 def test_a_timed_run_warms_up_for_a_quarter_of_its_time_at_most():
     """A 1-minute run of slow steps used to spend all of its ~70 steps in a 100-step warmup."""
     def cosine(done: float) -> float:
@@ -770,6 +784,9 @@ def test_a_new_length_budget_on_resume_replaces_the_spent_one(small_text, tmp_pa
     assert (cfg.steps, cfg.epochs, cfg.minutes) == (first["steps"] + 3, None, None)
     second = train(cfg, resume=True)
     assert second["steps"] == first["steps"] + 3 and second["stopped_by"] == "steps"
+    lrs = {row["step"]: row["lr"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    # the lr goes on from where the epochs' cosine left it: the new budget's, at its step, was twice as high
+    assert lrs[first["steps"] + 1] == lrs[first["steps"]] and lrs[first["steps"] + 3] < lrs[first["steps"]]
 
 
 def test_a_full_disk_stops_with_a_clear_error_and_keeps_the_last_good_state(small_text, tmp_path):
