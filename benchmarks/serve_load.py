@@ -17,6 +17,7 @@ The clients run in this process, on the same cores as the server: their own work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -136,15 +137,20 @@ def percentile(values: list[float], p: float) -> float:
 def process_tree(pid: int) -> Iterator[int]:
     """pid and all its descendants (the server and its engine process)."""
     yield pid
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            yield from process_tree(int(child))
+    with contextlib.suppress(FileNotFoundError):  # a process or thread that ended meanwhile (anyio's idle workers)
+        for task in list(Path(f"/proc/{pid}/task").iterdir()):
+            with contextlib.suppress(FileNotFoundError):
+                for child in (task / "children").read_text().split():
+                    yield from process_tree(int(child))
 
 
 def cpu_s(pid: int, children: bool = True) -> float:
     """User + system CPU seconds of a process (and its descendants) so far."""
     def own(p: int) -> float:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # a child that ended since it was listed
+            return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     return sum(own(p) for p in process_tree(pid)) if children else own(pid)

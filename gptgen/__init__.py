@@ -11,7 +11,8 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", rev
          compile: bool = False):
     """A model file (float or int8) ready to generate: `gptgen.load(p).generate("prompt", max_new_tokens=50)`.
 
-    `path` is a local file or a Hub id ("owner/name", fetched through the Hugging Face cache at `revision`).
+    `path` is a local file, a training run's folder (its best weights), a bundled model's name or a Hub id
+    ("owner/name", or a bare GPT-2 name such as "gpt2", fetched through the Hugging Face cache at `revision`).
     dtype "bfloat16" casts a float model's weights (faster on GPUs and on CPUs with bf16); "auto" (the
     default) is bfloat16 on CUDA, float32 elsewhere. int8 models keep their int8 weights; on CUDA the rest
     of them (norms, biases, scales, and so the activations) follow dtype too, on a CPU it stays float32,

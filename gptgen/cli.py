@@ -137,8 +137,7 @@ def _import_parser(sub) -> None:
 
 def _hub_parsers(sub) -> None:
     p = _command(sub, "push", "upload a model (with a generated card) to the Hub, or the app as a Space")
-    p.add_argument("model", nargs="?", help="model .safetensors file or a run's folder (for --space default: the "
-                   "bundled model)")
+    p.add_argument("model", nargs="?", help=f"{MODEL_HELP} (for --space default: the bundled model)")
     p.add_argument("repo_id", help="owner/name on the Hugging Face Hub")
     p.add_argument("--space", action="store_true", help="create/update a Gradio Space serving the model")
     p.add_argument("--private", action="store_true",

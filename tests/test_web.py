@@ -262,7 +262,8 @@ def _set_max_new_tokens(page, n: int) -> None:
 
 # Generate, then Stop as soon as the click has cleared the last run's text (its start() has run, and the run waits
 # in Gradio's queue or for a row).
-CLICK_THEN_STOP_ONCE_CLEARED = """() => new Promise(resolve => {
+CLICK_THEN_STOP_ONCE_CLEARED = """() => new Promise((resolve, reject) => {
+  setTimeout(() => reject(new Error('the click did not clear the page in 30 s')), 30000);  // else evaluate() hangs
   document.querySelector('#generate').click();
   const cleared = () => document.querySelector('#output textarea').value === ''
     ? resolve(document.querySelector('#stop').click()) : requestAnimationFrame(cleared);
@@ -324,8 +325,8 @@ def test_page_picks_a_model_by_name_and_stop_ends_the_stream(page):
     page.fill("#prompt textarea", "Hello")
     page.fill("#seed input", "1")  # a text that does not end (<|endoftext|>) before the Stop
     _set_max_new_tokens(page, 1000)
-    page.click("#generate")
-    page.wait_for_function("document.querySelector('#output textarea').value.length > 20", timeout=30_000)
+    page.click("#generate")  # its first click loads the model (seconds on a busy machine)
+    page.wait_for_function("document.querySelector('#output textarea').value.length > 20", timeout=90_000)
     page.click("#stop")
     page.wait_for_selector("#stats:has-text('Stopped after')", timeout=10_000)
     stopped = _output(page)
