@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import uvicorn
@@ -226,6 +226,27 @@ def _completion_request(body, default: str) -> tuple[str, str, dict, bool, bool]
     return model, prompt, sampling, stream, bool(options.get("include_usage"))
 
 
+async def _pieces_while_connected(request: Request, pieces: Iterator[str]) -> AsyncIterator[str]:
+    """The pieces, each read in a thread (the event loop serves others meanwhile), until the client leaves: that
+    stops them at once, also while the request waits for a batch row, where no piece comes to be checked. (It
+    waited on, holding its place among the waiting, then took the row for a token no one read.)"""
+    from starlette.concurrency import run_in_threadpool
+
+    async def stop_when_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body has been read: only this comes
+            pass
+        pieces.stop()
+
+    watcher = asyncio.ensure_future(stop_when_gone())
+    try:
+        while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+            yield piece
+    finally:
+        watcher.cancel()
+        # in a thread: a cancel waits for the engine's lock, held while a new engine process starts
+        await run_in_threadpool(pieces.close)
+
+
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
     from fastapi.responses import Response, StreamingResponse
     from starlette.background import BackgroundTask
@@ -292,9 +313,9 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
         if stream:
             asked = {"usage": None} if include_usage else {}  # as OpenAI: usage: null in each chunk, when asked
 
-            def events() -> Iterator[str]:
+            async def events() -> AsyncIterator[str]:
                 try:
-                    for piece in pieces:
+                    async for piece in _pieces_while_connected(request, pieces):
                         yield f"data: {json.dumps(chunk(piece, None, **asked))}\n\n"
                 except EngineError as e:  # the engine failed mid-stream: an error event, as OpenAI's streams end
                     yield f"data: {json.dumps(_error_body(str(e), kind='server_error'))}\n\n"
@@ -304,21 +325,20 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
                     yield f"data: {json.dumps({**chunk('', None), 'choices': [], 'usage': usage()})}\n\n"
                 yield "data: [DONE]\n\n"
 
-            # A client gone ends the response early; Starlette then runs the background task, and closing the
-            # pieces cancels the request in the engine, freeing its row (else it decoded on until garbage collected).
+            # A client gone ends the response early, and closing the pieces cancels the request in the engine,
+            # freeing its row (else it decoded on until garbage collected): events() does, and the background task
+            # too, which Starlette runs also when the response ended before events() started.
             return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.close))
-        # Read piece by piece, so that a client gone (a timeout, a Ctrl-C) cancels the request and frees its row:
-        # else the text decoded on to its end, for no one, while others waited for the row.
+        # A client gone (a timeout, a Ctrl-C) cancels the request and frees its row: else the text decoded on to its
+        # end, for no one, while others waited for the row.
         text = []
         try:
-            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+            async for piece in _pieces_while_connected(request, pieces):
                 text.append(piece)
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nginx's "client closed request": no one reads it
         except EngineError as e:
             return _openai_error(str(e), status=500, kind="server_error")
-        finally:  # in a thread: a cancel waits for the engine's lock, held while a new engine process starts
-            await run_in_threadpool(pieces.close)
+        if await request.is_disconnected():
+            return Response(status_code=499)  # nginx's "client closed request": no one reads it
         return chunk("".join(text), finish(), usage=usage())
 
     offered = {route.path.replace(":path}", "}"): (method, route) for route in api.routes

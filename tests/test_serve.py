@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import pytest
 
@@ -206,7 +207,7 @@ def _give_up_on_a_plain_request(client):
 
 
 def _give_up_on_a_plain_request_waiting_for_the_row(client):
-    """The gone request waits on for the row the stream below holds, and leaves it at its first token."""
+    """The gone request leaves while it waits for the row that the stream below holds."""
     holder = client.completions.create(model="gpt2", prompt="A", max_tokens=4096, stream=True, temperature=0)
     next(holder)  # it holds the one row
     _give_up_on_a_plain_request(client)
@@ -239,6 +240,40 @@ def test_a_client_that_leaves_frees_its_row_at_once(tmp_path, leave):
             start = time.monotonic()
             assert client.completions.create(**one_token).usage.completion_tokens == 1
             assert time.monotonic() - start < 10  # ~0.02 s alone; a row left held is ~30 s
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_clients_that_leave_while_waiting_for_the_row_give_their_places_back_at_once(tmp_path):
+    """A stream holds the one row, and the 64 waiting places are taken by streams whose clients then leave (timed
+    out, to retry, say). Their requests waited on, in thread reads that no cancel reached, until each had taken the
+    row for a token: meanwhile every new client was refused (429) for the minute that the first stream ran."""
+    import openai
+
+    from gptgen.engine import MAX_WAITING
+    from tests.conftest import start_server, write_random_int8_model
+
+    model = write_random_int8_model(tmp_path / "gpt2.safetensors", "gpt2")
+    proc, url = start_server(["--model", str(model), "--max-batch", "1"], tmp_path / "server.log")
+    client = openai.OpenAI(base_url=f"{url}v1", api_key="not-needed", timeout=10, max_retries=0)
+    request = dict(model="gpt2", prompt="A", max_tokens=4096, stream=True, temperature=0)
+    try:
+        holder = client.completions.create(**request)
+        next(holder)  # it has the row, for a minute
+        waiting = [client.completions.create(**request) for _ in range(MAX_WAITING)]  # answered: in the queue
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(**request)
+        for stream in waiting:
+            stream.close()
+        deadline, admitted = time.monotonic() + 10, None
+        while admitted is None and time.monotonic() < deadline:
+            with contextlib.suppress(openai.RateLimitError):
+                admitted = client.completions.create(**request)
+            time.sleep(0.1)
+        assert admitted is not None, "the places of the clients that left were not given back"
+        admitted.close()
+        holder.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
