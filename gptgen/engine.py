@@ -113,7 +113,8 @@ class Engine:
         try:
             kind, message = reply.get()
         finally:
-            self._loading.discard(name)
+            with self._lock:  # a restart reads the set under it
+                self._loading.discard(name)
         if kind == "failed":
             self._models.pop(name, None)
             raise EngineError(self._refused.get(name, message))
