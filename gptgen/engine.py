@@ -73,7 +73,7 @@ class Engine:
         self._replies: dict[int, queue.Queue] = {}
         self._lock = threading.RLock()  # around sends and (re)starting the process
         self._models: dict[str, str] = {}  # name -> path, loaded again in a restarted process
-        self._loading: set[str] = set()  # the models load() is waiting for
+        self._loading: dict[str, queue.Queue] = {}  # the loads sent that load() waits for: their replies
         self._refused: dict[str, str] = {}  # models whose load stopped the process, and why they are not loaded again
         self._restarts: list[float] = []
         self._stopped: str | None = None
@@ -95,8 +95,9 @@ class Engine:
         process.start()
         child.close()
         self._process = process
-        threading.Thread(target=self._receive, args=(self._conn, process), name="gptgen-engine-reader",
-                         daemon=True).start()
+        self._reader = threading.Thread(target=self._receive, args=(self._conn, process), name="gptgen-engine-reader",
+                                        daemon=True)
+        self._reader.start()
         for name, path in list(self._models.items()):  # load() may add one from another thread
             self._request({"op": "load", "name": name, "path": path})
 
@@ -108,13 +109,12 @@ class Engine:
             if name in self._refused:
                 raise EngineError(self._refused[name])
             self._models[name] = path
-            self._loading.add(name)
-            reply = self._request({"op": "load", "name": name, "path": path})[1]
+            reply = self._loading[name] = self._request({"op": "load", "name": name, "path": path})[1]
         try:
             kind, message = reply.get()
         finally:
-            with self._lock:  # a restart reads the set under it
-                self._loading.discard(name)
+            with self._lock:  # a restart reads them under it
+                self._loading.pop(name, None)
         if kind == "failed":
             self._models.pop(name, None)
             raise EngineError(self._refused.get(name, message))
@@ -185,9 +185,13 @@ class Engine:
                 self.fail_all(f"{STOPPED}; send the request again later")
                 with contextlib.suppress(OSError):  # one that died meanwhile is not restarted now
                     self._conn.send_bytes(json.dumps({"op": "exit"}).encode())
-        self._process.join(timeout=5)
-        if self._process.is_alive():  # in a long load: it reads its pipe between steps and loads only
+            reader = self._reader
+        # The reader thread reaps the process once its pipe closes. Two threads waiting for one process race: the
+        # one that lost read no exit code, took the process for alive, and could signal its pid, reused since.
+        reader.join(timeout=5)
+        if reader.is_alive() or self._process.is_alive():  # in a long load: it reads its pipe between steps only
             self._process.kill()
+            reader.join()
             self._process.join()
 
     def _receive(self, conn, process) -> None:
@@ -222,8 +226,8 @@ class Engine:
 
     def _restart(self, what: str) -> None:
         with self._lock:
-            for name in self._loading:  # not loaded again by the new process
-                self._models.pop(name, None)
+            for name in [name for name, reply in self._loading.items() if reply.empty()]:  # unanswered when it died
+                self._models.pop(name, None)  # not loaded again by the new process
                 self._refused[name] = (f"{what} while loading model {name!r} (out of memory?); it is not loaded "
                                        "again until the server restarts")
             self.fail_all(f"{what}; this request was lost, send it again")

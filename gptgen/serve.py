@@ -230,21 +230,31 @@ async def _pieces_while_connected(request: Request, pieces: Iterator[str]) -> As
     """The pieces, each read in a thread (the event loop serves others meanwhile), until the client leaves: that
     stops them at once, also while the request waits for a batch row, where no piece comes to be checked. (It
     waited on, holding its place among the waiting, then took the row for a token no one read.)"""
+    import anyio
     from starlette.concurrency import run_in_threadpool
 
     async def stop_when_gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":  # the body has been read: only this comes
             pass
-        pieces.stop()
+        # In a thread, as the close below: a cancel waits for the engine's lock, which a send holds while the
+        # engine's pipe is full (it reads none during a load). Not anyio's threads: the reads waiting for a row
+        # may hold every one.
+        await asyncio.get_running_loop().run_in_executor(None, pieces.stop)
 
     watcher = asyncio.ensure_future(stop_when_gone())
+    watcher.add_done_callback(_log_failure)
     try:
         while (piece := await run_in_threadpool(next, pieces, None)) is not None:
             yield piece
     finally:
         watcher.cancel()
-        # in a thread: a cancel waits for the engine's lock, held while a new engine process starts
-        await run_in_threadpool(pieces.close)
+        with anyio.CancelScope(shield=True):  # a response cancelled (its client gone) still closes them
+            await run_in_threadpool(pieces.close)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("watching a client's connection failed", exc_info=task.exception())
 
 
 def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
@@ -327,7 +337,7 @@ def add_openai_routes(api, shelf: ModelShelf, default: str) -> None:
 
             # A client gone ends the response early, and closing the pieces cancels the request in the engine,
             # freeing its row (else it decoded on until garbage collected): events() does, and the background task
-            # too, which Starlette runs also when the response ended before events() started.
+            # too, for a response that ended before events() started.
             return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(pieces.close))
         # A client gone (a timeout, a Ctrl-C) cancels the request and frees its row: else the text decoded on to its
         # end, for no one, while others waited for the row.

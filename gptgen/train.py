@@ -122,9 +122,13 @@ def lr_at(cfg: TrainConfig, step: int, elapsed_s: float, total_steps: int | None
     done = min(1.0, max(0.0, done))
     if reached is not None:
         reached[:] = warm, done = max(warm, reached[0]), max(done, reached[1])
+    cosine = min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.lr - min_lr)
+    if warm >= 1:
+        return cosine
     # warming up towards the cosine, not the peak: the time's cosine has gone on meanwhile, and a warmup that
-    # ended on the peak dropped at once to it (by 18% at a quarter of the time)
-    return (min_lr + 0.5 * (1 + math.cos(math.pi * done)) * (cfg.lr - min_lr)) * min(1.0, warm)
+    # ended on the peak dropped at once to it (by 18% at a quarter of the time). Before the cosine has begun,
+    # cfg.lr itself: the cosine's formula at 0 may be an ulp off it
+    return (cosine if done else cfg.lr) * warm
 
 
 class RunDir:

@@ -96,7 +96,7 @@ def test_a_half_precision_model_whose_weights_sum_past_float16s_range_loads(tmp_
     """The NaN check summed in float16, whose largest number is 65,504: finite weights were refused."""
     model = tiny_model().half()
     with torch.no_grad():
-        model.transformer.wte.weight.fill_(0.5)  # 0.5 x 4,096 x 32 = 65,536
+        model.transformer.wte.weight.fill_(0.5)  # 0.5 x 50,257 x 32 = 804,112
     save_model(tmp_path / "m.safetensors", model.state_dict(), model.config)
     assert torch.equal(load_model(tmp_path / "m.safetensors")[0].transformer.wte.weight, model.transformer.wte.weight)
 

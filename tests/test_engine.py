@@ -343,7 +343,7 @@ def test_a_restart_while_a_request_is_cancelled_fails_the_others_and_starts_a_ne
 
     engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
     engine._lock, engine._restarts, engine._stopped, starts = threading.RLock(), [], None, []
-    engine._loading, engine._start = set(), lambda: starts.append(1)
+    engine._loading, engine._start = {}, lambda: starts.append(1)
 
     class CancelledMeanwhile(queue.Queue):
         def put(self, item, *args, **kwargs):
@@ -404,7 +404,7 @@ def test_an_engine_that_keeps_dying_stops_being_restarted_and_says_so():
 
     engine = Engine.__new__(Engine)  # the restart bookkeeping alone, no process
     engine._lock, engine._replies, engine._restarts, engine._stopped, starts = threading.RLock(), {}, [], None, []
-    engine._loading, engine._start = set(), lambda: starts.append(1)
+    engine._loading, engine._start = {}, lambda: starts.append(1)
     assert MAX_RESTARTS == 3  # the README's "up to 3 restarts a minute"
     for _ in range(MAX_RESTARTS + 1):
         engine._restart("the engine process stopped (exit code -9)")
