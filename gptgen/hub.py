@@ -151,8 +151,7 @@ def _converted(repo_id: str, pulled: Path) -> Path:
     out = cache_dir() / "hub" / repo_id.replace("/", "--") / commit / f"{repo_id.split('/')[1]}.safetensors"
     if not out.is_file():
         log.info("converting %s (transformers GPT-2) to a gptgen model file, once: %s", repo_id, out)
-        if out.parent.is_dir():  # a killed conversion's partial file (gpt2-xl's: 1.6 GB)
-            remove_stale_writes(out.parent)
+        remove_stale_writes(out.parent)  # a killed conversion's partial file (gpt2-xl's: 1.6 GB); none if no folder
         try:
             import_hf(snapshot(repo_id, commit), out, origin=f"{repo_id}@{commit}")  # config.json beside the weights
         except GptgenError:  # ModelFileError, or the "exists" of a file published meanwhile
